@@ -1,0 +1,75 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "vdinbd",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "vdinbd", targets: ["vdinbd"]),
+        .executable(name: "vdictl", targets: ["vdictl"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.0.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+    ],
+    targets: [
+        .target(
+            name: "VHD",
+            dependencies: [
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        .target(name: "NBD", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        .target(
+            name: "Storage",
+            dependencies: [
+                "VHD",
+                .product(name: "GRDB", package: "GRDB.swift"),
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "Server",
+            dependencies: [
+                "NBD", "Storage", "VHD",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "Control",
+            dependencies: [
+                "Storage",
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "vdinbd",
+            dependencies: [
+                "Server", "Control", "Storage",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "vdictl",
+            dependencies: [
+                "Control", "VHD",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "VHDTests", dependencies: ["VHD"]),
+        .testTarget(
+            name: "NBDTests",
+            dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOTestUtils", package: "swift-nio")]
+        ),
+        .testTarget(name: "StorageTests", dependencies: ["Storage", "VHD"]),
+        .testTarget(name: "ControlTests", dependencies: ["Control", "Storage"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

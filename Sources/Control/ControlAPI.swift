@@ -1,0 +1,174 @@
+import Foundation
+import Logging
+import Storage
+
+/// The method table: XenAPI-named methods over the SR.
+public final class ControlAPI: @unchecked Sendable {
+    let sr: SR
+    let logger: Logger
+
+    public init(sr: SR, logger: Logger) {
+        self.sr = sr
+        self.logger = logger
+    }
+
+    /// Handles one decoded request; never throws.
+    public func handle(_ req: RPCRequest) -> RPCResponse {
+        guard req.jsonrpc == "2.0" else {
+            return RPCResponse(result: nil, error: .invalidRequest("jsonrpc must be \"2.0\""), id: req.id)
+        }
+        do {
+            let result = try dispatch(req.method, Params(req.params))
+            return RPCResponse(result: result, error: nil, id: req.id)
+        } catch let e as RPCError {
+            return RPCResponse(result: nil, error: e, id: req.id)
+        } catch let e as StorageError {
+            logger.info("\(req.method) failed: \(e)")
+            return RPCResponse(result: nil, error: .xenAPI(e.code, e.params), id: req.id)
+        } catch {
+            logger.error("\(req.method) failed: \(error)")
+            return RPCResponse(result: nil, error: .xenAPI("INTERNAL_ERROR", ["\(error)"]), id: req.id)
+        }
+    }
+
+    /// Handles one line of input: parse errors answer with a null id.
+    public func handle(line: Data) -> RPCResponse {
+        let value: JSONValue
+        do {
+            value = try JSONDecoder().decode(JSONValue.self, from: line)
+        } catch {
+            return RPCResponse(result: nil, error: .parseError("not valid JSON"), id: nil)
+        }
+        guard case .object(let o) = value else {
+            return RPCResponse(result: nil, error: .invalidRequest("a request is a JSON object"), id: nil)
+        }
+        guard let m = o["method"]?.stringValue else {
+            return RPCResponse(result: nil, error: .invalidRequest("method must be a string"), id: o["id"])
+        }
+        if let p = o["params"], p.arrayValue == nil, p.objectValue == nil {
+            return RPCResponse(result: nil, error: .invalidRequest("params must be an array or an object"), id: o["id"])
+        }
+        let req = RPCRequest(jsonrpc: o["jsonrpc"]?.stringValue ?? "", method: m, params: o["params"], id: o["id"])
+        return handle(req)
+    }
+
+    /// Positional (XenAPI style) or named params.
+    struct Params {
+        let positional: [JSONValue]
+        let named: [String: JSONValue]
+        init(_ v: JSONValue?) {
+            switch v {
+            case .array(let a)?:
+                // XenAPI's JSON-RPC passes a session first; accept and skip an "OpaqueRef:..." string.
+                if let first = a.first?.stringValue, first.hasPrefix("OpaqueRef:") { positional = Array(a.dropFirst()) } else {
+                    positional = a
+                }
+                named = [:]
+            case .object(let o)?: positional = []; named = o
+            default: positional = []; named = [:]
+            }
+        }
+
+        func string(_ index: Int, _ name: String) throws -> String {
+            if let s = (index < positional.count ? positional[index] : named[name])?.stringValue { return s }
+            throw RPCError.invalidParams("\(name) (parameter \(index + 1)) must be a string")
+        }
+
+        func optional(_ index: Int, _ name: String) -> JSONValue? {
+            index < positional.count ? positional[index] : named[name]
+        }
+
+        func object(_ index: Int, _ name: String) throws -> [String: JSONValue] {
+            if let o = (index < positional.count ? positional[index] : named[name] ?? .object(named))?.objectValue { return o }
+            throw RPCError.invalidParams("\(name) (parameter \(index + 1)) must be an object")
+        }
+    }
+
+    public static let methods = [
+        "VDI.create", "VDI.get_record", "VDI.get_all", "VDI.get_all_records", "VDI.get_by_name_label", "VDI.snapshot",
+        "VDI.destroy", "VDI.get_nbd_info", "VDI.revoke_nbd_info", "system.listMethods",
+    ]
+
+    func dispatch(_ method: String, _ p: Params) throws -> JSONValue {
+        switch method {
+        case "system.listMethods":
+            return .array(Self.methods.map { .string($0) })
+        case "VDI.create":
+            return .string(try create(p.object(0, "args")).uuid)
+        case "VDI.get_record":
+            return try recordJSON(sr.record(p.string(0, "uuid")))
+        case "VDI.get_all":
+            return .array(try sr.allRecords().map { .string($0.uuid) })
+        case "VDI.get_all_records":
+            var out: [String: JSONValue] = [:]
+            for r in try sr.allRecords() { out[r.uuid] = try recordJSON(r) }
+            return .object(out)
+        case "VDI.get_by_name_label":
+            let label = try p.string(0, "label")
+            return .array(try sr.allRecords().filter { $0.nameLabel == label }.map { .string($0.uuid) })
+        case "VDI.snapshot":
+            var driver: [String: String] = [:]
+            if let d = p.optional(1, "driver_params")?.objectValue {
+                for (k, v) in d { driver[k] = v.stringValue ?? "" }
+            }
+            return .string(try sr.snapshot(p.string(0, "uuid"), driverParams: driver).uuid)
+        case "VDI.destroy":
+            try sr.destroy(p.string(0, "uuid"))
+            return .null
+        case "VDI.get_nbd_info":
+            let uuid = try p.string(0, "uuid")
+            var readOnly = false
+            var lifetime: TimeInterval?
+            if let o = p.optional(1, "options")?.objectValue {
+                if case .bool(let b)? = o["read_only"] { readOnly = b }
+                if case .number(let n)? = o["lifetime"] {
+                    guard n > 0 else { throw StorageError.valueNotSupported(field: "lifetime", value: "\(n)", reason: "must be positive") }
+                    lifetime = n
+                }
+            }
+            return try JSONValue.from(sr.getNBDInfo(uuid, readOnly: readOnly, lifetime: lifetime))
+        case "VDI.revoke_nbd_info":
+            return .number(Double(try sr.revokeTokens(vdi: p.string(0, "uuid"), exportName: p.optional(1, "exportname")?.stringValue)))
+        default:
+            throw RPCError.methodNotFound(method)
+        }
+    }
+
+    func create(_ o: [String: JSONValue]) throws -> VDIRecord {
+        let size: UInt64
+        switch o["virtual_size"] {
+        case .number(let n)?:
+            guard n >= 1, n == n.rounded(), n < 1.8e19 else {
+                throw StorageError.valueNotSupported(field: "virtual_size", value: "\(n)", reason: "must be a positive integer")
+            }
+            size = UInt64(n)
+        case .string(let s)?:
+            guard let v = parseSize(s) else {
+                throw StorageError.valueNotSupported(field: "virtual_size", value: s, reason: "not a size")
+            }
+            size = v
+        default:
+            throw RPCError.invalidParams("virtual_size is required")
+        }
+        var cp = SR.CreateParams(nameLabel: o["name_label"]?.stringValue ?? "", virtualSize: size)
+        cp.nameDescription = o["name_description"]?.stringValue ?? ""
+        if case .bool(let b)? = o["sharable"] { cp.sharable = b }
+        if case .bool(let b)? = o["read_only"] { cp.readOnly = b }
+        if let oc = o["other_config"]?.objectValue { cp.otherConfig = oc.compactMapValues(\.stringValue) }
+        if let sc = o["sm_config"]?.objectValue { cp.smConfig = sc.compactMapValues(\.stringValue) }
+        if let t = o["tags"]?.arrayValue { cp.tags = t.compactMap(\.stringValue) }
+        return try sr.create(cp)
+    }
+
+    func recordJSON(_ r: VDIRecord) throws -> JSONValue {
+        guard case .object(var o) = try JSONValue.from(r) else { return .null }
+        o["managed"] = nil
+        o["created"] = nil
+        o["snapshot_time"] = .string(r.snapshotTime.map { ISO8601DateFormatter().string(from: $0) } ?? "19700101T00:00:00Z")
+        o["snapshot_of"] = .string(r.snapshotOf ?? "")
+        o["parent"] = .string(r.parent ?? "")
+        o["SR"] = .string(sr.path)
+        o["location"] = .string(r.uuid)
+        return .object(o)
+    }
+}

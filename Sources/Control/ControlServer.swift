@@ -1,0 +1,167 @@
+import Dispatch
+import Foundation
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// JSON-RPC 2.0 over a Unix stream socket, one JSON object per line each way.
+/// Requests run one at a time on one queue: admin operations are few and must not race.
+public final class ControlServer: @unchecked Sendable {
+    let api: ControlAPI
+    let path: String
+    let logger: Logger
+    let queue = DispatchQueue(label: "vdinbd.control")
+    var listenFD: Int32 = -1
+    var source: DispatchSourceRead?
+    var clients: [Int32: DispatchSourceRead] = [:]
+    var buffers: [Int32: Data] = [:]
+    /// Longest request line accepted.
+    static let maxLine = 1 << 20
+
+    public init(api: ControlAPI, path: String, logger: Logger) {
+        self.api = api
+        self.path = path
+        self.logger = logger
+    }
+
+    public func start(listenFD fd: Int32) {
+        listenFD = fd
+        let s = DispatchSource.makeReadSource(fileDescriptor: fd, queue: queue)
+        s.setEventHandler { [weak self] in self?.acceptAll() }
+        s.setCancelHandler { Glibc.close(fd) }
+        s.resume()
+        source = s
+        logger.info("control socket at \(path)")
+    }
+
+    public func stop() {
+        queue.sync {
+            source?.cancel()
+            for (_, c) in clients { c.cancel() }
+            clients = [:]
+            unlink(path)
+        }
+    }
+
+    func acceptAll() {
+        while true {
+            let fd = accept(listenFD, nil, nil)
+            if fd < 0 { return }
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            let flags = fcntl(fd, F_GETFL)
+            _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+            let s = DispatchSource.makeReadSource(fileDescriptor: fd, queue: queue)
+            s.setEventHandler { [weak self] in self?.readable(fd) }
+            s.setCancelHandler { Glibc.close(fd) }
+            clients[fd] = s
+            buffers[fd] = Data()
+            s.resume()
+        }
+    }
+
+    func readable(_ fd: Int32) {
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &chunk, chunk.count)
+            if n > 0 {
+                buffers[fd, default: Data()].append(contentsOf: chunk[0..<n])
+                continue
+            }
+            if n < 0 && (errno == EAGAIN || errno == EINTR) { break }
+            drop(fd)
+            return
+        }
+        while let data = buffers[fd], let nl = data.firstIndex(of: 0x0A) {
+            let line = data[data.startIndex..<nl]
+            buffers[fd] = Data(data[(nl + 1)...])
+            if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
+            respond(fd, api.handle(line: Data(line)))
+        }
+        if let d = buffers[fd], d.count > Self.maxLine {
+            respond(fd, RPCResponse(result: nil, error: .invalidRequest("request line longer than \(Self.maxLine) bytes"), id: nil))
+            drop(fd)
+        }
+    }
+
+    func respond(_ fd: Int32, _ r: RPCResponse) {
+        guard var out = try? JSONEncoder().encode(r) else { return }
+        out.append(0x0A)
+        // Replies are small; a blocking loop on EAGAIN is bounded by the client reading.
+        out.withUnsafeBytes { raw in
+            var done = 0
+            while done < raw.count {
+                let n = send(fd, raw.baseAddress! + done, raw.count - done, Int32(MSG_NOSIGNAL))
+                if n > 0 { done += n; continue }
+                if n < 0 && (errno == EAGAIN || errno == EINTR) { usleep(1000); continue }
+                return
+            }
+        }
+    }
+
+    func drop(_ fd: Int32) {
+        clients[fd]?.cancel()
+        clients[fd] = nil
+        buffers[fd] = nil
+    }
+}
+
+/// A blocking client for `vdictl` and tests.
+public final class ControlClient {
+    let fd: Int32
+    var nextID = 1
+    var pending = Data()
+
+    public init(path: String) throws {
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw RPCError(code: -32000, message: "socket: \(String(cString: strerror(errno)))") }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            Glibc.close(fd)
+            throw RPCError(code: -32000, message: "socket path too long: \(path)")
+        }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in bytes.enumerated() { raw[i] = b }
+        }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else {
+            let e = String(cString: strerror(errno))
+            Glibc.close(fd)
+            throw RPCError(code: -32000, message: "cannot connect to \(path): \(e) (is vdinbd running?)")
+        }
+    }
+
+    deinit { Glibc.close(fd) }
+
+    /// Calls a method; returns its result or throws the RPCError.
+    public func call(_ method: String, _ params: [JSONValue]) throws -> JSONValue {
+        let req = RPCRequest(method: method, params: params, id: nextID)
+        nextID += 1
+        var data = try JSONEncoder().encode(req)
+        data.append(0x0A)
+        try data.withUnsafeBytes { raw in
+            var done = 0
+            while done < raw.count {
+                let n = send(fd, raw.baseAddress! + done, raw.count - done, Int32(MSG_NOSIGNAL))
+                guard n > 0 else { throw RPCError(code: -32000, message: "send: \(String(cString: strerror(errno)))") }
+                done += n
+            }
+        }
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while !pending.contains(0x0A) {
+            let n = read(fd, &chunk, chunk.count)
+            guard n > 0 else { throw RPCError(code: -32000, message: "control socket closed") }
+            pending.append(contentsOf: chunk[0..<n])
+        }
+        let nl = pending.firstIndex(of: 0x0A)!
+        let line = pending[pending.startIndex..<nl]
+        pending = Data(pending[(nl + 1)...])
+        let resp = try JSONDecoder().decode(RPCResponse.self, from: line)
+        if let e = resp.error { throw e }
+        return resp.result ?? .null
+    }
+}

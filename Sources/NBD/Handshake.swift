@@ -1,0 +1,160 @@
+// The fixed-newstyle handshake as a value-type state machine: it takes decoded client
+// messages and returns actions for the transport to carry out. It never does I/O.
+
+import NIOCore
+
+/// What an export looks like to the protocol layer.
+public struct ExportDescription: Sendable, Equatable {
+    public var name: String
+    public var size: UInt64
+    public var readOnly: Bool
+    public var canMultiConn: Bool
+    public init(name: String, size: UInt64, readOnly: Bool, canMultiConn: Bool = false) {
+        self.name = name
+        self.size = size
+        self.readOnly = readOnly
+        self.canMultiConn = canMultiConn
+    }
+
+    /// The flags advertised for this export. Only what the server implements.
+    public var transmissionFlags: TransmissionFlags {
+        var f: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA]
+        if readOnly { f.insert(.readOnly) }
+        if canMultiConn { f.insert(.canMultiConn) }
+        return f
+    }
+}
+
+/// Why a lookup failed; the message goes to the client and to the log.
+public struct ExportLookupFailure: Error, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+}
+
+/// Looks up exports by name. Implemented by the Server on top of Storage.
+public protocol ExportResolver {
+    func describe(exportName: String) -> Result<ExportDescription, ExportLookupFailure>
+}
+
+public enum TLSPolicy: Sendable, Equatable {
+    case off
+    case on
+    case require
+}
+
+public enum HandshakeAction: Equatable, Sendable {
+    case send(OptionReply)
+    /// Send the `NBD_OPT_EXPORT_NAME` reply and enter transmission.
+    case sendExportNameReply(size: UInt64, flags: TransmissionFlags, noZeroes: Bool)
+    /// Enter transmission with this export (after any replies before it are sent).
+    case enterTransmission(ExportDescription)
+    case close(reason: String)
+    /// Reply ACK to STARTTLS, then run the TLS handshake.
+    case startTLS
+}
+
+public struct HandshakeStateMachine: Sendable {
+    public enum State: Equatable, Sendable {
+        case awaitingClientFlags
+        case optionHaggling
+        case transmission
+        case closed
+    }
+
+    public private(set) var state: State = .awaitingClientFlags
+    public private(set) var clientFlags: ClientFlags = []
+    public let tlsPolicy: TLSPolicy
+    public private(set) var tlsActive = false
+    var optionCount = 0
+
+    public init(tlsPolicy: TLSPolicy) { self.tlsPolicy = tlsPolicy }
+
+    public static let serverFlags: HandshakeFlags = [.fixedNewstyle, .noZeroes]
+
+    public mutating func receive(clientFlags raw: ClientFlags) -> [HandshakeAction] {
+        guard state == .awaitingClientFlags else { return close("client flags out of order") }
+        guard raw.contains(.fixedNewstyle) else { return close("\(NBDProtocolError.clientNotFixedNewstyle)") }
+        guard ClientFlags.known.isSuperset(of: raw) else {
+            return close("\(NBDProtocolError.unknownClientFlags(raw.rawValue))")
+        }
+        clientFlags = raw
+        state = .optionHaggling
+        return []
+    }
+
+    /// The transport finished the TLS handshake.
+    public mutating func tlsEstablished() {
+        tlsActive = true
+        // NBD spec: anything negotiated in plaintext is forgotten after STARTTLS.
+        optionCount = 0
+    }
+
+    public mutating func receive(option req: OptionRequest, resolver: ExportResolver) -> [HandshakeAction] {
+        guard state == .optionHaggling else { return close("option outside option haggling") }
+        optionCount += 1
+        guard optionCount <= Limits.maxOptions else { return close("\(NBDProtocolError.tooManyOptions)") }
+        let opt = req.option
+        let needTLS = tlsPolicy == .require && !tlsActive
+        if needTLS && opt != .startTLS && opt != .abort {
+            if opt == .exportName { return close("NBD_OPT_EXPORT_NAME before TLS: TLS is required") }
+            return [.send(.error(opt, .errTLSReqd, "TLS is required: send NBD_OPT_STARTTLS first"))]
+        }
+        switch opt {
+        case .abort:
+            state = .closed
+            return [.send(OptionReply(option: .abort, type: .ack)), .close(reason: "client sent NBD_OPT_ABORT")]
+        case .list:
+            return [.send(.error(.list, .errPolicy, "export names are access tokens and are never listed"))]
+        case .startTLS:
+            guard req.data.isEmpty else { return [.send(.error(opt, .errInvalid, "STARTTLS takes no data"))] }
+            if tlsActive { return [.send(.error(opt, .errInvalid, "TLS is already active"))] }
+            if tlsPolicy == .off { return [.send(.error(opt, .errPolicy, "TLS is disabled on this server"))] }
+            return [.startTLS]
+        case .exportName:
+            guard let name = String(validatingUTF8: req.data.map { CChar(bitPattern: $0) } + [0]),
+                  req.data.count <= Limits.maxStringLength
+            else { return close("export name is not a valid string") }
+            switch resolver.describe(exportName: name) {
+            case .failure(let f):
+                // EXPORT_NAME has no error reply: disconnect.
+                return close("unknown export: \(f.message)")
+            case .success(let e):
+                state = .transmission
+                return [.sendExportNameReply(size: e.size, flags: e.transmissionFlags,
+                                             noZeroes: clientFlags.contains(.noZeroes)),
+                        .enterTransmission(e)]
+            }
+        case .info, .go:
+            let ir: InfoRequest
+            do {
+                ir = try InfoRequest.parse(opt, req.data)
+            } catch {
+                return [.send(.error(opt, .errInvalid, "\(error)"))]
+            }
+            switch resolver.describe(exportName: ir.exportName) {
+            case .failure(let f):
+                return [.send(.error(opt, .errUnknown, f.message))]
+            case .success(let e):
+                var out: [HandshakeAction] = [
+                    .send(.infoExport(opt, size: e.size, flags: e.transmissionFlags)),
+                    .send(.infoBlockSize(opt, minimum: Limits.minimumBlockSize, preferred: Limits.preferredBlockSize,
+                                         maximum: Limits.maxPayload)),
+                ]
+                if ir.requests.contains(.name) { out.append(.send(.infoName(opt, name: ir.exportName))) }
+                out.append(.send(OptionReply(option: opt, type: .ack)))
+                if opt == .go {
+                    state = .transmission
+                    out.append(.enterTransmission(e))
+                }
+                return out
+            }
+        default:
+            return [.send(.error(opt, .errUnsup, "\(opt) is not supported"))]
+        }
+    }
+
+    mutating func close(_ reason: String) -> [HandshakeAction] {
+        state = .closed
+        return [.close(reason: reason)]
+    }
+}

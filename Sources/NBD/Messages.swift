@@ -1,0 +1,234 @@
+import NIOCore
+
+/// Errors for bytes that can never become valid. Each closes the connection.
+public enum NBDProtocolError: Error, Equatable, Sendable, CustomStringConvertible {
+    case badOptionMagic(UInt64)
+    case badRequestMagic(UInt32)
+    case optionTooLong(option: Option, length: UInt32)
+    case unknownClientFlags(UInt32)
+    case clientNotFixedNewstyle
+    case tooManyOptions
+    case malformedOption(Option, reason: String)
+
+    public var description: String {
+        switch self {
+        case .badOptionMagic(let m): return "bad option magic 0x\(String(m, radix: 16))"
+        case .badRequestMagic(let m): return "bad request magic 0x\(String(m, radix: 16))"
+        case .optionTooLong(let o, let l): return "\(o) with \(l) bytes of data is too long"
+        case .unknownClientFlags(let f): return "unknown client flags 0x\(String(f, radix: 16))"
+        case .clientNotFixedNewstyle: return "client does not speak fixed newstyle"
+        case .tooManyOptions: return "too many options"
+        case .malformedOption(let o, let r): return "malformed \(o): \(r)"
+        }
+    }
+}
+
+// MARK: handshake
+
+/// What the server sends first: `NBDMAGIC`, `IHAVEOPT`, handshake flags.
+public func encodeGreeting(_ flags: HandshakeFlags, into buf: inout ByteBuffer) {
+    buf.writeInteger(nbdMagic)
+    buf.writeInteger(iHaveOpt)
+    buf.writeInteger(flags.rawValue)
+}
+
+/// Decodes the client's 32-bit flags.
+public struct ClientFlagsDecoder: NIOSingleStepByteToMessageDecoder {
+    public typealias InboundOut = ClientFlags
+    public init() {}
+    public mutating func decode(buffer: inout ByteBuffer) throws -> ClientFlags? {
+        guard let raw = buffer.readInteger(as: UInt32.self) else { return nil }
+        return ClientFlags(rawValue: raw)
+    }
+    public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> ClientFlags? {
+        try decode(buffer: &buffer)
+    }
+}
+
+/// One option request from the client.
+public struct OptionRequest: Equatable, Sendable {
+    public var option: Option
+    public var data: [UInt8]
+    public init(option: Option, data: [UInt8]) {
+        self.option = option
+        self.data = data
+    }
+}
+
+/// Decodes `IHAVEOPT` option requests. Needs the whole option before returning it.
+public struct OptionDecoder: NIOSingleStepByteToMessageDecoder {
+    public typealias InboundOut = OptionRequest
+    public init() {}
+    public mutating func decode(buffer: inout ByteBuffer) throws -> OptionRequest? {
+        guard let (magic, opt, len) = buffer.getMultipleIntegers(at: buffer.readerIndex, as: (UInt64, UInt32, UInt32).self)
+        else { return nil }
+        guard magic == iHaveOpt else { throw NBDProtocolError.badOptionMagic(magic) }
+        guard len <= Limits.maxOptionLength else {
+            throw NBDProtocolError.optionTooLong(option: Option(rawValue: opt), length: len)
+        }
+        guard buffer.readableBytes >= 16 + Int(len) else { return nil }
+        buffer.moveReaderIndex(forwardBy: 16)
+        let data = buffer.readBytes(length: Int(len))!
+        return OptionRequest(option: Option(rawValue: opt), data: data)
+    }
+    public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> OptionRequest? {
+        try decode(buffer: &buffer)
+    }
+}
+
+/// An option reply: magic, option, reply type, length, data.
+public struct OptionReply: Equatable, Sendable {
+    public var option: Option
+    public var type: OptionReplyType
+    public var data: [UInt8]
+    public init(option: Option, type: OptionReplyType, data: [UInt8] = []) {
+        self.option = option
+        self.type = type
+        self.data = data
+    }
+
+    /// An error reply whose data is a human-readable message, as the spec allows.
+    public static func error(_ option: Option, _ type: OptionReplyType, _ message: String) -> OptionReply {
+        OptionReply(option: option, type: type, data: Array(message.utf8.prefix(Limits.maxStringLength)))
+    }
+
+    /// `NBD_REP_INFO` with `NBD_INFO_EXPORT`.
+    public static func infoExport(_ option: Option, size: UInt64, flags: TransmissionFlags) -> OptionReply {
+        var b = ByteBuffer()
+        b.writeInteger(InfoType.export.rawValue)
+        b.writeInteger(size)
+        b.writeInteger(flags.rawValue)
+        return OptionReply(option: option, type: .info, data: b.readBytes(length: b.readableBytes)!)
+    }
+
+    /// `NBD_REP_INFO` with `NBD_INFO_BLOCK_SIZE`.
+    public static func infoBlockSize(_ option: Option, minimum: UInt32, preferred: UInt32, maximum: UInt32) -> OptionReply {
+        var b = ByteBuffer()
+        b.writeInteger(InfoType.blockSize.rawValue)
+        b.writeMultipleIntegers(minimum, preferred, maximum)
+        return OptionReply(option: option, type: .info, data: b.readBytes(length: b.readableBytes)!)
+    }
+
+    /// `NBD_REP_INFO` with `NBD_INFO_NAME`.
+    public static func infoName(_ option: Option, name: String) -> OptionReply {
+        var b = ByteBuffer()
+        b.writeInteger(InfoType.name.rawValue)
+        b.writeBytes(Array(name.utf8.prefix(Limits.maxStringLength)))
+        return OptionReply(option: option, type: .info, data: b.readBytes(length: b.readableBytes)!)
+    }
+
+    public func encode(into buf: inout ByteBuffer) {
+        buf.writeMultipleIntegers(optionReplyMagic, option.rawValue, type.rawValue, UInt32(data.count))
+        buf.writeBytes(data)
+    }
+}
+
+/// The reply to `NBD_OPT_EXPORT_NAME`: size, flags, and 124 zeros unless `NO_ZEROES`.
+public func encodeExportNameReply(size: UInt64, flags: TransmissionFlags, noZeroes: Bool, into buf: inout ByteBuffer) {
+    buf.writeInteger(size)
+    buf.writeInteger(flags.rawValue)
+    if !noZeroes { buf.writeRepeatingByte(0, count: 124) }
+}
+
+/// The data of `NBD_OPT_INFO`/`NBD_OPT_GO`: an export name and the info types wanted.
+public struct InfoRequest: Equatable, Sendable {
+    public var exportName: String
+    public var requests: [InfoType]
+
+    public static func parse(_ option: Option, _ data: [UInt8]) throws -> InfoRequest {
+        var b = ByteBuffer(bytes: data)
+        guard let nameLen = b.readInteger(as: UInt32.self), nameLen <= Limits.maxStringLength,
+              let name = b.readBytes(length: Int(nameLen)), let n = b.readInteger(as: UInt16.self),
+              b.readableBytes == Int(n) * 2
+        else { throw NBDProtocolError.malformedOption(option, reason: "length fields do not match the data") }
+        var reqs: [InfoType] = []
+        for _ in 0..<n { reqs.append(InfoType(rawValue: b.readInteger(as: UInt16.self)!)) }
+        guard let s = String(validatingUTF8: name.map { CChar(bitPattern: $0) } + [0]) else {
+            throw NBDProtocolError.malformedOption(option, reason: "export name is not UTF-8")
+        }
+        return InfoRequest(exportName: s, requests: reqs)
+    }
+}
+
+// MARK: transmission
+
+/// A request header (and, for writes, its payload).
+public struct Request: Sendable {
+    public var flags: CommandFlags
+    public var command: Command
+    public var cookie: UInt64
+    public var offset: UInt64
+    public var length: UInt32
+    /// WRITE payload; empty for other commands and for writes we refuse unread.
+    public var payload: ByteBuffer
+
+    public init(flags: CommandFlags, command: Command, cookie: UInt64, offset: UInt64, length: UInt32,
+                payload: ByteBuffer = ByteBuffer()) {
+        self.flags = flags
+        self.command = command
+        self.cookie = cookie
+        self.offset = offset
+        self.length = length
+        self.payload = payload
+    }
+
+    public func encode(into buf: inout ByteBuffer) {
+        buf.writeMultipleIntegers(requestMagic, flags.rawValue, command.rawValue, cookie, offset, length)
+        var p = payload
+        buf.writeBuffer(&p)
+    }
+}
+
+/// What the request decoder yields.
+public enum DecodedRequest: Sendable {
+    case request(Request)
+    /// A WRITE longer than we accept: its payload is skipped, and the client gets an error.
+    case oversizedWrite(Request)
+}
+
+/// Decodes requests. A WRITE comes out whole, with its payload; a WRITE over the maximum
+/// payload is reported at once and its payload then drained, so the stream stays framed.
+public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
+    public typealias InboundOut = DecodedRequest
+    public var maxPayload: UInt32
+    var skipRemaining: Int = 0
+
+    public init(maxPayload: UInt32 = Limits.maxPayload) { self.maxPayload = maxPayload }
+
+    public mutating func decode(buffer: inout ByteBuffer) throws -> DecodedRequest? {
+        while skipRemaining > 0 {
+            guard buffer.readableBytes > 0 else { return nil }
+            let n = min(skipRemaining, buffer.readableBytes)
+            buffer.moveReaderIndex(forwardBy: n)
+            skipRemaining -= n
+        }
+        guard let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
+            at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
+        else { return nil }
+        guard magic == requestMagic else { throw NBDProtocolError.badRequestMagic(magic) }
+        var req = Request(flags: CommandFlags(rawValue: flags), command: Command(rawValue: type), cookie: cookie,
+                          offset: offset, length: length)
+        if req.command == .write {
+            if length > maxPayload {
+                buffer.moveReaderIndex(forwardBy: 28)
+                skipRemaining = Int(length)
+                return .oversizedWrite(req)
+            }
+            guard buffer.readableBytes >= 28 + Int(length) else { return nil }
+            buffer.moveReaderIndex(forwardBy: 28)
+            req.payload = buffer.readSlice(length: Int(length))!
+            return .request(req)
+        }
+        buffer.moveReaderIndex(forwardBy: 28)
+        return .request(req)
+    }
+
+    public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodedRequest? {
+        try decode(buffer: &buffer)
+    }
+}
+
+/// A simple reply header; read data follows it.
+public func encodeSimpleReply(error: ErrorValue?, cookie: UInt64, into buf: inout ByteBuffer) {
+    buf.writeMultipleIntegers(simpleReplyMagic, error?.rawValue ?? 0, cookie)
+}

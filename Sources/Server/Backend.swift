@@ -1,0 +1,40 @@
+import Foundation
+import NBD
+import NIOCore
+import Storage
+import VHD
+
+/// Joins NBD and Storage: resolves export names through the SR's tokens.
+struct SRExportResolver: ExportResolver {
+    let sr: SR
+    func describe(exportName: String) -> Result<ExportDescription, ExportLookupFailure> {
+        switch sr.resolve(exportName: exportName) {
+        case .failure(let r):
+            return .failure(ExportLookupFailure(r.description))
+        case .success(let g):
+            return .success(ExportDescription(name: exportName, size: g.vdi.virtualSize,
+                                              readOnly: g.readOnly || g.vdi.isASnapshot, canMultiConn: false))
+        }
+    }
+}
+
+/// The errno-style narrowing of a backend failure to an NBD error value (one place only).
+func nbdError(for error: Error) -> ErrorValue {
+    switch error {
+    case let v as VHDError:
+        switch v {
+        case .readOnly: return .eperm
+        case .outOfRange: return .einval
+        case .io(_, let e):
+            switch e {
+            case .readOnlyFileSystem, .notPermitted: return .eperm
+            case .noSpace, .fileTooLarge: return .enospc
+            case .noMemory: return .enomem
+            default: return .eio
+            }
+        default: return .eio
+        }
+    default:
+        return .eio
+    }
+}

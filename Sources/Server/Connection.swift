@@ -1,0 +1,439 @@
+// Design notes: one client connection.
+//
+// Everything about a connection — its socket events, its inbound buffer, the handshake
+// state machine and the reply writer — runs on its own serial queue. Disk I/O never runs
+// there: each validated request goes to the shared I/O queue, and its reply comes back to
+// the connection queue to be written, so replies go out whole and in completion order.
+// When the in-flight limit (requests or bytes) is reached the read source is suspended
+// until replies drain: back-pressure instead of an unbounded queue.
+
+import Dispatch
+import Foundation
+import Logging
+import NBD
+import NIOCore
+import Storage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+final class Connection: @unchecked Sendable {
+    enum Phase {
+        case clientFlags
+        case optionHaggling
+        case transmission
+        case closed
+    }
+
+    let id: Int
+    let fd: Int32
+    let peer: String
+    let queue: DispatchQueue
+    unowned let server: NBDServer
+    var logger: Logger
+    var transport: Transport
+    var phase: Phase = .clientFlags
+    var handshake: HandshakeStateMachine
+    var inbound = ByteBuffer()
+    var outbound: [ByteBuffer] = []
+    var readSource: DispatchSourceRead?
+    var writeSource: DispatchSourceWrite?
+    var readSuspended = false
+    var writeSuspended = true
+    var sourcesLeft = 0
+
+    var transmission: TransmissionState?
+    var handle: VDIHandle?
+    var requestDecoder = RequestDecoder()
+    var inFlight = 0
+    var inFlightBytes = 0
+    var disconnectRequested = false
+    var handshakeTimer: DispatchSourceTimer?
+
+    init(id: Int, fd: Int32, server: NBDServer) {
+        self.id = id
+        self.fd = fd
+        self.server = server
+        self.peer = peerName(fd)
+        self.queue = DispatchQueue(label: "vdinbd.conn.\(id)")
+        self.transport = PlainTransport(fd: fd)
+        self.handshake = HandshakeStateMachine(tlsPolicy: server.config.tlsPolicy)
+        var l = server.logger
+        l[metadataKey: "conn"] = "\(id)"
+        l[metadataKey: "peer"] = "\(peerName(fd))"
+        self.logger = l
+    }
+
+    func start() {
+        queue.async { [self] in
+            setNonBlocking(fd)
+            var one: Int32 = 1
+            setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
+            let rs = DispatchSource.makeReadSource(fileDescriptor: fd, queue: queue)
+            rs.setEventHandler { [weak self] in self?.readable() }
+            rs.setCancelHandler { [weak self] in self?.sourceCancelled() }
+            let ws = DispatchSource.makeWriteSource(fileDescriptor: fd, queue: queue)
+            ws.setEventHandler { [weak self] in self?.flushOutbound() }
+            ws.setCancelHandler { [weak self] in self?.sourceCancelled() }
+            readSource = rs
+            writeSource = ws
+            sourcesLeft = 2
+            rs.resume()
+            let t = DispatchSource.makeTimerSource(queue: queue)
+            t.schedule(deadline: .now() + server.config.handshakeTimeout)
+            t.setEventHandler { [weak self] in
+                guard let self, self.phase != .transmission else { return }
+                self.close(reason: "handshake timed out")
+            }
+            t.resume()
+            handshakeTimer = t
+            var greeting = ByteBuffer()
+            encodeGreeting(HandshakeStateMachine.serverFlags, into: &greeting)
+            send(greeting)
+            logger.debug("connected")
+        }
+    }
+
+    // MARK: reading
+
+    func readable() {
+        guard phase != .closed else { return }
+        var gotEOF = false
+        // Read what is there now, up to a bound, then process.
+        for _ in 0..<16 {
+            var result = TransportRead.wouldBlock
+            inbound.writeWithUnsafeMutableBytes(minimumWritableBytes: 256 * 1024) { ptr in
+                result = transport.read(into: ptr)
+                if case .bytes(let n) = result { return n }
+                return 0
+            }
+            switch result {
+            case .bytes: continue
+            case .wouldBlock: break
+            case .eof: gotEOF = true
+            case .failed(let why):
+                close(reason: "read failed: \(why)")
+                return
+            }
+            break
+        }
+        process()
+        if gotEOF && phase != .closed {
+            if inFlight > 0 {
+                disconnectRequested = true
+                pauseReading()
+            } else {
+                close(reason: "client closed the connection")
+            }
+        }
+    }
+
+    func process() {
+        do {
+            loop: while phase != .closed {
+                switch phase {
+                case .clientFlags:
+                    var d = ClientFlagsDecoder()
+                    guard let flags = try d.decode(buffer: &inbound) else { break loop }
+                    let actions = handshake.receive(clientFlags: flags)
+                    if handshake.state == .optionHaggling { phase = .optionHaggling }
+                    perform(actions)
+                case .optionHaggling:
+                    var d = OptionDecoder()
+                    guard let opt = try d.decode(buffer: &inbound) else { break loop }
+                    logger.debug("option \(opt.option)")
+                    perform(handshake.receive(option: opt, resolver: SRExportResolver(sr: server.sr)))
+                case .transmission:
+                    if disconnectRequested { break loop }
+                    if inFlight >= server.config.maxInFlightRequests || inFlightBytes >= server.config.maxInFlightBytes {
+                        pauseReading()
+                        break loop
+                    }
+                    guard let r = try requestDecoder.decode(buffer: &inbound) else { break loop }
+                    handle(r)
+                case .closed:
+                    break loop
+                }
+            }
+        } catch {
+            close(reason: "protocol error: \(error)")
+            return
+        }
+        inbound.discardReadBytes()
+    }
+
+    func pauseReading() {
+        guard !readSuspended, let rs = readSource else { return }
+        rs.suspend()
+        readSuspended = true
+    }
+
+    func resumeReading() {
+        guard readSuspended, let rs = readSource, phase != .closed else { return }
+        readSuspended = false
+        rs.resume()
+        // Bytes may already be buffered from before the pause.
+        process()
+    }
+
+    // MARK: handshake
+
+    func perform(_ actions: [HandshakeAction]) {
+        for a in actions {
+            switch a {
+            case .send(let reply):
+                var b = ByteBuffer()
+                reply.encode(into: &b)
+                if reply.type.rawValue & 0x8000_0000 != 0 {
+                    logger.info("\(reply.option) refused: \(reply.type) \(String(decoding: reply.data, as: UTF8.self))")
+                }
+                send(b)
+            case .sendExportNameReply(let size, let flags, let noZeroes):
+                var b = ByteBuffer()
+                encodeExportNameReply(size: size, flags: flags, noZeroes: noZeroes, into: &b)
+                send(b)
+            case .enterTransmission(let export):
+                enterTransmission(export)
+            case .close(let reason):
+                close(reason: reason)
+                return
+            case .startTLS:
+                var b = ByteBuffer()
+                OptionReply.error(.startTLS, .errUnsup, "TLS is not built into this server yet").encode(into: &b)
+                send(b)
+            }
+        }
+    }
+
+    func enterTransmission(_ export: ExportDescription) {
+        let vdi: String
+        switch server.sr.resolve(exportName: export.name) {
+        case .success(let g): vdi = g.vdi.uuid
+        case .failure(let r):
+            close(reason: "export vanished: \(r)")
+            return
+        }
+        do {
+            handle = try server.sr.attach(vdi)
+        } catch {
+            logger.error("cannot attach VDI \(vdi): \(error)")
+            close(reason: "attach failed")
+            return
+        }
+        transmission = TransmissionState(export: export)
+        phase = .transmission
+        handshakeTimer?.cancel()
+        handshakeTimer = nil
+        logger.info("export \(vdi) attached (\(export.readOnly ? "read-only" : "read-write"), \(export.size) bytes)")
+    }
+
+    // MARK: transmission
+
+    func handle(_ decoded: DecodedRequest) {
+        guard let ts = transmission, let h = handle else { return }
+        switch decoded {
+        case .oversizedWrite(let r):
+            logger.info("cookie \(r.cookie): \(r.command) of \(r.length) bytes exceeds the maximum: NBD_EINVAL")
+            reply(error: .einval, cookie: r.cookie)
+            return
+        case .request(let r):
+            switch RequestValidator.validate(r, ts) {
+            case .failure(let e):
+                logger.info("cookie \(r.cookie): \(r.command) offset \(r.offset) length \(r.length) refused: \(e)")
+                reply(error: e, cookie: r.cookie)
+            case .success(let v):
+                execute(v, handle: h)
+            }
+        }
+    }
+
+    func execute(_ v: ValidatedRequest, handle h: VDIHandle) {
+        switch v {
+        case .disconnect:
+            disconnectRequested = true
+            pauseReading()
+            if inFlight == 0 { close(reason: "client sent NBD_CMD_DISC") }
+            return
+        case .read(let cookie, let offset, let length):
+            begin(bytes: Int(length))
+            server.ioQueue.async { [self] in
+                var buf = ByteBuffer()
+                buf.reserveCapacity(16 + Int(length))
+                encodeSimpleReply(error: nil, cookie: cookie, into: &buf)
+                var failure: Error?
+                buf.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { ptr in
+                    do {
+                        try h.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<Int(length)]), at: offset)
+                    } catch {
+                        failure = error
+                    }
+                    return Int(length)
+                }
+                let result = failure
+                let out = buf
+                queue.async { [self] in
+                    if let f = result {
+                        logger.error("cookie \(cookie): read at \(offset)+\(length) failed: \(f)")
+                        reply(error: nbdError(for: f), cookie: cookie)
+                    } else {
+                        send(out)
+                    }
+                    end(bytes: Int(length))
+                }
+            }
+        case .write(let cookie, let offset, let payload, let fua):
+            begin(bytes: payload.readableBytes)
+            server.ioQueue.async { [self] in
+                var failure: Error?
+                do {
+                    try payload.withUnsafeReadableBytes { try h.write($0, at: offset) }
+                    if fua { try h.flush() }
+                } catch {
+                    failure = error
+                }
+                let result = failure
+                queue.async { [self] in
+                    if let f = result { logger.error("cookie \(cookie): write at \(offset)+\(payload.readableBytes) failed: \(f)") }
+                    reply(error: result.map(nbdError(for:)), cookie: cookie)
+                    end(bytes: payload.readableBytes)
+                }
+            }
+        case .flush(let cookie):
+            begin(bytes: 0)
+            server.ioQueue.async { [self] in
+                var failure: Error?
+                do { try h.flush() } catch { failure = error }
+                let result = failure
+                queue.async { [self] in
+                    if let f = result { logger.error("cookie \(cookie): flush failed: \(f)") }
+                    reply(error: result.map(nbdError(for:)), cookie: cookie)
+                    end(bytes: 0)
+                }
+            }
+        }
+    }
+
+    func begin(bytes: Int) {
+        inFlight += 1
+        inFlightBytes += bytes
+    }
+
+    func end(bytes: Int) {
+        inFlight -= 1
+        inFlightBytes -= bytes
+        if disconnectRequested {
+            if inFlight == 0 { close(reason: "client disconnected") }
+            return
+        }
+        if readSuspended { resumeReading() }
+    }
+
+    func reply(error: ErrorValue?, cookie: UInt64) {
+        var b = ByteBuffer()
+        encodeSimpleReply(error: error, cookie: cookie, into: &b)
+        send(b)
+    }
+
+    // MARK: writing
+
+    func send(_ buf: ByteBuffer) {
+        guard phase != .closed else { return }
+        outbound.append(buf)
+        if outbound.count == 1 { flushOutbound() }
+    }
+
+    func flushOutbound() {
+        while var first = outbound.first {
+            var wouldBlock = false
+            var failed: String?
+            while first.readableBytes > 0 {
+                let r = first.withUnsafeReadableBytes { transport.write($0) }
+                switch r {
+                case .wrote(let n): first.moveReaderIndex(forwardBy: n)
+                case .wouldBlock: wouldBlock = true
+                case .failed(let why): failed = why
+                }
+                if wouldBlock || failed != nil { break }
+            }
+            if let why = failed {
+                close(reason: "write failed: \(why)")
+                return
+            }
+            if wouldBlock {
+                outbound[0] = first
+                if writeSuspended, let ws = writeSource {
+                    writeSuspended = false
+                    ws.resume()
+                }
+                return
+            }
+            outbound.removeFirst()
+        }
+        if !writeSuspended, let ws = writeSource {
+            writeSuspended = true
+            ws.suspend()
+        }
+        if phase == .closed { finishClose() }
+    }
+
+    // MARK: closing
+
+    var closeReason = ""
+
+    func close(reason: String) {
+        guard phase != .closed else { return }
+        phase = .closed
+        closeReason = reason
+        handshakeTimer?.cancel()
+        handshakeTimer = nil
+        logger.info("closing: \(reason)")
+        // Give queued replies (an ABORT's ACK, error replies) a chance to leave.
+        _ = outbound.isEmpty
+        flushPendingThenShutdown()
+    }
+
+    func flushPendingThenShutdown() {
+        var buffers = outbound
+        outbound = []
+        for i in buffers.indices {
+            while buffers[i].readableBytes > 0 {
+                let r = buffers[i].withUnsafeReadableBytes { transport.write($0) }
+                guard case .wrote(let n) = r else { break }
+                buffers[i].moveReaderIndex(forwardBy: n)
+            }
+        }
+        finishClose()
+    }
+
+    var finished = false
+
+    func finishClose() {
+        guard !finished else { return }
+        finished = true
+        if inFlight > 0 {
+            // Replies still to come: wait for them, so the handle outlives its I/O.
+            finished = false
+            disconnectRequested = true
+            return
+        }
+        if let h = handle {
+            handle = nil
+            server.sr.detach(h)
+        }
+        if readSuspended, let rs = readSource { rs.resume(); readSuspended = false }
+        if writeSuspended, let ws = writeSource { ws.resume(); writeSuspended = false }
+        readSource?.cancel()
+        writeSource?.cancel()
+        shutdown(fd, Int32(SHUT_RDWR))
+    }
+
+    func sourceCancelled() {
+        sourcesLeft -= 1
+        if sourcesLeft == 0 {
+            Glibc.close(fd)
+            readSource = nil
+            writeSource = nil
+            server.connectionClosed(self)
+        }
+    }
+}

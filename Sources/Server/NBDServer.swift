@@ -1,0 +1,106 @@
+import Dispatch
+import Foundation
+import Logging
+import NBD
+import Storage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public struct ServerConfig: Sendable {
+    public var listen: [(host: String, port: Int)] = [("127.0.0.1", 10809)]
+    public var tlsPolicy: TLSPolicy = .off
+    public var maxConnections = 256
+    public var handshakeTimeout: DispatchTimeInterval = .seconds(30)
+    public var maxInFlightRequests = 64
+    public var maxInFlightBytes = 128 * 1024 * 1024
+    public init() {}
+}
+
+/// Accepts NBD clients and runs their connections.
+public final class NBDServer: @unchecked Sendable {
+    public let config: ServerConfig
+    public let sr: SR
+    let logger: Logger
+    let queue = DispatchQueue(label: "vdinbd.accept")
+    /// Disk I/O runs here, never on a connection's queue.
+    let ioQueue = DispatchQueue(label: "vdinbd.io", qos: .userInitiated, attributes: .concurrent)
+    var listeners: [(fd: Int32, source: DispatchSourceRead)] = []
+    var connections: [Int: Connection] = [:]
+    var nextID = 1
+    public private(set) var boundEndpoints: [NBDEndpoint] = []
+    var drainWaiters: [() -> Void] = []
+
+    public init(config: ServerConfig, sr: SR, logger: Logger) {
+        self.config = config
+        self.sr = sr
+        self.logger = logger
+    }
+
+    public func start() throws {
+        for l in config.listen {
+            let (fd, port) = try listenTCP(host: l.host, port: l.port)
+            let src = DispatchSource.makeReadSource(fileDescriptor: fd, queue: queue)
+            src.setEventHandler { [weak self] in self?.acceptAll(fd) }
+            src.setCancelHandler { Glibc.close(fd) }
+            src.resume()
+            listeners.append((fd, src))
+            boundEndpoints.append(NBDEndpoint(address: l.host, port: port))
+            logger.info("NBD listening on \(l.host):\(port) (TLS \(config.tlsPolicy))")
+        }
+    }
+
+    func acceptAll(_ lfd: Int32) {
+        while true {
+            let fd = accept(lfd, nil, nil)
+            if fd < 0 {
+                if errno == EINTR { continue }
+                if errno != EAGAIN && errno != EWOULDBLOCK { logger.warning("accept: \(String(cString: strerror(errno)))") }
+                return
+            }
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            if connections.count >= config.maxConnections {
+                logger.warning("connection limit \(config.maxConnections) reached: refusing \(peerName(fd))")
+                Glibc.close(fd)
+                continue
+            }
+            let c = Connection(id: nextID, fd: fd, server: self)
+            nextID += 1
+            connections[c.id] = c
+            c.start()
+        }
+    }
+
+    func connectionClosed(_ c: Connection) {
+        queue.async { [self] in
+            connections[c.id] = nil
+            if connections.isEmpty {
+                let w = drainWaiters
+                drainWaiters = []
+                w.forEach { $0() }
+            }
+        }
+    }
+
+    /// Stops accepting, lets connections finish what is in flight, then calls `done`.
+    public func shutdown(timeout: DispatchTimeInterval = .seconds(10), done: @escaping @Sendable () -> Void) {
+        queue.async { [self] in
+            for l in listeners { l.source.cancel() }
+            listeners = []
+            if connections.isEmpty { done(); return }
+            var fired = false
+            let once: () -> Void = { if !fired { fired = true; done() } }
+            drainWaiters.append(once)
+            for c in connections.values {
+                c.queue.async {
+                    c.disconnectRequested = true
+                    c.pauseReading()
+                    if c.inFlight == 0 { c.close(reason: "server shutting down") }
+                }
+            }
+            queue.asyncAfter(deadline: .now() + timeout) { once() }
+        }
+    }
+
+    public var connectionCount: Int { queue.sync { connections.count } }
+}

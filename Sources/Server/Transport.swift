@@ -1,0 +1,54 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+enum TransportRead {
+    case bytes(Int)
+    case wouldBlock
+    case eof
+    case failed(String)
+}
+
+enum TransportWrite {
+    case wrote(Int)
+    case wouldBlock
+    case failed(String)
+}
+
+/// The byte stream under the NBD protocol: plain sockets, or TLS after STARTTLS. The
+/// connection above swaps it and never knows which it has.
+protocol Transport: AnyObject {
+    func read(into buffer: UnsafeMutableRawBufferPointer) -> TransportRead
+    func write(_ buffer: UnsafeRawBufferPointer) -> TransportWrite
+    /// Decrypted bytes already waiting (a TLS record read in full); the socket may then not signal.
+    var hasBufferedInput: Bool { get }
+}
+
+final class PlainTransport: Transport {
+    let fd: Int32
+    init(fd: Int32) { self.fd = fd }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer) -> TransportRead {
+        while true {
+            let n = Glibc.read(fd, buffer.baseAddress, buffer.count)
+            if n > 0 { return .bytes(n) }
+            if n == 0 { return .eof }
+            if errno == EINTR { continue }
+            if errno == EAGAIN || errno == EWOULDBLOCK { return .wouldBlock }
+            return .failed(String(cString: strerror(errno)))
+        }
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer) -> TransportWrite {
+        while true {
+            let n = send(fd, buffer.baseAddress, buffer.count, Int32(MSG_NOSIGNAL))
+            if n >= 0 { return .wrote(n) }
+            if errno == EINTR { continue }
+            if errno == EAGAIN || errno == EWOULDBLOCK { return .wouldBlock }
+            return .failed(String(cString: strerror(errno)))
+        }
+    }
+
+    var hasBufferedInput: Bool { false }
+}

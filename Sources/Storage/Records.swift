@@ -1,0 +1,113 @@
+import Foundation
+import GRDB
+
+/// One VDI, with the fields of XenAPI's VDI class that apply to this SR.
+/// Hidden base images that snapshots leave behind are rows with `managed == false`.
+public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, PersistableRecord {
+    public static let databaseTableName = "vdi"
+
+    public var uuid: String
+    public var nameLabel: String
+    public var nameDescription: String
+    public var virtualSize: UInt64
+    public var physicalUtilisation: UInt64
+    /// `type`: `user` for disks, `cbt_metadata` after data_destroy.
+    public var type: String
+    public var readOnly: Bool
+    public var isASnapshot: Bool
+    public var snapshotOf: String?
+    public var snapshotTime: Date?
+    public var sharable: Bool
+    /// `on_boot`: `persist` or `reset`.
+    public var onBoot: String
+    public var tags: [String]
+    public var otherConfig: [String: String]
+    public var smConfig: [String: String]
+    /// The uuid of the VHD this one's chain continues in (a hidden base), if any.
+    public var parent: String?
+    public var managed: Bool
+    public var cbtEnabled: Bool
+    public var created: Date
+
+    enum CodingKeys: String, CodingKey, ColumnExpression {
+        case uuid, nameLabel = "name_label", nameDescription = "name_description", virtualSize = "virtual_size"
+        case physicalUtilisation = "physical_utilisation", type, readOnly = "read_only", isASnapshot = "is_a_snapshot"
+        case snapshotOf = "snapshot_of", snapshotTime = "snapshot_time", sharable, onBoot = "on_boot", tags
+        case otherConfig = "other_config", smConfig = "sm_config", parent, managed, cbtEnabled = "cbt_enabled", created
+    }
+
+    public init(uuid: String, nameLabel: String, nameDescription: String = "", virtualSize: UInt64) {
+        self.uuid = uuid
+        self.nameLabel = nameLabel
+        self.nameDescription = nameDescription
+        self.virtualSize = virtualSize
+        self.physicalUtilisation = 0
+        self.type = "user"
+        self.readOnly = false
+        self.isASnapshot = false
+        self.snapshotOf = nil
+        self.snapshotTime = nil
+        self.sharable = false
+        self.onBoot = "persist"
+        self.tags = []
+        self.otherConfig = [:]
+        self.smConfig = [:]
+        self.parent = nil
+        self.managed = true
+        self.cbtEnabled = false
+        self.created = Date()
+    }
+}
+
+/// An export token minted by `get_nbd_info`.
+public struct TokenRecord: Codable, Equatable, Sendable, FetchableRecord, PersistableRecord {
+    public static let databaseTableName = "token"
+    public var secret: String
+    public var vdiUUID: String
+    public var readOnly: Bool
+    public var expiresAt: Date?
+    public var revoked: Bool
+    public var created: Date
+
+    enum CodingKeys: String, CodingKey, ColumnExpression {
+        case secret, vdiUUID = "vdi_uuid", readOnly = "read_only", expiresAt = "expires_at", revoked, created
+    }
+}
+
+enum Schema {
+    static func migrator() -> DatabaseMigrator {
+        var m = DatabaseMigrator()
+        m.registerMigration("v1") { db in
+            try db.create(table: "vdi") { t in
+                t.primaryKey("uuid", .text)
+                t.column("name_label", .text).notNull()
+                t.column("name_description", .text).notNull()
+                t.column("virtual_size", .integer).notNull()
+                t.column("physical_utilisation", .integer).notNull()
+                t.column("type", .text).notNull()
+                t.column("read_only", .boolean).notNull()
+                t.column("is_a_snapshot", .boolean).notNull()
+                t.column("snapshot_of", .text)
+                t.column("snapshot_time", .datetime)
+                t.column("sharable", .boolean).notNull()
+                t.column("on_boot", .text).notNull()
+                t.column("tags", .text).notNull()
+                t.column("other_config", .text).notNull()
+                t.column("sm_config", .text).notNull()
+                t.column("parent", .text)
+                t.column("managed", .boolean).notNull()
+                t.column("cbt_enabled", .boolean).notNull()
+                t.column("created", .datetime).notNull()
+            }
+            try db.create(table: "token") { t in
+                t.primaryKey("secret", .text)
+                t.column("vdi_uuid", .text).notNull().indexed()
+                t.column("read_only", .boolean).notNull()
+                t.column("expires_at", .datetime)
+                t.column("revoked", .boolean).notNull()
+                t.column("created", .datetime).notNull()
+            }
+        }
+        return m
+    }
+}

@@ -1,0 +1,59 @@
+import VHD
+
+/// Failures of SR operations, each with its XenAPI error code.
+public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// `UUID_INVALID`
+    case uuidInvalid(kind: String, value: String)
+    /// `VDI_MISSING`
+    case vdiMissing(uuid: String)
+    /// `VDI_READONLY`
+    case vdiReadonly(uuid: String)
+    /// `VDI_IN_USE`
+    case vdiInUse(uuid: String, operation: String)
+    /// `VALUE_NOT_SUPPORTED`
+    case valueNotSupported(field: String, value: String, reason: String)
+    /// `VDI_INCOMPATIBLE_TYPE`
+    case vdiIncompatibleType(uuid: String, type: String)
+    /// `VDI_IO_ERROR`
+    case vdiIOError(uuid: String, detail: String)
+    /// `SR_BACKEND_FAILURE`: the SR itself (database, directory) failed.
+    case srBackendFailure(detail: String)
+    /// `HANDLE_INVALID`
+    case handleInvalid(kind: String, value: String)
+    /// `OPERATION_NOT_ALLOWED`
+    case operationNotAllowed(reason: String)
+
+    /// The XenAPI error code.
+    public var code: String {
+        switch self {
+        case .uuidInvalid: return "UUID_INVALID"
+        case .vdiMissing: return "VDI_MISSING"
+        case .vdiReadonly: return "VDI_READONLY"
+        case .vdiInUse: return "VDI_IN_USE"
+        case .valueNotSupported: return "VALUE_NOT_SUPPORTED"
+        case .vdiIncompatibleType: return "VDI_INCOMPATIBLE_TYPE"
+        case .vdiIOError: return "VDI_IO_ERROR"
+        case .srBackendFailure: return "SR_BACKEND_FAILURE"
+        case .handleInvalid: return "HANDLE_INVALID"
+        case .operationNotAllowed: return "OPERATION_NOT_ALLOWED"
+        }
+    }
+
+    /// The XenAPI error parameters.
+    public var params: [String] {
+        switch self {
+        case .uuidInvalid(let k, let v): return [k, v]
+        case .vdiMissing(let u): return [u]
+        case .vdiReadonly(let u): return [u]
+        case .vdiInUse(let u, let op): return [u, op]
+        case .valueNotSupported(let f, let v, let r): return [f, v, r]
+        case .vdiIncompatibleType(let u, let t): return [u, t]
+        case .vdiIOError(let u, let d): return [u, d]
+        case .srBackendFailure(let d): return [d]
+        case .handleInvalid(let k, let v): return [k, v]
+        case .operationNotAllowed(let r): return [r]
+        }
+    }
+
+    public var description: String { ([code] + params).joined(separator: ": ") }
+}

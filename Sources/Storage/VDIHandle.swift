@@ -1,0 +1,61 @@
+import Foundation
+import VHD
+
+/// A VDI opened for I/O. All connections to one VDI share one handle, so they share one
+/// open chain and one allocation lock. Snapshot swaps the chain under the write side of
+/// `gate`; every I/O holds the read side, so no I/O sees a half-swapped chain.
+public final class VDIHandle: @unchecked Sendable {
+    public let uuid: String
+    private var chain: VHDChain
+    private var gate = pthread_rwlock_t()
+    var refCount = 0
+
+    init(uuid: String, chain: VHDChain) {
+        self.uuid = uuid
+        self.chain = chain
+        pthread_rwlock_init(&gate, nil)
+    }
+
+    deinit { pthread_rwlock_destroy(&gate) }
+
+    public var virtualSize: UInt64 { withChain { $0.virtualSize } }
+    public var writable: Bool { withChain { $0.writable } }
+
+    @inline(__always)
+    public func withChain<T>(_ body: (VHDChain) throws -> T) rethrows -> T {
+        pthread_rwlock_rdlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        return try body(chain)
+    }
+
+    public func read(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VHDError) {
+        pthread_rwlock_rdlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        try chain.read(into: buf, at: offset)
+    }
+
+    public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws(VHDError) {
+        pthread_rwlock_rdlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        try chain.write(buf, at: offset)
+    }
+
+    public func flush() throws(VHDError) {
+        pthread_rwlock_rdlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        try chain.flush()
+    }
+
+    /// Runs `body` with all I/O held off; `body` returns the chain to use from now on.
+    func exclusively(_ body: (VHDChain) throws -> VHDChain) rethrows {
+        pthread_rwlock_wrlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        chain = try body(chain)
+    }
+
+    func close() {
+        pthread_rwlock_wrlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        chain.close()
+    }
+}

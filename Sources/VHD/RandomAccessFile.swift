@@ -1,0 +1,156 @@
+import SystemPackage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The only door from the VHD code to storage. Everything else in this target is pure.
+public protocol RandomAccessFile: AnyObject, Sendable {
+    var path: String { get }
+    /// Reads exactly `buffer.count` bytes; bytes past the end of the file read as zero.
+    func read(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError)
+    func writeAll(_ buffer: UnsafeRawBufferPointer, toAbsoluteOffset offset: UInt64) throws(VHDError)
+    func length() throws(VHDError) -> UInt64
+    func truncate(toLength: UInt64) throws(VHDError)
+    /// Makes written data durable (fdatasync).
+    func synchronize() throws(VHDError)
+    /// Returns a hole's worth of space to the file system (no-op where unsupported).
+    func punchHole(offset: UInt64, length: UInt64)
+    func close()
+}
+
+extension RandomAccessFile {
+    public func read(at offset: UInt64, count: Int) throws(VHDError) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        try typed(path) { try out.withUnsafeMutableBytes { b in try read(into: b, atAbsoluteOffset: offset) } }
+        return out
+    }
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws(VHDError) {
+        try typed(path) { try bytes.withUnsafeBytes { b in try writeAll(b, toAbsoluteOffset: offset) } }
+    }
+}
+
+/// A `RandomAccessFile` over a POSIX file descriptor.
+public final class PosixFile: RandomAccessFile, @unchecked Sendable {
+    public let path: String
+    let fd: FileDescriptor
+
+    public init(path: String, writable: Bool, create: Bool = false, exclusive: Bool = false) throws(VHDError) {
+        self.path = path
+        var opts: FileDescriptor.OpenOptions = [.closeOnExec]
+        if create { opts.insert(.create) }
+        if exclusive { opts.insert(.exclusiveCreate) }
+        do {
+            fd = try FileDescriptor.open(FilePath(path), writable ? .readWrite : .readOnly, options: opts,
+                                         permissions: create ? [.ownerReadWrite, .groupRead] : nil, retryOnInterrupt: true)
+        } catch let e as Errno {
+            throw .io(path: path, errno: e)
+        } catch {
+            throw .io(path: path, errno: .ioError)
+        }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) {
+        var done = 0
+        while done < buffer.count {
+            let n: Int
+            do {
+                n = try fd.read(fromAbsoluteOffset: Int64(offset) + Int64(done),
+                                into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), retryOnInterrupt: true)
+            } catch let e as Errno {
+                throw .io(path: path, errno: e)
+            } catch { throw .io(path: path, errno: .ioError) }
+            if n == 0 {
+                // Past EOF: a sparse tail reads as zeros, as the kernel would show a hole.
+                UnsafeMutableRawBufferPointer(rebasing: buffer[done...]).initializeMemory(as: UInt8.self, repeating: 0)
+                return
+            }
+            done += n
+        }
+    }
+
+    public func writeAll(_ buffer: UnsafeRawBufferPointer, toAbsoluteOffset offset: UInt64) throws(VHDError) {
+        do {
+            _ = try fd.writeAll(toAbsoluteOffset: Int64(offset), buffer)
+        } catch let e as Errno {
+            throw .io(path: path, errno: e)
+        } catch { throw .io(path: path, errno: .ioError) }
+    }
+
+    public func length() throws(VHDError) -> UInt64 {
+        do {
+            return UInt64(try fd.seek(offset: 0, from: .end))
+        } catch let e as Errno { throw .io(path: path, errno: e) } catch { throw .io(path: path, errno: .ioError) }
+    }
+
+    public func truncate(toLength length: UInt64) throws(VHDError) {
+        if ftruncate(fd.rawValue, off_t(length)) != 0 { throw .io(path: path, errno: Errno(rawValue: errno)) }
+    }
+
+    public func synchronize() throws(VHDError) {
+        if fdatasync(fd.rawValue) != 0 { throw .io(path: path, errno: Errno(rawValue: errno)) }
+    }
+
+    public func punchHole(offset: UInt64, length: UInt64) {
+        #if os(Linux)
+        // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        _ = c_fallocate(fd.rawValue, 0x02 | 0x01, Int(offset), Int(length))
+        #endif
+    }
+
+    public func close() { try? fd.close() }
+}
+
+/// An in-memory `RandomAccessFile`, for tests and for building images in memory.
+public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
+    public let path: String
+    public var bytes: [UInt8]
+    public var syncCount = 0
+    /// Every write in order, so tests can pin the allocation order.
+    public var writeLog: [(offset: UInt64, length: Int)] = []
+
+    public init(path: String = "memory", bytes: [UInt8] = []) {
+        self.path = path
+        self.bytes = bytes
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) {
+        for i in 0..<buffer.count {
+            let o = Int(offset) + i
+            buffer[i] = o < bytes.count ? bytes[o] : 0
+        }
+    }
+
+    public func writeAll(_ buffer: UnsafeRawBufferPointer, toAbsoluteOffset offset: UInt64) throws(VHDError) {
+        let end = Int(offset) + buffer.count
+        if end > bytes.count { bytes += [UInt8](repeating: 0, count: end - bytes.count) }
+        for i in 0..<buffer.count { bytes[Int(offset) + i] = buffer[i] }
+        writeLog.append((offset, buffer.count))
+    }
+
+    public func length() throws(VHDError) -> UInt64 { UInt64(bytes.count) }
+    public func truncate(toLength length: UInt64) throws(VHDError) {
+        if Int(length) < bytes.count { bytes.removeLast(bytes.count - Int(length)) } else {
+            bytes += [UInt8](repeating: 0, count: Int(length) - bytes.count)
+        }
+    }
+    public func synchronize() throws(VHDError) { syncCount += 1 }
+    public func punchHole(offset: UInt64, length: UInt64) {}
+    public func close() {}
+}
+
+#if os(Linux)
+@_silgen_name("fallocate")
+private func c_fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int, _ length: Int) -> Int32
+#endif
+
+/// Runs a closure-taking API (`withUnsafeBytes`...) whose body throws `VHDError`, keeping the type.
+@inline(__always)
+func typed<T>(_ path: String, _ body: () throws -> T) throws(VHDError) -> T {
+    do {
+        return try body()
+    } catch let e as VHDError {
+        throw e
+    } catch {
+        throw .io(path: path, errno: .ioError)
+    }
+}

@@ -1,0 +1,285 @@
+// Design notes: a chain of VHD files, leaf first.
+//
+// Reads resolve each block piece layer by layer: a layer that has the whole block
+// answers with one pread; a layer with a partial sector bitmap answers the sectors it
+// has and passes the rest down; past the last layer the disk reads as zeros. Layers
+// smaller than the leaf (a parent before a resize) hold nothing past their own size.
+//
+// Writes go to the leaf only. A block the leaf lacks is allocated whole: the untouched
+// part is copied up from the chain (unless no layer holds anything there, in which case
+// the new block's hole already reads as zeros), then VHDFile's ordered allocation runs.
+
+import Foundation
+
+public final class VHDChain: @unchecked Sendable {
+    /// Leaf first, base last.
+    public let layers: [VHDFile]
+    public let blockSize: UInt32
+    public static let maxDepth = 64
+
+    public var leaf: VHDFile { layers[0] }
+    public var virtualSize: UInt64 { leaf.virtualSize }
+    public var writable: Bool { leaf.writable }
+
+    public init(layers: [VHDFile]) throws(VHDError) {
+        precondition(!layers.isEmpty)
+        self.layers = layers
+        let bs = layers[0].blockSize
+        for l in layers where l.diskType != .fixed && l.blockSize != bs {
+            throw .invalidField(structure: "dynamic disk header", field: "blockSize", value: UInt64(l.blockSize),
+                                reason: "\(l.path) differs from the leaf's block size \(bs)")
+        }
+        self.blockSize = bs
+    }
+
+    /// Opens `path` and every parent it names. Only the leaf is opened writable.
+    public static func open(path: String, writable: Bool, policy: ChecksumPolicy = .strict,
+                            resolveParent: ((VHDFile) -> String?)? = nil) throws(VHDError) -> VHDChain {
+        var layers: [VHDFile] = []
+        var seenIDs = Set<UUID>()
+        var seenPaths = Set<String>()
+        var current = path
+        var isLeaf = true
+        do {
+            while true {
+                let real = URL(fileURLWithPath: current).standardizedFileURL.resolvingSymlinksInPath().path
+                guard seenPaths.insert(real).inserted else { throw VHDError.chainLoop(path: current) }
+                let f = try VHDFile.open(path: current, writable: writable && isLeaf, policy: policy)
+                layers.append(f)
+                guard seenIDs.insert(f.uniqueID).inserted else { throw VHDError.chainLoop(path: current) }
+                isLeaf = false
+                if layers.count > maxDepth { throw VHDError.chainTooDeep(limit: maxDepth) }
+                guard f.diskType == .differencing, let h = f.header else { break }
+                let expected = UUID(uuid: uuidTuple(h.parentUniqueID))
+                let parentPath = try resolveParent?(f) ?? findParent(of: f)
+                // Verify identity before trusting the file.
+                let p = try VHDFile.open(path: parentPath, writable: false, policy: policy)
+                let found = p.uniqueID
+                p.close()
+                guard found == expected else {
+                    throw VHDError.parentMismatch(child: f.path, parent: parentPath,
+                                                  expected: expected.uuidString.lowercased(), found: found.uuidString.lowercased())
+                }
+                current = parentPath
+            }
+            return try VHDChain(layers: layers)
+        } catch let e as VHDError {
+            layers.forEach { $0.close() }
+            throw e
+        } catch {
+            layers.forEach { $0.close() }
+            throw .io(path: path, errno: .ioError)
+        }
+    }
+
+    /// Tries the parent locators (MacX, W2ru, W2ku) then the parent's unicode name, each
+    /// relative to the child's directory.
+    public static func findParent(of f: VHDFile) throws(VHDError) -> String {
+        let dir = URL(fileURLWithPath: f.path).deletingLastPathComponent()
+        var candidates: [String] = []
+        for (code, p) in f.parentLocatorPaths() {
+            if p.hasPrefix("/") { candidates.append(p) }
+            if code == .w2ku {
+                // An absolute Windows path: only its last component is useful here.
+                candidates.append(dir.appendingPathComponent((p as NSString).lastPathComponent).path)
+            } else if !p.hasPrefix("/") {
+                candidates.append(dir.appendingPathComponent(p).standardizedFileURL.path)
+            }
+        }
+        let name = f.header?.parentUnicodeName ?? ""
+        if !name.isEmpty {
+            let n = name.replacingOccurrences(of: "\\", with: "/")
+            candidates.append(n.hasPrefix("/") ? n : dir.appendingPathComponent((n as NSString).lastPathComponent).path)
+        }
+        for c in candidates where FileManager.default.fileExists(atPath: c) { return c }
+        let shown = f.parentLocatorPaths().first?.1 ?? name
+        let uid = f.header.map { UUID(uuid: uuidTuple($0.parentUniqueID)).uuidString.lowercased() } ?? ""
+        throw .parentMissing(child: f.path, parentName: shown, parentUniqueID: uid)
+    }
+
+    public func close() { layers.forEach { $0.close() } }
+
+    // MARK: reads
+
+    /// Reads `buffer.count` bytes at `offset` through the chain.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VHDError) {
+        let length = UInt64(buffer.count)
+        guard offset <= virtualSize, length <= virtualSize - offset else {
+            throw .outOfRange(offset: offset, length: length, virtualSize: virtualSize)
+        }
+        var done = 0
+        let bs = UInt64(blockSize)
+        while done < buffer.count {
+            let pos = offset + UInt64(done)
+            let blockIndex = Int(pos / bs)
+            let inBlock = Int(pos % bs)
+            let n = min(Int(bs) - inBlock, buffer.count - done)
+            let dest = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
+            try readPiece(layer: 0, blockIndex: blockIndex, range: inBlock..<(inBlock + n), into: dest)
+            done += n
+        }
+    }
+
+    public func read(at offset: UInt64, count: Int) throws(VHDError) -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        try typed(leaf.path) { try out.withUnsafeMutableBytes { b in try read(into: b, at: offset) } }
+        return out
+    }
+
+    /// `range` is a byte range inside the block; `dest` has exactly its length.
+    func readPiece(layer: Int, blockIndex: Int, range: Range<Int>, into dest: UnsafeMutableRawBufferPointer) throws(VHDError) {
+        guard layer < layers.count else {
+            dest.initializeMemory(as: UInt8.self, repeating: 0)
+            return
+        }
+        let f = layers[layer]
+        // Past this layer's own size it holds nothing.
+        let blockStart = UInt64(blockIndex) * UInt64(blockSize)
+        if blockStart + UInt64(range.upperBound) > f.virtualSize {
+            let limit = f.virtualSize > blockStart + UInt64(range.lowerBound) ? Int(f.virtualSize - blockStart) : range.lowerBound
+            if limit > range.lowerBound {
+                try readPiece(layer: layer, blockIndex: blockIndex, range: range.lowerBound..<limit,
+                              into: UnsafeMutableRawBufferPointer(rebasing: dest[0..<(limit - range.lowerBound)]))
+            }
+            try readPiece(layer: layer + 1, blockIndex: blockIndex, range: limit..<range.upperBound,
+                          into: UnsafeMutableRawBufferPointer(rebasing: dest[(limit - range.lowerBound)...]))
+            return
+        }
+        switch try f.blockState(blockIndex) {
+        case .absent:
+            try readPiece(layer: layer + 1, blockIndex: blockIndex, range: range, into: dest)
+        case .full(let dataOffset):
+            try f.file.read(into: dest, atAbsoluteOffset: dataOffset + UInt64(range.lowerBound))
+        case .partial(let dataOffset, let bitmap):
+            let sectors = (range.lowerBound / 512)..<((range.upperBound + 511) / 512)
+            for (present, run) in bitmap.runs(in: sectors) {
+                let a = max(run.lowerBound * 512, range.lowerBound)
+                let b = min(run.upperBound * 512, range.upperBound)
+                let sub = UnsafeMutableRawBufferPointer(rebasing: dest[(a - range.lowerBound)..<(b - range.lowerBound)])
+                if present {
+                    try f.file.read(into: sub, atAbsoluteOffset: dataOffset + UInt64(a))
+                } else {
+                    try readPiece(layer: layer + 1, blockIndex: blockIndex, range: a..<b, into: sub)
+                }
+            }
+        }
+    }
+
+    /// Whether any layer from `layer` down holds data for this block.
+    func anyLayerHolds(blockIndex: Int, from layer: Int) throws(VHDError) -> Bool {
+        for l in layers[layer...] {
+            if UInt64(blockIndex) * UInt64(blockSize) >= l.virtualSize { continue }
+            if case .absent = try l.blockState(blockIndex) { continue }
+            return true
+        }
+        return false
+    }
+
+    /// Allocation status of `[offset, offset+length)` as runs: true where some layer holds data.
+    public func allocationRuns(offset: UInt64, length: UInt64) throws(VHDError) -> [(allocated: Bool, length: UInt64)] {
+        var out: [(Bool, UInt64)] = []
+        func add(_ a: Bool, _ n: UInt64) {
+            if let last = out.last, last.0 == a { out[out.count - 1].1 += n } else { out.append((a, n)) }
+        }
+        var pos = offset
+        let end = offset + length
+        let bs = UInt64(blockSize)
+        while pos < end {
+            let bi = Int(pos / bs)
+            let n = min(bs - pos % bs, end - pos)
+            add(try anyLayerHolds(blockIndex: bi, from: 0), n)
+            pos += n
+        }
+        return out
+    }
+
+    // MARK: writes
+
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws(VHDError) {
+        let length = UInt64(data.count)
+        guard offset <= virtualSize, length <= virtualSize - offset else {
+            throw .outOfRange(offset: offset, length: length, virtualSize: virtualSize)
+        }
+        guard leaf.writable else { throw .readOnly(path: leaf.path) }
+        if leaf.diskType == .fixed {
+            try leaf.file.writeAll(data, toAbsoluteOffset: offset)
+            return
+        }
+        var done = 0
+        let bs = UInt64(blockSize)
+        while done < data.count {
+            let pos = offset + UInt64(done)
+            let blockIndex = Int(pos / bs)
+            let inBlock = Int(pos % bs)
+            let n = min(Int(bs) - inBlock, data.count - done)
+            try writePiece(blockIndex: blockIndex, inBlock: inBlock,
+                           data: UnsafeRawBufferPointer(rebasing: data[done..<(done + n)]))
+            done += n
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws(VHDError) {
+        try typed(leaf.path) { try bytes.withUnsafeBytes { b in try write(b, at: offset) } }
+    }
+
+    func writePiece(blockIndex: Int, inBlock: Int, data: UnsafeRawBufferPointer) throws(VHDError) {
+        let f = leaf
+        switch try f.blockState(blockIndex) {
+        case .full(let dataOffset):
+            try f.file.writeAll(data, toAbsoluteOffset: dataOffset + UInt64(inBlock))
+        case .partial(let dataOffset, _):
+            try f.file.writeAll(data, toAbsoluteOffset: dataOffset + UInt64(inBlock))
+            let sectors = (inBlock / 512)..<((inBlock + data.count + 511) / 512)
+            // A partially covered sector that was absent must first be filled from below.
+            try f.withAllocationLock { () throws(VHDError) in
+                if case .partial(_, let bm) = try f.blockStateLocked(blockIndex) {
+                    for s in [sectors.lowerBound, sectors.upperBound - 1] where !bm.isSet(s) {
+                        let sStart = s * 512, sEnd = sStart + 512
+                        if inBlock > sStart || inBlock + data.count < sEnd {
+                            var tmp = [UInt8](repeating: 0, count: 512)
+                            try typed(f.path) { try tmp.withUnsafeMutableBytes { b in
+                                try readPiece(layer: 1, blockIndex: blockIndex, range: sStart..<sEnd, into: b)
+                            } }
+                            // Overlay the bytes just written.
+                            let a = max(inBlock, sStart), b = min(inBlock + data.count, sEnd)
+                            for i in a..<b { tmp[i - sStart] = data[i - inBlock] }
+                            try f.file.write(tmp, at: dataOffset + UInt64(sStart))
+                        }
+                    }
+                    try f.setBitsLocked(blockIndex: blockIndex, sectors: sectors)
+                }
+            }
+        case .absent:
+            let allocatedHere = try f.withAllocationLock { () throws(VHDError) -> Bool in
+                // Someone may have allocated it while we waited for the lock.
+                guard case .absent = try f.blockStateLocked(blockIndex) else { return false }
+                try allocate(blockIndex: blockIndex, inBlock: inBlock, data: data)
+                return true
+            }
+            if !allocatedHere {
+                try writePiece(blockIndex: blockIndex, inBlock: inBlock, data: data)
+            }
+        }
+    }
+
+    /// Lock held. Builds and allocates the block.
+    func allocate(blockIndex: Int, inBlock: Int, data: UnsafeRawBufferPointer) throws(VHDError) {
+        let f = leaf
+        let bs = Int(blockSize)
+        if layers.count > 1, try anyLayerHolds(blockIndex: blockIndex, from: 1) {
+            // Copy the untouched part of the block up from the chain.
+            var block = [UInt8](repeating: 0, count: bs)
+            try typed(f.path) { try block.withUnsafeMutableBytes { b in
+                try readPiece(layer: 1, blockIndex: blockIndex, range: 0..<bs, into: b)
+                b.baseAddress!.advanced(by: inBlock).copyMemory(from: data.baseAddress!, byteCount: data.count)
+            } }
+            _ = try typed(f.path) { try block.withUnsafeBytes { b in
+                try f.allocateLocked(blockIndex: blockIndex, contents: b, pieces: [])
+            } }
+        } else {
+            _ = try f.allocateLocked(blockIndex: blockIndex, contents: nil, pieces: [(inBlock, data)])
+        }
+    }
+
+    public func flush() throws(VHDError) { try leaf.synchronize() }
+}

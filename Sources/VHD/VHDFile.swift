@@ -1,0 +1,306 @@
+// Design notes: one opened VHD file.
+//
+// The BAT and the per-block sector bitmaps live in memory once read; the file is the
+// truth and is written in an order that a crash can interrupt at any point:
+//   1. the new trailing footer past the end of the new block (the file is still valid:
+//      the old data is untouched and the BAT does not yet point at the new block);
+//   2. the block's sector bitmap and data;
+//   3. a write barrier (fdatasync) so 1–2 are durable before anything points at them;
+//   4. the one BAT sector holding the new entry.
+// A crash before 4 leaks the space of one block and exposes nothing.
+// Writes into a block that is present but whose bitmap is partial (files written by
+// other tools) write the data first and the bitmap after.
+
+import Foundation
+
+/// Where a block of this file keeps its data, as far as this one file knows.
+public enum BlockState: Sendable {
+    /// No data in this file: the reader falls through to the parent (or zero).
+    case absent
+    /// Every sector of the block is present at this absolute data offset.
+    case full(dataOffset: UInt64)
+    /// Only the sectors whose bitmap bit is set are present.
+    case partial(dataOffset: UInt64, bitmap: SectorBitmap)
+}
+
+public final class VHDFile: @unchecked Sendable {
+    public let path: String
+    public let file: RandomAccessFile
+    public let writable: Bool
+    public private(set) var footer: Footer
+    public private(set) var header: DynamicDiskHeader?
+    /// Problems tolerated at open (checksum mismatches under `.tolerate`, a damaged trailing footer).
+    public private(set) var warnings: [String] = []
+
+    var bat: BlockAllocationTable
+    /// Cached bitmaps: nil = not read yet.
+    var bitmaps: [SectorBitmap?]
+    /// 0 unknown, 1 full, 2 partial.
+    var bitmapKinds: [UInt8]
+    /// Where the next block goes: the end of all data, where the trailing footer sits.
+    var nextFreeOffset: UInt64
+    /// Serialises allocation and bitmap updates.
+    let lock = NSLock()
+    /// When true, allocation waits for data to be durable before the BAT points at it.
+    public var barrierOnAllocate = true
+
+    public var diskType: DiskType { footer.diskType }
+    public var virtualSize: UInt64 { footer.currentSize }
+    /// The block size used to address this file (2 MiB for fixed disks).
+    public var blockSize: UInt32 { header?.blockSize ?? DynamicDiskHeader.defaultBlockSize }
+    public var uniqueID: UUID { UUID(uuid: uuidTuple(footer.uniqueID)) }
+
+    public static func open(path: String, writable: Bool, policy: ChecksumPolicy = .strict) throws(VHDError) -> VHDFile {
+        let f = try PosixFile(path: path, writable: writable)
+        do {
+            return try VHDFile(file: f, writable: writable, policy: policy)
+        } catch {
+            f.close()
+            throw error
+        }
+    }
+
+    public init(file: RandomAccessFile, writable: Bool, policy: ChecksumPolicy = .strict) throws(VHDError) {
+        self.path = file.path
+        self.file = file
+        self.writable = writable
+        let length = try file.length()
+        guard length >= UInt64(Footer.size) else { throw .truncated(needed: UInt64(Footer.size), fileLength: length) }
+        var warnings: [String] = []
+        var footer: Footer
+        let tail = try file.read(at: length - 512, count: 512)
+        do {
+            footer = try Footer.parse(tail, policy: policy)
+        } catch {
+            // blktap keeps a copy of the footer at offset 0 for exactly this case.
+            guard let copy = try? Footer.parse(try file.read(at: 0, count: 512), policy: policy), copy.diskType != .fixed
+            else { throw error }
+            footer = copy
+            warnings.append("trailing footer unreadable (\(error)); using the copy at offset 0")
+        }
+        if let m = footer.checksumMismatch {
+            warnings.append("footer checksum mismatch: stored 0x\(String(m.stored, radix: 16)), computed 0x\(String(m.computed, radix: 16))")
+        }
+        self.footer = footer
+        switch footer.diskType {
+        case .fixed:
+            guard length >= footer.currentSize + 512 else {
+                throw .truncated(needed: footer.currentSize + 512, fileLength: length)
+            }
+            header = nil
+            bat = BlockAllocationTable(count: 0)
+            nextFreeOffset = footer.currentSize
+        case .dynamic, .differencing:
+            let ho = footer.dataOffset
+            guard ho >= 512, ho % 512 == 0, ho < length, ho + 1024 <= length else {
+                throw .invalidField(structure: "footer", field: "dataOffset", value: ho, reason: "header not inside the file")
+            }
+            let h = try DynamicDiskHeader.parse(try file.read(at: ho, count: 1024), policy: policy)
+            if let m = h.checksumMismatch {
+                warnings.append("dynamic disk header checksum mismatch: stored 0x\(String(m.stored, radix: 16)), computed 0x\(String(m.computed, radix: 16))")
+            }
+            let needed = (footer.currentSize + UInt64(h.blockSize) - 1) / UInt64(h.blockSize)
+            guard UInt64(h.maxTableEntries) >= needed, h.maxTableEntries <= 1 << 24 else {
+                throw .invalidField(structure: "dynamic disk header", field: "maxTableEntries", value: UInt64(h.maxTableEntries),
+                                    reason: "does not match current size \(footer.currentSize) (needs \(needed))")
+            }
+            let batBytes = UInt64(h.maxTableEntries) * 4
+            guard h.tableOffset >= 512, h.tableOffset + batBytes <= length else {
+                throw .invalidField(structure: "dynamic disk header", field: "tableOffset", value: h.tableOffset,
+                                    reason: "BAT of \(batBytes) bytes does not fit in the file of \(length) bytes")
+            }
+            let table = try BlockAllocationTable.parse(try file.read(at: h.tableOffset, count: Int(batBytes)),
+                                                       count: Int(h.maxTableEntries))
+            var end = max(ho + 1024, h.tableOffset + UInt64(BlockAllocationTable.byteLength(entries: Int(h.maxTableEntries))))
+            let blockSpan = UInt64(h.bitmapBytes) + UInt64(h.blockSize)
+            var seen = Set<UInt32>()
+            for (i, e) in table.entries.enumerated() where e != BlockAllocationTable.unallocated {
+                let start = UInt64(e) * 512
+                guard start >= 512, start + blockSpan <= length - 512 || start + blockSpan <= length else {
+                    throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e),
+                                        reason: "block at byte \(start) + \(blockSpan) lies past the end of the file (\(length))")
+                }
+                guard seen.insert(e).inserted else {
+                    throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e), reason: "two blocks share one offset")
+                }
+                end = max(end, start + blockSpan)
+            }
+            for l in h.parentLocatorEntries where l.platformCode != .none && l.platformDataOffset > 0 {
+                let space = l.platformDataSpace < 512 ? UInt64(l.platformDataSpace) * 512 : UInt64(l.platformDataSpace)
+                end = max(end, l.platformDataOffset + max(space, UInt64(l.platformDataLength)))
+            }
+            if footer.diskType == .dynamic, h.parentLocatorEntries.contains(where: { $0.platformCode != .none }) {
+                warnings.append("dynamic disk carries parent locators")
+            }
+            header = h
+            bat = table
+            nextFreeOffset = (end + 511) / 512 * 512
+        }
+        bitmaps = Array(repeating: nil, count: bat.entries.count)
+        bitmapKinds = Array(repeating: 0, count: bat.entries.count)
+        self.warnings = warnings
+    }
+
+    public func close() { file.close() }
+
+    /// Allocated blocks of this file (0 for fixed disks).
+    public var allocatedBlockCount: Int {
+        lock.lock(); defer { lock.unlock() }
+        return bat.entries.reduce(0) { $0 + ($1 == BlockAllocationTable.unallocated ? 0 : 1) }
+    }
+
+    /// The BAT entries (sector offsets), for checks and tools.
+    public var blockAllocationTable: BlockAllocationTable {
+        lock.lock(); defer { lock.unlock() }
+        return bat
+    }
+
+    /// What this file holds for `blockIndex`. For fixed disks every block inside the size is full.
+    public func blockState(_ blockIndex: Int) throws(VHDError) -> BlockState {
+        guard let h = header else {
+            let off = UInt64(blockIndex) * UInt64(blockSize)
+            return off < footer.currentSize ? .full(dataOffset: off) : .absent
+        }
+        lock.lock()
+        defer { lock.unlock() }
+        return try blockStateLocked(blockIndex)
+    }
+
+    /// `blockState` for callers that hold the lock.
+    func blockStateLocked(_ blockIndex: Int) throws(VHDError) -> BlockState {
+        guard let h = header else {
+            let off = UInt64(blockIndex) * UInt64(blockSize)
+            return off < footer.currentSize ? .full(dataOffset: off) : .absent
+        }
+        guard blockIndex < bat.entries.count else { return .absent }
+        let e = bat.entries[blockIndex]
+        if e == BlockAllocationTable.unallocated { return .absent }
+        let start = UInt64(e) * 512
+        let data = start + UInt64(h.bitmapBytes)
+        switch bitmapKinds[blockIndex] {
+        case 1: return .full(dataOffset: data)
+        case 2: return .partial(dataOffset: data, bitmap: bitmaps[blockIndex]!)
+        default:
+            let bm = SectorBitmap(bytes: try file.read(at: start, count: h.bitmapBytes), sectors: Int(h.blockSize) / 512)
+            if bm.isFull {
+                bitmapKinds[blockIndex] = 1
+                return .full(dataOffset: data)
+            }
+            bitmapKinds[blockIndex] = 2
+            bitmaps[blockIndex] = bm
+            return .partial(dataOffset: data, bitmap: bm)
+        }
+    }
+
+    /// Runs `body` with the allocation lock held.
+    func withAllocationLock<T>(_ body: () throws(VHDError) -> T) throws(VHDError) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+
+    /// Allocates `blockIndex` (lock held by caller) and writes its full contents.
+    /// `fill` writes the block's data into the given buffer (already zeroed) and says
+    /// whether any byte of it is non-zero; all-zero space is left as a hole.
+    func allocateLocked(blockIndex: Int, contents: UnsafeRawBufferPointer?, pieces: [(Int, UnsafeRawBufferPointer)])
+        throws(VHDError) -> UInt64
+    {
+        guard writable else { throw .readOnly(path: path) }
+        guard let h = header else { preconditionFailure("allocate on a fixed disk") }
+        let start = nextFreeOffset
+        let bitmapBytes = UInt64(h.bitmapBytes)
+        let dataOffset = start + bitmapBytes
+        let newEnd = dataOffset + UInt64(h.blockSize)
+        let oldLength = try file.length()
+        var newFooter = footer
+        newFooter.timeStamp = footer.timeStamp
+        // 1. the trailing footer at the new end.
+        try file.write(newFooter.serialize(), at: newEnd)
+        // Stale bytes between the old footer and the old end (a block leaked by a crash)
+        // must not show through as this block's data.
+        if oldLength > start + bitmapBytes {
+            let staleEnd = min(oldLength, newEnd)
+            if contents == nil {
+                let zeros = [UInt8](repeating: 0, count: Int(min(staleEnd - dataOffset, 4 << 20)))
+                var o = dataOffset
+                while o < staleEnd {
+                    let n = Int(min(UInt64(zeros.count), staleEnd - o))
+                    try typed(path) { try zeros.withUnsafeBytes { b in
+                        try file.writeAll(UnsafeRawBufferPointer(rebasing: b[0..<n]), toAbsoluteOffset: o)
+                    } }
+                    o += UInt64(n)
+                }
+            }
+        }
+        // 2. bitmap and data.
+        let bm = SectorBitmap.full(sectors: Int(h.blockSize) / 512, paddedBytes: h.bitmapBytes)
+        try file.write(bm.bytes, at: start)
+        if let c = contents {
+            try file.writeAll(c, toAbsoluteOffset: dataOffset)
+        }
+        for (off, p) in pieces {
+            try file.writeAll(p, toAbsoluteOffset: dataOffset + UInt64(off))
+        }
+        // 3. barrier.
+        if barrierOnAllocate { try file.synchronize() }
+        // 4. BAT.
+        bat.entries[blockIndex] = UInt32(start / 512)
+        let (sector, bytes) = bat.sectorContaining(blockIndex: blockIndex)
+        try file.write(bytes, at: h.tableOffset + UInt64(sector) * 512)
+        bitmapKinds[blockIndex] = 1
+        bitmaps[blockIndex] = nil
+        nextFreeOffset = newEnd
+        return dataOffset
+    }
+
+    /// Marks sectors present in a partial block after their data was written (lock held by caller).
+    func setBitsLocked(blockIndex: Int, sectors: Range<Int>) throws(VHDError) {
+        guard let h = header, var bm = bitmaps[blockIndex] else { return }
+        bm.set(sectors)
+        let start = UInt64(bat.entries[blockIndex]) * 512
+        try file.write(bm.bytes, at: start)
+        if bm.isFull {
+            bitmapKinds[blockIndex] = 1
+            bitmaps[blockIndex] = nil
+        } else {
+            bitmaps[blockIndex] = bm
+        }
+        _ = h
+    }
+
+    /// Rewrites both footer copies (after a resize, say).
+    public func rewriteFooter(_ f: Footer) throws(VHDError) {
+        guard writable else { throw .readOnly(path: path) }
+        lock.lock(); defer { lock.unlock() }
+        footer = f
+        try file.write(f.serialize(), at: nextFreeOffset)
+        if f.diskType != .fixed { try file.write(f.serialize(), at: 0) }
+    }
+
+    public func synchronize() throws(VHDError) { try file.synchronize() }
+
+    /// Reads this file's parent locators' data as paths, in the order they should be tried.
+    public func parentLocatorPaths() -> [(ParentLocatorEntry.PlatformCode, String)] {
+        guard let h = header, footer.diskType == .differencing else { return [] }
+        var out: [(ParentLocatorEntry.PlatformCode, String)] = []
+        let order: [ParentLocatorEntry.PlatformCode] = [.macX, .w2ru, .w2ku]
+        for code in order {
+            for l in h.parentLocatorEntries where l.platformCode == code {
+                guard l.platformDataLength > 0, l.platformDataLength <= 4096,
+                      let data = try? file.read(at: l.platformDataOffset, count: Int(l.platformDataLength)),
+                      let p = l.decodePath(data) else { continue }
+                out.append((code, p))
+            }
+        }
+        return out
+    }
+}
+
+func uuidTuple(_ b: [UInt8]) -> uuid_t {
+    let x = padded(b, 16)
+    return (x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], x[9], x[10], x[11], x[12], x[13], x[14], x[15])
+}
+
+public func uuidBytes(_ u: UUID) -> [UInt8] {
+    withUnsafeBytes(of: u.uuid) { Array($0) }
+}

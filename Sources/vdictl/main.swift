@@ -1,0 +1,257 @@
+import ArgumentParser
+import Control
+import Foundation
+import VHD
+
+/// Options every control command shares.
+struct ControlOptions: ParsableArguments {
+    @Option(name: .long, help: "Control socket (default $VDINBD_SOCKET or ./sr/control.sock).")
+    var socket: String?
+
+    @Flag(name: .long, help: "Print JSON.")
+    var json = false
+
+    func client() throws -> ControlClient {
+        let path = socket ?? ProcessInfo.processInfo.environment["VDINBD_SOCKET"] ?? "./sr/control.sock"
+        do {
+            return try ControlClient(path: path)
+        } catch let e as RPCError {
+            throw CLIError(e.message)
+        }
+    }
+}
+
+struct CLIError: Error, CustomStringConvertible {
+    var description: String
+    init(_ s: String) { description = s }
+}
+
+/// xe-style `key=value` arguments.
+func keyValues(_ args: [String], allowed: Set<String>) throws -> [String: String] {
+    var out: [String: String] = [:]
+    for a in args {
+        guard let eq = a.firstIndex(of: "=") else { throw ValidationError("expected key=value, got '\(a)'") }
+        let k = String(a[..<eq]), v = String(a[a.index(after: eq)...])
+        guard allowed.contains(k) else {
+            throw ValidationError("unknown parameter '\(k)'; accepted: \(allowed.sorted().joined(separator: ", "))")
+        }
+        out[k] = v
+    }
+    return out
+}
+
+func require(_ kv: [String: String], _ k: String) throws -> String {
+    guard let v = kv[k], !v.isEmpty else { throw ValidationError("\(k)= is required") }
+    return v
+}
+
+/// Runs an RPC, turning XenAPI errors into a one-line message and exit code 1.
+func rpc(_ o: ControlOptions, _ method: String, _ params: [JSONValue]) throws -> JSONValue {
+    let c = try o.client()
+    do {
+        return try c.call(method, params)
+    } catch let e as RPCError {
+        throw CLIError("error: " + e.errorDescription.joined(separator: ": "))
+    }
+}
+
+func printJSON(_ v: JSONValue) throws {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    print(String(decoding: try enc.encode(v), as: UTF8.self))
+}
+
+func display(_ v: JSONValue) -> String {
+    switch v {
+    case .null: return ""
+    case .bool(let b): return b ? "true" : "false"
+    case .number(let n): return n == n.rounded() ? String(Int64(n)) : String(n)
+    case .string(let s): return s
+    case .array(let a): return a.map(display).joined(separator: "; ")
+    case .object(let o): return o.keys.sorted().map { "\($0): \(display(o[$0]!))" }.joined(separator: "; ")
+    }
+}
+
+struct VDICreate: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-create", abstract: "Create a VDI; prints its uuid.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "name-label=NAME virtual-size=SIZE [name-description=TEXT] [sharable=true] [read-only=true]")
+    var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["name-label", "virtual-size", "name-description", "sharable", "read-only"])
+        let sizeText = try require(kv, "virtual-size")
+        guard let size = parseSize(sizeText), size > 0 else {
+            throw ValidationError("virtual-size=\(sizeText): expected a size such as 1073741824, 64MiB or 2GiB")
+        }
+        var rec: [String: JSONValue] = [
+            "name_label": .string(kv["name-label"] ?? ""), "virtual_size": .number(Double(size)),
+            "name_description": .string(kv["name-description"] ?? ""),
+        ]
+        if let s = kv["sharable"] { rec["sharable"] = .bool(s == "true") }
+        if let s = kv["read-only"] { rec["read_only"] = .bool(s == "true") }
+        print(display(try rpc(options, "VDI.create", [.object(rec)])))
+    }
+}
+
+let listFields = ["uuid", "name_label", "virtual_size", "physical_utilisation", "is_a_snapshot", "read_only"]
+
+struct VDIList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-list", abstract: "List VDIs.")
+    @OptionGroup var options: ControlOptions
+    func run() throws {
+        let all = try rpc(options, "VDI.get_all_records", [])
+        if options.json { try printJSON(all); return }
+        guard let o = all.objectValue else { return }
+        for (_, r) in o.sorted(by: { $0.key < $1.key }) {
+            guard let rec = r.objectValue else { continue }
+            for f in listFields { print("\(f.replacingOccurrences(of: "_", with: "-")) ( RO): \(display(rec[f] ?? .null))") }
+            print("")
+        }
+    }
+}
+
+struct VDIParamList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-param-list", abstract: "Show every field of a VDI.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid"])
+        let r = try rpc(options, "VDI.get_record", [.string(try require(kv, "uuid"))])
+        if options.json { try printJSON(r); return }
+        for (k, v) in (r.objectValue ?? [:]).sorted(by: { $0.key < $1.key }) {
+            print("\(k.replacingOccurrences(of: "_", with: "-")): \(display(v))")
+        }
+    }
+}
+
+struct VDISnapshot: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-snapshot", abstract: "Snapshot a VDI; prints the snapshot's uuid.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid"])
+        print(display(try rpc(options, "VDI.snapshot", [.string(try require(kv, "uuid"))])))
+    }
+}
+
+struct VDIDestroy: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-destroy", abstract: "Destroy a VDI.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid"])
+        _ = try rpc(options, "VDI.destroy", [.string(try require(kv, "uuid"))])
+    }
+}
+
+struct VDIGetNBDInfo: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-get-nbd-info",
+                                                    abstract: "Mint an export token; print how to reach the VDI over NBD.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID [read-only=true] [lifetime=SECONDS]") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid", "read-only", "lifetime"])
+        var opts: [String: JSONValue] = [:]
+        if let r = kv["read-only"] { opts["read_only"] = .bool(r == "true") }
+        if let l = kv["lifetime"] {
+            guard let n = Double(l), n > 0 else { throw ValidationError("lifetime=\(l): expected seconds") }
+            opts["lifetime"] = .number(n)
+        }
+        let r = try rpc(options, "VDI.get_nbd_info", [.string(try require(kv, "uuid")), .object(opts)])
+        if options.json { try printJSON(r); return }
+        for rec in r.arrayValue ?? [] {
+            guard let o = rec.objectValue else { continue }
+            for f in ["exportname", "address", "port", "subject"] { print("\(f): \(display(o[f] ?? .null))") }
+            let addr = display(o["address"] ?? .null)
+            let host = addr.contains(":") ? "[\(addr)]" : addr
+            let scheme = display(o["cert"] ?? .null).isEmpty ? "nbd" : "nbds"
+            // In an NBD URI the path after the first "/" is the export name, percent-encoded.
+            let name = display(o["exportname"] ?? .null).replacingOccurrences(of: "?", with: "%3F")
+            print("uri: \(scheme)://\(host):\(display(o["port"] ?? .null))/\(name)")
+            print("")
+        }
+    }
+}
+
+// MARK: offline VHD tools
+
+struct VHDCreateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vhd-create", abstract: "Create a dynamic VHD file.")
+    @Argument var file: String
+    @Argument(help: "Virtual size: bytes or 64MiB, 2GiB...") var size: String
+    func run() throws {
+        guard let s = parseSize(size) else { throw ValidationError("\(size) is not a size") }
+        do { try VHDCreate.createDynamic(path: file, size: s) } catch { throw CLIError("error: \(error)") }
+    }
+}
+
+struct VHDSnapshotCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vhd-snapshot",
+                                                    abstract: "Create CHILD as a differencing VHD over PARENT.")
+    @Argument var child: String
+    @Argument var parent: String
+    func run() throws {
+        do { try VHDCreate.createDifferencing(path: child, parentPath: parent) } catch { throw CLIError("error: \(error)") }
+    }
+}
+
+struct VHDInfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vhd-info", abstract: "Describe a VHD file.")
+    @Argument var file: String
+    @Flag var json = false
+    func run() throws {
+        let info: VHDInfo
+        do {
+            let f = try VHDFile.open(path: file, writable: false, policy: .tolerate)
+            defer { f.close() }
+            info = try VHDInfo(file: f)
+        } catch { throw CLIError("error: \(error)") }
+        if json {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            print(String(decoding: try enc.encode(info), as: UTF8.self))
+            return
+        }
+        print("disk type: \(info.diskType)")
+        print("virtual size: \(info.virtualSize)")
+        print("block size: \(info.blockSize)")
+        print("allocated blocks: \(info.allocatedBlocks) of \(info.maxTableEntries)")
+        print("unique id: \(info.uniqueID)")
+        if let p = info.parentUniqueID { print("parent uuid: \(p)") }
+        if let p = info.parentPath ?? info.parentUnicodeName { print("parent path: \(p)") }
+        print("creator: \(info.creatorApplication) (\(info.creatorHostOS))")
+        for w in info.warnings { print("warning: \(w)") }
+    }
+}
+
+struct VHDCheckCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vhd-check", abstract: "Check a VHD's structure; exit 0 when clean.")
+    @Argument var file: String
+    func run() throws {
+        let problems = VHDCheck.check(path: file)
+        if problems.isEmpty {
+            print("\(file): clean")
+            return
+        }
+        for p in problems { print(p) }
+        throw ExitCode(2)
+    }
+}
+
+struct VDICtl: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vdictl",
+        abstract: "Administer a vdinbd storage repository (xe-style key=value arguments).",
+        subcommands: [VDICreate.self, VDIList.self, VDIParamList.self, VDISnapshot.self, VDIDestroy.self, VDIGetNBDInfo.self,
+                      VHDCreateCommand.self, VHDSnapshotCommand.self, VHDInfoCommand.self, VHDCheckCommand.self])
+}
+
+// Global options may come before the subcommand (`vdictl --socket S vdi-list`): move them after it.
+var argv = Array(CommandLine.arguments.dropFirst())
+var leading: [String] = []
+while let first = argv.first, first.hasPrefix("--"), first != "--help" {
+    leading.append(argv.removeFirst())
+    if (first == "--socket") && !argv.isEmpty { leading.append(argv.removeFirst()) }
+}
+if !argv.isEmpty { argv.insert(contentsOf: leading, at: 1) } else { argv = leading }
+VDICtl.main(argv)

@@ -1,0 +1,138 @@
+import ArgumentParser
+import Control
+import Dispatch
+import Foundation
+import Logging
+
+import Server
+import Storage
+#if canImport(Glibc)
+import Glibc
+#endif
+
+enum TLSMode: String, ExpressibleByArgument, CaseIterable {
+    case off, on, require
+}
+
+struct VDINBD: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vdinbd",
+        abstract: "Serve the VDIs of a storage repository over NBD.")
+
+    @ArgumentParser.Option(name: .long, help: "Storage repository directory.")
+    var sr: String = "./sr"
+
+    @ArgumentParser.Option(name: .long, help: "Address to listen on, HOST:PORT (repeatable; [::1]:PORT for IPv6).")
+    var listen: [String] = []
+
+    @ArgumentParser.Option(name: .long, help: "TLS mode: off, on (offered), require.")
+    var tls: TLSMode = .require
+
+    @ArgumentParser.Option(name: .long, help: "Control socket path (default: <sr>/control.sock).")
+    var controlSocket: String?
+
+    @ArgumentParser.Option(name: .long, help: "Maximum simultaneous NBD connections.")
+    var maxConnections: Int = 256
+
+    @ArgumentParser.Option(name: .long, help: "Seconds a client may take to finish the handshake.")
+    var handshakeTimeout: Int = 30
+
+    @ArgumentParser.Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error.")
+    var logLevel: String = "info"
+
+    func validate() throws {
+        for l in listen where parseListen(l) == nil {
+            throw ValidationError("--listen \(l): expected HOST:PORT, e.g. 127.0.0.1:10809 or [::1]:10809")
+        }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level \(logLevel) is not a level") }
+        guard maxConnections > 0 else { throw ValidationError("--max-connections must be positive") }
+        if tls != .off {
+            throw ValidationError("TLS is not built into this version yet: start with --tls off (loopback only is advised)")
+        }
+    }
+
+    func run() throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "vdinbd")
+        signal(SIGPIPE, SIG_IGN)
+
+        let repo: SR
+        do {
+            repo = try SR(path: sr, logger: Logger(label: "vdinbd.sr"))
+        } catch {
+            throw ValidationError("\(error)")
+        }
+        var config = ServerConfig()
+        config.listen = (listen.isEmpty ? ["127.0.0.1:10809"] : listen).map { parseListen($0)! }
+        config.tlsPolicy = tls == .off ? .off : (tls == .on ? .on : .require)
+        config.maxConnections = maxConnections
+        config.handshakeTimeout = .seconds(handshakeTimeout)
+        let server = NBDServer(config: config, sr: repo, logger: logger)
+        do {
+            try server.start()
+        } catch {
+            throw ValidationError("cannot listen: \(error)")
+        }
+        repo.endpoints = server.boundEndpoints
+
+        let socketPath = controlSocket ?? repo.path + "/control.sock"
+        let control = ControlServer(api: ControlAPI(sr: repo, logger: Logger(label: "vdinbd.control")), path: socketPath,
+                                    logger: logger)
+        do {
+            control.start(listenFD: try listenUnix(path: socketPath, mode: 0o600))
+        } catch {
+            throw ValidationError("cannot create control socket: \(error)")
+        }
+
+        let ep = server.boundEndpoints.first!
+        let ctl = controlSocket == nil && sr == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
+        print("""
+            vdinbd: serving SR \(repo.path) on \(server.boundEndpoints.map { "\($0.address):\($0.port)" }.joined(separator: ", ")) (TLS \(tls.rawValue))
+            vdinbd: control socket \(socketPath)
+            Create a disk and attach it:
+              uuid=$(swift run vdictl \(ctl.dropFirst(7)) vdi-create name-label=disk1 virtual-size=1GiB)
+              swift run vdictl \(ctl.dropFirst(7)) vdi-get-nbd-info uuid=$uuid
+              nbdinfo "<uri printed above>"
+            """)
+        fflush(stdout)
+
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .main)
+            s.setEventHandler {
+                logger.info("signal \(sig): draining connections")
+                server.shutdown {
+                    control.stop()
+                    logger.info("stopped")
+                    Glibc.exit(0)
+                }
+            }
+            s.resume()
+            sources.append(s)
+        }
+        withExtendedLifetime(sources) { dispatchMain() }
+    }
+}
+
+func parseListen(_ s: String) -> (host: String, port: Int)? {
+    var host: Substring, port: Substring
+    if s.hasPrefix("[") {
+        guard let close = s.firstIndex(of: "]"), s[s.index(after: close)...].hasPrefix(":") else { return nil }
+        host = s[s.index(after: s.startIndex)..<close]
+        port = s[s.index(close, offsetBy: 2)...]
+    } else {
+        guard let colon = s.lastIndex(of: ":") else { return nil }
+        host = s[..<colon]
+        port = s[s.index(after: colon)...]
+    }
+    guard let p = Int(port), (0...65535).contains(p), !host.isEmpty else { return nil }
+    return (String(host), p)
+}
+
+VDINBD.main()
