@@ -1,0 +1,143 @@
+import NIOCore
+import XCTest
+@testable import NBD
+
+struct FakeResolver: ExportResolver {
+    var exports: [String: ExportDescription] = [:]
+    func describe(exportName: String) -> Result<ExportDescription, ExportLookupFailure> {
+        exports[exportName].map { .success($0) } ?? .failure(ExportLookupFailure("unknown export token"))
+    }
+}
+
+let disk = ExportDescription(name: "/u?token=t", size: 1 << 20, readOnly: false)
+let resolver = FakeResolver(exports: ["/u?token=t": disk])
+
+func haggling(_ policy: TLSPolicy = .off, flags: ClientFlags = [.fixedNewstyle, .noZeroes]) -> HandshakeStateMachine {
+    var m = HandshakeStateMachine(tlsPolicy: policy)
+    XCTAssertEqual(m.receive(clientFlags: flags), [])
+    return m
+}
+
+func infoData(_ name: String, _ reqs: [UInt16] = []) -> [UInt8] {
+    var b = ByteBuffer()
+    b.writeInteger(UInt32(name.utf8.count))
+    b.writeString(name)
+    b.writeInteger(UInt16(reqs.count))
+    for r in reqs { b.writeInteger(r) }
+    return b.readBytes(length: b.readableBytes)!
+}
+
+final class HandshakeTests: XCTestCase {
+    func testGreetingGoldenBytes() {
+        var b = ByteBuffer()
+        encodeGreeting([.fixedNewstyle, .noZeroes], into: &b)
+        XCTAssertEqual(b.readBytes(length: b.readableBytes)!, Array("NBDMAGIC".utf8) + Array("IHAVEOPT".utf8) + [0, 3])
+    }
+
+    func testClientWithoutFixedNewstyleIsClosed() {
+        var m = HandshakeStateMachine(tlsPolicy: .off)
+        guard case .close = m.receive(clientFlags: []).first else { return XCTFail() }
+    }
+
+    func testUnknownClientFlagsAreClosed() {
+        var m = HandshakeStateMachine(tlsPolicy: .off)
+        guard case .close = m.receive(clientFlags: ClientFlags(rawValue: 0x81)).first else { return XCTFail() }
+    }
+
+    func testOptListRepliesErrPolicy() {
+        var m = haggling()
+        let a = m.receive(option: OptionRequest(option: .list, data: []), resolver: resolver)
+        guard case .send(let r) = a.first else { return XCTFail() }
+        XCTAssertEqual(r.type, .errPolicy)
+        XCTAssertEqual(m.state, .optionHaggling)
+    }
+
+    func testUnknownOptionRepliesErrUnsup() {
+        var m = haggling()
+        guard case .send(let r) = m.receive(option: OptionRequest(option: Option(rawValue: 99), data: []), resolver: resolver).first
+        else { return XCTFail() }
+        XCTAssertEqual(r.type, .errUnsup)
+        XCTAssertEqual(r.option.rawValue, 99)
+    }
+
+    func testGoOnUnknownExportRepliesErrUnknown() {
+        var m = haggling()
+        guard case .send(let r) = m.receive(option: OptionRequest(option: .go, data: infoData("/u?token=wrong")), resolver: resolver).first
+        else { return XCTFail() }
+        XCTAssertEqual(r.type, .errUnknown)
+        XCTAssertEqual(m.state, .optionHaggling)
+    }
+
+    func testGoOnKnownExportSendsInfoBlockSizeAckThenEntersTransmission() {
+        var m = haggling()
+        let a = m.receive(option: OptionRequest(option: .go, data: infoData("/u?token=t")), resolver: resolver)
+        XCTAssertEqual(a.count, 4)
+        XCTAssertEqual(a[0], .send(.infoExport(.go, size: 1 << 20, flags: [.hasFlags, .sendFlush, .sendFUA])))
+        XCTAssertEqual(a[1], .send(.infoBlockSize(.go, minimum: 512, preferred: 65536, maximum: 32 << 20)))
+        XCTAssertEqual(a[2], .send(OptionReply(option: .go, type: .ack)))
+        XCTAssertEqual(a[3], .enterTransmission(disk))
+        XCTAssertEqual(m.state, .transmission)
+    }
+
+    func testInfoDoesNotEnterTransmission() {
+        var m = haggling()
+        let a = m.receive(option: OptionRequest(option: .info, data: infoData("/u?token=t", [1])), resolver: resolver)
+        XCTAssertTrue(a.contains(.send(.infoName(.info, name: "/u?token=t"))))
+        XCTAssertEqual(m.state, .optionHaggling)
+    }
+
+    func testMalformedGoRepliesErrInvalid() {
+        var m = haggling()
+        guard case .send(let r) = m.receive(option: OptionRequest(option: .go, data: [0, 0, 0, 9, 1]), resolver: resolver).first
+        else { return XCTFail() }
+        XCTAssertEqual(r.type, .errInvalid)
+    }
+
+    func testExportNameOnUnknownExportCloses() {
+        var m = haggling()
+        guard case .close = m.receive(option: OptionRequest(option: .exportName, data: Array("nope".utf8)), resolver: resolver).first
+        else { return XCTFail() }
+        XCTAssertEqual(m.state, .closed)
+    }
+
+    func testExportNameReplyHas124ZeroesUnlessNoZeroes() {
+        var m = haggling(flags: [.fixedNewstyle])
+        let a = m.receive(option: OptionRequest(option: .exportName, data: Array("/u?token=t".utf8)), resolver: resolver)
+        XCTAssertEqual(a.first, .sendExportNameReply(size: 1 << 20, flags: [.hasFlags, .sendFlush, .sendFUA], noZeroes: false))
+        var b = ByteBuffer()
+        encodeExportNameReply(size: 1 << 20, flags: [.hasFlags], noZeroes: false, into: &b)
+        XCTAssertEqual(b.readableBytes, 8 + 2 + 124)
+        b.clear()
+        encodeExportNameReply(size: 1 << 20, flags: [.hasFlags], noZeroes: true, into: &b)
+        XCTAssertEqual(b.readableBytes, 10)
+    }
+
+    func testAbortAcksAndCloses() {
+        var m = haggling()
+        let a = m.receive(option: OptionRequest(option: .abort, data: []), resolver: resolver)
+        XCTAssertEqual(a.first, .send(OptionReply(option: .abort, type: .ack)))
+        guard case .close = a.last else { return XCTFail() }
+    }
+
+    func testRequireTLSRefusesGoWithErrTLSReqdAndClosesOnExportName() {
+        var m = haggling(.require)
+        guard case .send(let r) = m.receive(option: OptionRequest(option: .go, data: infoData("/u?token=t")), resolver: resolver).first
+        else { return XCTFail() }
+        XCTAssertEqual(r.type, .errTLSReqd)
+        guard case .close = m.receive(option: OptionRequest(option: .exportName, data: Array("/u?token=t".utf8)), resolver: resolver).first
+        else { return XCTFail() }
+    }
+
+    func testTooManyOptionsCloses() {
+        var m = haggling()
+        for _ in 0..<Limits.maxOptions { _ = m.receive(option: OptionRequest(option: .list, data: []), resolver: resolver) }
+        guard case .close = m.receive(option: OptionRequest(option: .list, data: []), resolver: resolver).first else { return XCTFail() }
+    }
+
+    func testOptionReplyGoldenBytes() {
+        var b = ByteBuffer()
+        OptionReply(option: .go, type: .ack).encode(into: &b)
+        XCTAssertEqual(b.readBytes(length: b.readableBytes)!,
+                       [0x00, 0x03, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0])
+    }
+}

@@ -1,0 +1,134 @@
+import Foundation
+import XCTest
+@testable import VHD
+
+/// Programs in the style of ocaml-vhd's patterns: write at the edges of blocks, snapshot,
+/// write again, and compare every read with a flat-array model.
+final class ChainTests: XCTestCase {
+    var dir: String!
+
+    override func setUp() {
+        dir = NSTemporaryDirectory() + "vhdtests-" + UUID().uuidString
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func pattern(_ n: Int, seed: UInt8) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) } }
+
+    func testWritesAtBlockEdgesThroughThreeSnapshotsMatchModel() throws {
+        let size: UInt64 = 10 << 20
+        var model = [UInt8](repeating: 0, count: Int(size))
+        let bs = 2 << 20
+        var leaf = dir + "/l0.vhd"
+        try VHDCreate.createDynamic(path: leaf, size: size)
+        let writes: [(Int, Int)] = [(0, 512), (bs - 512, 1024), (bs * 2 + 4096, 70000), (Int(size) - 512, 512), (777, 1000), (bs * 3 - 100, 300)]
+        for gen in 0..<4 {
+            let c = try VHDChain.open(path: leaf, writable: true)
+            for (i, (off, len)) in writes.enumerated() where (i + gen) % 2 == 0 || gen == 0 {
+                let p = pattern(len, seed: UInt8(gen * 10 + i))
+                try c.write(p, at: UInt64(off))
+                model.replaceSubrange(off..<(off + len), with: p)
+            }
+            try c.flush()
+            XCTAssertEqual(try c.read(at: 0, count: Int(size)), model, "generation \(gen)")
+            c.close()
+            // Snapshot: the leaf becomes the parent of a new leaf.
+            let next = dir + "/l\(gen + 1).vhd"
+            try VHDCreate.createDifferencing(path: next, parentPath: leaf)
+            leaf = next
+        }
+        let c = try VHDChain.open(path: leaf, writable: false)
+        defer { c.close() }
+        XCTAssertEqual(c.layers.count, 5)
+        XCTAssertEqual(try c.read(at: 0, count: Int(size)), model)
+        for i in 0...4 { XCTAssertEqual(VHDCheck.check(path: dir + "/l\(i).vhd"), []) }
+    }
+
+    func testUnalignedReadsAndWrites() throws {
+        let p = dir + "/u.vhd"
+        try VHDCreate.createDynamic(path: p, size: 4 << 20)
+        let c = try VHDChain.open(path: p, writable: true)
+        defer { c.close() }
+        try c.write([1, 2, 3], at: 1)
+        try c.write([9], at: (2 << 20) - 1)
+        XCTAssertEqual(try c.read(at: 0, count: 5), [0, 1, 2, 3, 0])
+        XCTAssertEqual(try c.read(at: (2 << 20) - 2, count: 3), [0, 9, 0])
+    }
+
+    func testOutOfRangeIsTyped() throws {
+        let p = dir + "/r.vhd"
+        try VHDCreate.createDynamic(path: p, size: 1 << 20)
+        let c = try VHDChain.open(path: p, writable: true)
+        defer { c.close() }
+        XCTAssertThrowsError(try c.read(at: (1 << 20) - 1, count: 2)) {
+            guard case VHDError.outOfRange = $0 else { return XCTFail("\($0)") }
+        }
+        XCTAssertThrowsError(try c.write([1], at: 1 << 20))
+    }
+
+    func testReadOnlyChainRefusesWrites() throws {
+        let p = dir + "/ro.vhd"
+        try VHDCreate.createDynamic(path: p, size: 1 << 20)
+        let c = try VHDChain.open(path: p, writable: false)
+        defer { c.close() }
+        XCTAssertThrowsError(try c.write([1], at: 0)) {
+            guard case VHDError.readOnly = $0 else { return XCTFail("\($0)") }
+        }
+    }
+
+    func testChainLoopIsDetected() throws {
+        // a's parent is b, b's parent is a: make b a child of a, then rewrite a as a child of b.
+        let a = dir + "/a.vhd", b = dir + "/b.vhd", tmp = dir + "/t.vhd"
+        try VHDCreate.createDynamic(path: a, size: 1 << 20)
+        try VHDCreate.createDifferencing(path: b, parentPath: a)
+        let aID = try VHDFile.open(path: a, writable: false).uniqueID
+        try VHDCreate.createDifferencing(path: tmp, parentPath: b, uniqueID: aID)
+        try FileManager.default.removeItem(atPath: a)
+        try FileManager.default.moveItem(atPath: tmp, toPath: a)
+        XCTAssertThrowsError(try VHDChain.open(path: a, writable: false)) {
+            guard case VHDError.chainLoop = $0 else { return XCTFail("\($0)") }
+        }
+    }
+
+    func testParentWithWrongUniqueIDIsRefused() throws {
+        let a = dir + "/pa.vhd", b = dir + "/pb.vhd"
+        try VHDCreate.createDynamic(path: a, size: 1 << 20)
+        try VHDCreate.createDifferencing(path: b, parentPath: a)
+        try FileManager.default.removeItem(atPath: a)
+        try VHDCreate.createDynamic(path: a, size: 1 << 20)
+        XCTAssertThrowsError(try VHDChain.open(path: b, writable: false)) {
+            guard case VHDError.parentMismatch = $0 else { return XCTFail("\($0)") }
+        }
+    }
+
+    /// Pins the crash-safe order: footer past the new block, then bitmap and data, a
+    /// barrier, and only then the BAT sector.
+    func testAllocationOrderIsFooterDataBarrierThenBAT() throws {
+        let m = newImage(size: 4 << 20)
+        let f = try VHDFile(file: m, writable: true)
+        let c = try VHDChain(layers: [f])
+        m.writeLog = []
+        let syncsBefore = m.syncCount
+        try c.write([UInt8](repeating: 7, count: 4096), at: 8192)
+        let batOffset: UInt64 = 1536
+        let start = UInt64(512 + 1024 + 512)
+        XCTAssertEqual(m.writeLog.map(\.offset), [start + 512 + (2 << 20), start, start + 512 + 8192, batOffset])
+        XCTAssertEqual(m.syncCount, syncsBefore + 1)
+        // And the file reopens to the same content.
+        let g = try VHDFile(file: m, writable: false)
+        XCTAssertEqual(try VHDChain(layers: [g]).read(at: 8192, count: 4096), [UInt8](repeating: 7, count: 4096))
+    }
+
+    func testConcurrentWritersToOneUnallocatedBlockBothLand() throws {
+        let p = dir + "/c.vhd"
+        try VHDCreate.createDynamic(path: p, size: 4 << 20)
+        let c = try VHDChain.open(path: p, writable: true)
+        defer { c.close() }
+        DispatchQueue.concurrentPerform(iterations: 64) { i in
+            try? c.write([UInt8](repeating: UInt8(i + 1), count: 512), at: UInt64(i * 512))
+        }
+        for i in 0..<64 { XCTAssertEqual(try c.read(at: UInt64(i * 512), count: 512), [UInt8](repeating: UInt8(i + 1), count: 512)) }
+        XCTAssertEqual(c.leaf.allocatedBlockCount, 1)
+    }
+}

@@ -1,0 +1,68 @@
+import Foundation
+import XCTest
+@testable import VHD
+
+/// The shared fixtures: real VHD files written by qemu and Windows.
+func fixturesDirectory() throws -> String {
+    if let d = ProcessInfo.processInfo.environment["VDINBD_FIXTURES"] { return d }
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    let d = root.deletingLastPathComponent().appendingPathComponent("shared/fixtures/vhd").path
+    guard FileManager.default.fileExists(atPath: d) else { throw XCTSkip("fixtures not found at \(d)") }
+    return d
+}
+
+final class FixtureTests: XCTestCase {
+    func testQemuDynamicFixtureOpensStrictAndReportsExactSize() throws {
+        let f = try VHDFile.open(path: try fixturesDirectory() + "/ext2.vhd", writable: false, policy: .strict)
+        defer { f.close() }
+        XCTAssertEqual(f.diskType, .dynamic)
+        XCTAssertEqual(f.virtualSize, 4_212_736)
+        XCTAssertEqual(f.blockSize, 2 * 1024 * 1024)
+        XCTAssertEqual(f.allocatedBlockCount, 1)
+        XCTAssertEqual(f.footer.creatorApplicationString, "qemu")
+    }
+
+    func testExt2FixtureHoldsAnExt2SuperblockMagic() throws {
+        let c = try VHDChain.open(path: try fixturesDirectory() + "/ext2.vhd", writable: false)
+        defer { c.close() }
+        // ext2 superblock at 1024, s_magic at offset 56 within it: 0xEF53 little-endian.
+        let magic = try c.read(at: 1024 + 56, count: 2)
+        XCTAssertEqual(magic, [0x53, 0xEF])
+    }
+
+    func testFixtureWithStaleChecksumIsRefusedWhenStrict() throws {
+        XCTAssertThrowsError(try VHDFile.open(path: try fixturesDirectory() + "/image.vhd", writable: false, policy: .strict)) {
+            guard case VHDError.badChecksum(let s, _, _) = $0 else { return XCTFail("\($0)") }
+            XCTAssertEqual(s, "footer")
+        }
+    }
+
+    func testFixtureWithStaleChecksumOpensTolerantWithWarning() throws {
+        let f = try VHDFile.open(path: try fixturesDirectory() + "/image.vhd", writable: false, policy: .tolerate)
+        defer { f.close() }
+        XCTAssertEqual(f.virtualSize, 104_448)
+        XCTAssertTrue(f.warnings.contains { $0.contains("footer checksum mismatch") })
+    }
+
+    func testDifferencingFixtureFindsParentByUnicodeName() throws {
+        let c = try VHDChain.open(path: try fixturesDirectory() + "/image-differential.vhd", writable: false, policy: .tolerate)
+        defer { c.close() }
+        XCTAssertEqual(c.layers.count, 2)
+        XCTAssertEqual(c.layers[1].path.hasSuffix("image.vhd"), true)
+    }
+
+    func testFatDifferentialFailsWithParentMissingNamingTheParent() throws {
+        XCTAssertThrowsError(try VHDChain.open(path: try fixturesDirectory() + "/fat-differential.vhd", writable: false)) {
+            guard case VHDError.parentMissing(_, let name, let uid) = $0 else { return XCTFail("\($0)") }
+            XCTAssertTrue(name.hasSuffix("fat-parent.vhd"), name)
+            XCTAssertEqual(uid, "5fa21a55-f394-aa4d-9958-1951a67d5540")
+        }
+    }
+
+    func testEveryFixturePassesOrReportsInVHDCheck() throws {
+        let d = try fixturesDirectory()
+        XCTAssertEqual(VHDCheck.check(path: d + "/ext2.vhd"), [])
+        XCTAssertFalse(VHDCheck.check(path: d + "/image.vhd").isEmpty)
+        XCTAssertTrue(VHDCheck.check(path: d + "/fat-differential.vhd").contains { $0.contains("parent missing") })
+    }
+}
