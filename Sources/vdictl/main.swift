@@ -238,12 +238,34 @@ struct VHDCheckCommand: ParsableCommand {
     }
 }
 
+struct VHDReadCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vhd-read",
+                                                    abstract: "Read a VHD (with its parents) and write the raw disk to OUT.")
+    @Argument var file: String
+    @Argument var out: String
+    func run() throws {
+        do {
+            let c = try VHDChain.open(path: file, writable: false, policy: .tolerate)
+            defer { c.close() }
+            FileManager.default.createFile(atPath: out, contents: nil)
+            guard let h = FileHandle(forWritingAtPath: out) else { throw CLIError("cannot write \(out)") }
+            defer { try? h.close() }
+            var off: UInt64 = 0
+            while off < c.virtualSize {
+                let n = Int(min(UInt64(4 << 20), c.virtualSize - off))
+                h.write(Data(try c.read(at: off, count: n)))
+                off += UInt64(n)
+            }
+        } catch let e as CLIError { throw e } catch { throw CLIError("error: \(error)") }
+    }
+}
+
 struct VDICtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vdictl",
         abstract: "Administer a vdinbd storage repository (xe-style key=value arguments).",
         subcommands: [VDICreate.self, VDIList.self, VDIParamList.self, VDISnapshot.self, VDIDestroy.self, VDIGetNBDInfo.self,
-                      VHDCreateCommand.self, VHDSnapshotCommand.self, VHDInfoCommand.self, VHDCheckCommand.self])
+                      VHDCreateCommand.self, VHDSnapshotCommand.self, VHDInfoCommand.self, VHDCheckCommand.self, VHDReadCommand.self])
 }
 
 // Global options may come before the subcommand (`vdictl --socket S vdi-list`): move them after it.

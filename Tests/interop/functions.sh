@@ -1,0 +1,56 @@
+# Shared helpers for the interop tests. Each test sources this, starts one vdinbd on a
+# fresh SR and a free port, drives one real client and checks one behaviour.
+set -euo pipefail
+
+: "${VDINBD_BIN:?set VDINBD_BIN to the build directory holding vdinbd and vdictl}"
+PY=/usr/bin/python3
+# nbdsh runs "python3" from PATH: it must be the system one that has the nbd module.
+export PATH=/usr/bin:/bin:$PATH
+TMP=$(mktemp -d /tmp/vdinbd-interop.XXXXXX)
+SERVER_PID=""
+
+cleanup() {
+    if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+# requires TOOL...: fail under CI, skip (exit 77) on a developer's machine.
+requires() {
+    for t in "$@"; do
+        if ! command -v "$t" >/dev/null 2>&1 && ! [ -x "$t" ]; then
+            if [ "${CI:-}" = "true" ]; then echo "missing tool $t" >&2; exit 1; fi
+            echo "SKIP: $t not installed"; exit 77
+        fi
+    done
+}
+
+free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start_vdinbd [extra args]: sets PORT, SR, SOCK.
+start_vdinbd() {
+    PORT=$(free_port)
+    SR=$TMP/sr
+    SOCK=$SR/control.sock
+    "$VDINBD_BIN/vdinbd" --sr "$SR" --listen "127.0.0.1:$PORT" --tls off "$@" >"$TMP/server.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 1 100); do
+        [ -S "$SOCK" ] && return 0
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$TMP/server.log"; echo "vdinbd died" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "vdinbd did not start" >&2; cat "$TMP/server.log"; exit 1
+}
+
+vdictl() { "$VDINBD_BIN/vdictl" --socket "$SOCK" "$@"; }
+
+# uri UUID [key=value...]: an nbd:// URI with a fresh token.
+uri() {
+    local u=$1; shift
+    vdictl vdi-get-nbd-info "uuid=$u" "$@" | sed -n 's/^uri: //p'
+}
+
+# export_name UUID: the raw export name.
+export_name() { vdictl vdi-get-nbd-info "uuid=$1" | sed -n 's/^exportname: //p'; }
+
+fail() { echo "FAIL: $*" >&2; echo "--- server log" >&2; tail -20 "$TMP/server.log" >&2; exit 1; }

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# A wrong token, a malformed handshake and a garbage control request each get a clear
+# refusal while another client keeps working on the same server.
+. "$(dirname "$0")/functions.sh"
+requires nbdinfo nbdsh
+start_vdinbd
+u=$(vdictl vdi-create name-label=t virtual-size=8MiB)
+U=$(uri "$u")
+# A client that stays connected throughout.
+export PORT SOCK NAME=$(export_name "$u") LOG=$TMP/server.log
+nbdsh -u "$U" -c '
+import socket, sys, time, json, subprocess, os
+h.pwrite(b"A" * 4096, 0)
+port = int(os.environ["PORT"]); sock = os.environ["SOCK"]; name = os.environ["NAME"]
+# 1. wrong token: GO gets NBD_REP_ERR_UNKNOWN with a reason.
+r = subprocess.run(["nbdinfo", "nbd://127.0.0.1:%d//%s%%3Ftoken=wrong" % (port, name.split("?")[0][1:])], capture_output=True, text=True)
+assert r.returncode != 0 and "server replied with error to opt_go" in r.stderr, r.stderr
+assert "unknown export token" in open(os.environ["LOG"]).read()
+# 2. malformed handshake: garbage instead of client flags and options.
+s = socket.create_connection(("127.0.0.1", port)); s.recv(18)
+s.sendall(b"\x00\x00\x00\x01" + b"garbage-garbage-garbage!" * 4)
+s.settimeout(5)
+assert s.recv(4096) == b"", "server kept a garbage handshake open"
+s.close()
+# 3. garbage on the control socket: a JSON-RPC parse error, and the connection stays usable.
+c = socket.socket(socket.AF_UNIX); c.connect(sock); f = c.makefile("rwb")
+f.write(b"{this is not json\n"); f.flush()
+e = json.loads(f.readline()); assert e["error"]["code"] == -32700, e
+f.write(b"{\"jsonrpc\":\"2.0\",\"method\":\"VDI.get_all\",\"params\":[],\"id\":7}\n"); f.flush()
+ok = json.loads(f.readline()); assert ok["id"] == 7 and ok["result"], ok
+# The first client still works.
+assert h.pread(4096, 0) == b"A" * 4096
+h.pwrite(b"B" * 512, 8192); assert h.pread(512, 8192) == b"B" * 512
+' || fail "bad input handling"
