@@ -23,6 +23,12 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
+        .systemLibrary(
+            name: "CGnuTLS",
+            pkgConfig: "gnutls",
+            providers: [.apt(["libgnutls28-dev"])]
+        ),
+        .target(name: "TLS", dependencies: ["CGnuTLS"]),
         .target(name: "NBD", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         .target(
             name: "Storage",
@@ -36,7 +42,7 @@ let package = Package(
         .target(
             name: "Server",
             dependencies: [
-                "NBD", "Storage", "VHD",
+                "NBD", "Storage", "VHD", "TLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -51,7 +57,7 @@ let package = Package(
         .executableTarget(
             name: "vdinbd",
             dependencies: [
-                "Server", "Control", "Storage",
+                "Server", "Control", "Storage", "TLS",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -64,6 +70,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "VHDTests", dependencies: ["VHD"]),
+        .testTarget(name: "TLSTests", dependencies: ["TLS"]),
         .testTarget(
             name: "NBDTests",
             dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOTestUtils", package: "swift-nio")]

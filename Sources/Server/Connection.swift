@@ -13,6 +13,7 @@ import Logging
 import NBD
 import NIOCore
 import Storage
+import TLS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -21,9 +22,13 @@ final class Connection: @unchecked Sendable {
     enum Phase {
         case clientFlags
         case optionHaggling
+        case tlsHandshake(TLSSession)
         case transmission
         case closed
     }
+
+    var isClosed: Bool { if case .closed = phase { return true }; return false }
+    var inTransmission: Bool { if case .transmission = phase { return true }; return false }
 
     let id: Int
     let fd: Int32
@@ -82,7 +87,7 @@ final class Connection: @unchecked Sendable {
             let t = DispatchSource.makeTimerSource(queue: queue)
             t.schedule(deadline: .now() + server.config.handshakeTimeout)
             t.setEventHandler { [weak self] in
-                guard let self, self.phase != .transmission else { return }
+                guard let self, !self.inTransmission else { return }
                 self.close(reason: "handshake timed out")
             }
             t.resume()
@@ -97,7 +102,11 @@ final class Connection: @unchecked Sendable {
     // MARK: reading
 
     func readable() {
-        guard phase != .closed else { return }
+        guard !isClosed else { return }
+        if case .tlsHandshake(let session) = phase {
+            continueTLSHandshake(session)
+            return
+        }
         var gotEOF = false
         // Read what is there now, up to a bound, then process.
         for _ in 0..<16 {
@@ -118,7 +127,7 @@ final class Connection: @unchecked Sendable {
             break
         }
         process()
-        if gotEOF && phase != .closed {
+        if gotEOF && !isClosed {
             if inFlight > 0 {
                 disconnectRequested = true
                 pauseReading()
@@ -130,7 +139,7 @@ final class Connection: @unchecked Sendable {
 
     func process() {
         do {
-            loop: while phase != .closed {
+            loop: while !isClosed {
                 switch phase {
                 case .clientFlags:
                     var d = ClientFlagsDecoder()
@@ -151,7 +160,7 @@ final class Connection: @unchecked Sendable {
                     }
                     guard let r = try requestDecoder.decode(buffer: &inbound) else { break loop }
                     handle(r)
-                case .closed:
+                case .closed, .tlsHandshake:
                     break loop
                 }
             }
@@ -169,11 +178,11 @@ final class Connection: @unchecked Sendable {
     }
 
     func resumeReading() {
-        guard readSuspended, let rs = readSource, phase != .closed else { return }
+        guard readSuspended, let rs = readSource, !isClosed else { return }
         readSuspended = false
         rs.resume()
-        // Bytes may already be buffered from before the pause.
-        process()
+        // Bytes may already be buffered from before the pause, here or inside TLS.
+        if transport.hasBufferedInput { readable() } else { process() }
     }
 
     // MARK: handshake
@@ -198,10 +207,59 @@ final class Connection: @unchecked Sendable {
                 close(reason: reason)
                 return
             case .startTLS:
-                var b = ByteBuffer()
-                OptionReply.error(.startTLS, .errUnsup, "TLS is not built into this server yet").encode(into: &b)
-                send(b)
+                startTLS()
+                return
             }
+        }
+    }
+
+    func startTLS() {
+        guard let creds = server.config.tlsCredentials else {
+            var b = ByteBuffer()
+            OptionReply.error(.startTLS, .errPolicy, "TLS is not configured").encode(into: &b)
+            send(b)
+            return
+        }
+        // NBD spec: the client sends nothing after STARTTLS until it has the reply.
+        guard inbound.readableBytes == 0 else {
+            close(reason: "data after NBD_OPT_STARTTLS before its reply")
+            return
+        }
+        var b = ByteBuffer()
+        OptionReply(option: .startTLS, type: .ack).encode(into: &b)
+        send(b)
+        guard outbound.isEmpty else {
+            close(reason: "could not send the STARTTLS reply")
+            return
+        }
+        do {
+            let session = try TLSSession(fd: fd, credentials: creds)
+            phase = .tlsHandshake(session)
+            continueTLSHandshake(session)
+        } catch {
+            close(reason: "TLS setup failed: \(error)")
+        }
+    }
+
+    func continueTLSHandshake(_ session: TLSSession) {
+        do {
+            switch try session.handshake() {
+            case .done:
+                transport = TLSTransport(session: session)
+                handshake.tlsEstablished()
+                phase = .optionHaggling
+                inbound.clear()
+                logger.info("TLS established (\(session.protocolVersion))")
+                if !writeSuspended, let ws = writeSource { writeSuspended = true; ws.suspend() }
+                if session.pendingBytes > 0 { readable() }
+            case .wouldBlock(let wantsWrite):
+                if wantsWrite, writeSuspended, let ws = writeSource {
+                    writeSuspended = false
+                    ws.resume()
+                }
+            }
+        } catch {
+            close(reason: "TLS handshake failed: \(error)")
         }
     }
 
@@ -337,12 +395,16 @@ final class Connection: @unchecked Sendable {
     // MARK: writing
 
     func send(_ buf: ByteBuffer) {
-        guard phase != .closed else { return }
+        guard !isClosed else { return }
         outbound.append(buf)
         if outbound.count == 1 { flushOutbound() }
     }
 
     func flushOutbound() {
+        if case .tlsHandshake(let session) = phase {
+            continueTLSHandshake(session)
+            return
+        }
         while var first = outbound.first {
             var wouldBlock = false
             var failed: String?
@@ -373,7 +435,7 @@ final class Connection: @unchecked Sendable {
             writeSuspended = true
             ws.suspend()
         }
-        if phase == .closed { finishClose() }
+        if isClosed { finishClose() }
     }
 
     // MARK: closing
@@ -381,7 +443,7 @@ final class Connection: @unchecked Sendable {
     var closeReason = ""
 
     func close(reason: String) {
-        guard phase != .closed else { return }
+        guard !isClosed else { return }
         phase = .closed
         closeReason = reason
         handshakeTimer?.cancel()

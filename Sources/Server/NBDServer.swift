@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import NBD
 import Storage
+import TLS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -14,6 +15,8 @@ public struct ServerConfig: Sendable {
     public var handshakeTimeout: DispatchTimeInterval = .seconds(30)
     public var maxInFlightRequests = 64
     public var maxInFlightBytes = 128 * 1024 * 1024
+    /// Needed unless `tlsPolicy` is `.off`.
+    public var tlsCredentials: ServerCredentials?
     public init() {}
 }
 

@@ -1,4 +1,5 @@
 import Foundation
+import TLS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -51,4 +52,30 @@ final class PlainTransport: Transport {
     }
 
     var hasBufferedInput: Bool { false }
+}
+
+/// TLS over the same socket, after STARTTLS.
+final class TLSTransport: Transport {
+    let session: TLSSession
+    init(session: TLSSession) { self.session = session }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer) -> TransportRead {
+        do {
+            guard let n = try session.read(into: buffer) else { return .wouldBlock }
+            return n == 0 ? .eof : .bytes(n)
+        } catch {
+            return .failed("\(error)")
+        }
+    }
+
+    func write(_ buffer: UnsafeRawBufferPointer) -> TransportWrite {
+        do {
+            guard let n = try session.write(buffer) else { return .wouldBlock }
+            return .wrote(n)
+        } catch {
+            return .failed("\(error)")
+        }
+    }
+
+    var hasBufferedInput: Bool { session.pendingBytes > 0 }
 }

@@ -6,6 +6,7 @@ import Logging
 
 import Server
 import Storage
+import TLS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -28,6 +29,15 @@ struct VDINBD: ParsableCommand {
     @ArgumentParser.Option(name: .long, help: "TLS mode: off, on (offered), require.")
     var tls: TLSMode = .require
 
+    @ArgumentParser.Option(name: .long, help: "Directory with ca-cert.pem, server-cert.pem, server-key.pem (generated on first run).")
+    var certs: String = "./certs"
+
+    @ArgumentParser.Option(name: .long, help: "Host name for the generated certificate (repeatable; default: this host's name and localhost).")
+    var tlsHostname: [String] = []
+
+    @ArgumentParser.Option(name: .long, help: "GnuTLS priority string.")
+    var tlsPriority: String = ServerCredentials.defaultPriority
+
     @ArgumentParser.Option(name: .long, help: "Control socket path (default: <sr>/control.sock).")
     var controlSocket: String?
 
@@ -46,9 +56,6 @@ struct VDINBD: ParsableCommand {
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level \(logLevel) is not a level") }
         guard maxConnections > 0 else { throw ValidationError("--max-connections must be positive") }
-        if tls != .off {
-            throw ValidationError("TLS is not built into this version yet: start with --tls off (loopback only is advised)")
-        }
     }
 
     func run() throws {
@@ -72,6 +79,23 @@ struct VDINBD: ParsableCommand {
         config.tlsPolicy = tls == .off ? .off : (tls == .on ? .on : .require)
         config.maxConnections = maxConnections
         config.handshakeTimeout = .seconds(handshakeTimeout)
+        if tls != .off {
+            var host = [CChar](repeating: 0, count: 256)
+            gethostname(&host, host.count)
+            let names = tlsHostname.isEmpty ? [String(cString: host), "localhost"].filter { !$0.isEmpty } : tlsHostname
+            let ips = config.listen.map(\.host).filter { $0 != "0.0.0.0" && $0 != "::" }
+            do {
+                if try CertificateFactory.ensure(directory: certs, dnsNames: names, ipAddresses: ips) {
+                    logger.info("generated a CA and a server certificate in \(certs) for \(names + ips)")
+                }
+                let creds = try ServerCredentials(certsDirectory: certs, priority: tlsPriority)
+                config.tlsCredentials = creds
+                repo.certificatePEM = creds.trustAnchorPEM
+                repo.certificateSubject = creds.subject
+            } catch {
+                throw ValidationError("TLS: \(error)")
+            }
+        }
         let server = NBDServer(config: config, sr: repo, logger: logger)
         do {
             try server.start()
@@ -91,13 +115,14 @@ struct VDINBD: ParsableCommand {
 
         let ep = server.boundEndpoints.first!
         let ctl = controlSocket == nil && sr == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
+        let tlsArg = tls == .off ? "" : "--tls-certificates=\(certs) "
         print("""
             vdinbd: serving SR \(repo.path) on \(server.boundEndpoints.map { "\($0.address):\($0.port)" }.joined(separator: ", ")) (TLS \(tls.rawValue))
             vdinbd: control socket \(socketPath)
             Create a disk and attach it:
-              uuid=$(swift run vdictl \(ctl.dropFirst(7)) vdi-create name-label=disk1 virtual-size=1GiB)
-              swift run vdictl \(ctl.dropFirst(7)) vdi-get-nbd-info uuid=$uuid
-              nbdinfo "<uri printed above>"
+              uuid=$(swift run \(ctl) vdi-create name-label=disk1 virtual-size=1GiB)
+              swift run \(ctl) vdi-get-nbd-info uuid=$uuid
+              nbdinfo \(tlsArg)"<uri printed above>"
             """)
         fflush(stdout)
 

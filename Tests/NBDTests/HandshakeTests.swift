@@ -128,6 +128,30 @@ final class HandshakeTests: XCTestCase {
         else { return XCTFail() }
     }
 
+    func testStartTLSUnderRequireThenGoSucceeds() {
+        var m = haggling(.require)
+        XCTAssertEqual(m.receive(option: OptionRequest(option: .startTLS, data: []), resolver: resolver), [.startTLS])
+        m.tlsEstablished()
+        let a = m.receive(option: OptionRequest(option: .go, data: infoData("/u?token=t")), resolver: resolver)
+        XCTAssertEqual(a.last, .enterTransmission(disk))
+    }
+
+    func testStartTLSWhenOffRepliesErrPolicy() {
+        var m = haggling(.off)
+        guard case .send(let r) = m.receive(option: OptionRequest(option: .startTLS, data: []), resolver: resolver).first
+        else { return XCTFail() }
+        XCTAssertEqual(r.type, .errPolicy)
+    }
+
+    func testSecondStartTLSRepliesErrInvalid() {
+        var m = haggling(.on)
+        _ = m.receive(option: OptionRequest(option: .startTLS, data: []), resolver: resolver)
+        m.tlsEstablished()
+        guard case .send(let r) = m.receive(option: OptionRequest(option: .startTLS, data: []), resolver: resolver).first
+        else { return XCTFail() }
+        XCTAssertEqual(r.type, .errInvalid)
+    }
+
     func testTooManyOptionsCloses() {
         var m = haggling()
         for _ in 0..<Limits.maxOptions { _ = m.receive(option: OptionRequest(option: .list, data: []), resolver: resolver) }

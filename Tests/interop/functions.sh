@@ -27,12 +27,14 @@ requires() {
 
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# start_vdinbd [extra args]: sets PORT, SR, SOCK.
+# start_vdinbd [extra args]: sets PORT, SR, SOCK. TLS is off unless the args say otherwise.
 start_vdinbd() {
     PORT=$(free_port)
     SR=$TMP/sr
     SOCK=$SR/control.sock
-    "$VDINBD_BIN/vdinbd" --sr "$SR" --listen "127.0.0.1:$PORT" --tls off "$@" >"$TMP/server.log" 2>&1 &
+    local tls=(--tls off)
+    case " $* " in *" --tls "*) tls=() ;; esac
+    "$VDINBD_BIN/vdinbd" --sr "$SR" --listen "127.0.0.1:$PORT" "${tls[@]}" "$@" >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do
         [ -S "$SOCK" ] && return 0
