@@ -4,14 +4,20 @@ import NIOCore
 import Storage
 import VHD
 
-/// Joins NBD and Storage: resolves export names through the SR's tokens.
-struct SRExportResolver: ExportResolver {
+/// Joins NBD and Storage: resolves export names through the SR's tokens, and remembers
+/// what it granted so entering transmission needs no second lookup. One per connection.
+final class SRExportResolver: ExportResolver {
     let sr: SR
+    var grants: [String: SR.ExportGrant] = [:]
+    init(sr: SR) { self.sr = sr }
+
     func describe(exportName: String) -> Result<ExportDescription, ExportLookupFailure> {
         switch sr.resolve(exportName: exportName) {
         case .failure(let r):
+            grants[exportName] = nil
             return .failure(ExportLookupFailure(r.description))
         case .success(let g):
+            grants[exportName] = g
             return .success(ExportDescription(name: exportName, size: g.vdi.virtualSize,
                                               readOnly: g.readOnly || g.vdi.isASnapshot, canMultiConn: false))
         }

@@ -54,6 +54,7 @@ final class Connection: @unchecked Sendable {
     var inFlightBytes = 0
     var disconnectRequested = false
     var handshakeTimer: DispatchSourceTimer?
+    lazy var resolver = SRExportResolver(sr: server.sr)
 
     init(id: Int, fd: Int32, server: NBDServer) {
         self.id = id
@@ -151,7 +152,7 @@ final class Connection: @unchecked Sendable {
                     var d = OptionDecoder()
                     guard let opt = try d.decode(buffer: &inbound) else { break loop }
                     logger.debug("option \(opt.option)")
-                    perform(handshake.receive(option: opt, resolver: SRExportResolver(sr: server.sr)))
+                    perform(handshake.receive(option: opt, resolver: resolver))
                 case .transmission:
                     if disconnectRequested { break loop }
                     if inFlight >= server.config.maxInFlightRequests || inFlightBytes >= server.config.maxInFlightBytes {
@@ -247,6 +248,7 @@ final class Connection: @unchecked Sendable {
             case .done:
                 transport = TLSTransport(session: session)
                 handshake.tlsEstablished()
+                resolver.grants = [:]
                 phase = .optionHaggling
                 inbound.clear()
                 logger.info("TLS established (\(session.protocolVersion))")
@@ -264,11 +266,8 @@ final class Connection: @unchecked Sendable {
     }
 
     func enterTransmission(_ export: ExportDescription) {
-        let vdi: String
-        switch server.sr.resolve(exportName: export.name) {
-        case .success(let g): vdi = g.vdi.uuid
-        case .failure(let r):
-            close(reason: "export vanished: \(r)")
+        guard let vdi = resolver.grants[export.name]?.vdi.uuid else {
+            close(reason: "export \(export.name) was not resolved")
             return
         }
         do {
@@ -379,6 +378,10 @@ final class Connection: @unchecked Sendable {
     func end(bytes: Int) {
         inFlight -= 1
         inFlightBytes -= bytes
+        if isClosed {
+            if inFlight == 0 { finishClose() }
+            return
+        }
         if disconnectRequested {
             if inFlight == 0 { close(reason: "client disconnected") }
             return
@@ -449,11 +452,10 @@ final class Connection: @unchecked Sendable {
         handshakeTimer?.cancel()
         handshakeTimer = nil
         logger.info("closing: \(reason)")
-        // Give queued replies (an ABORT's ACK, error replies) a chance to leave.
-        _ = outbound.isEmpty
         flushPendingThenShutdown()
     }
 
+    /// Gives queued replies (an ABORT's ACK, error replies) one chance to leave, then shuts down.
     func flushPendingThenShutdown() {
         var buffers = outbound
         outbound = []
@@ -471,13 +473,13 @@ final class Connection: @unchecked Sendable {
 
     func finishClose() {
         guard !finished else { return }
-        finished = true
         if inFlight > 0 {
-            // Replies still to come: wait for them, so the handle outlives its I/O.
-            finished = false
+            // Replies still to come: `end(bytes:)` calls back here once they are in, so the
+            // handle outlives its I/O.
             disconnectRequested = true
             return
         }
+        finished = true
         if let h = handle {
             handle = nil
             server.sr.detach(h)

@@ -379,6 +379,14 @@ public final class SR: @unchecked Sendable {
 
     // MARK: recovery
 
+    /// The SR uuid of the file a differencing VHD names as its parent.
+    func parentUUID(ofFile path: String) -> String? {
+        guard let f = try? VHDFile.open(path: path, writable: false, policy: .tolerate) else { return nil }
+        defer { f.close() }
+        guard f.diskType == .differencing, let p = try? VHDChain.findParent(of: f) else { return nil }
+        return ((p as NSString).lastPathComponent as NSString).deletingPathExtension
+    }
+
     func syncDirectory() throws {
         let fd = open(path, O_RDONLY | O_DIRECTORY)
         guard fd >= 0 else { throw StorageError.srBackendFailure(detail: "open \(path): \(String(cString: strerror(errno)))") }
@@ -398,14 +406,7 @@ public final class SR: @unchecked Sendable {
         }
         var referenced = Set<String>()
         for u in known {
-            if let f = try? VHDFile.open(path: vhdPath(u), writable: false, policy: .tolerate),
-               let h = f.header, f.diskType == .differencing {
-                if let p = try? VHDChain.findParent(of: f) {
-                    referenced.insert(((p as NSString).lastPathComponent as NSString).deletingPathExtension)
-                }
-                _ = h
-                f.close()
-            }
+            if let p = parentUUID(ofFile: vhdPath(u)) { referenced.insert(p) }
         }
         for n in names where n.hasSuffix(".vhd") {
             let u = (n as NSString).deletingPathExtension
@@ -421,16 +422,11 @@ public final class SR: @unchecked Sendable {
                 base.readOnly = true
                 let b = base
                 try dbWrite { try b.insert($0) }
-                for child in known {
-                    if var r = try dbRead({ try VDIRecord.fetchOne($0, key: child) }), r.parent == nil,
-                       let f = try? VHDFile.open(path: vhdPath(child), writable: false, policy: .tolerate) {
-                        if let p = try? VHDChain.findParent(of: f),
-                           ((p as NSString).lastPathComponent as NSString).deletingPathExtension == u {
-                            r.parent = u
-                            let rr = r
-                            try dbWrite { try rr.update($0) }
-                        }
-                        f.close()
+                for child in known where parentUUID(ofFile: vhdPath(child)) == u {
+                    if var r = try dbRead({ try VDIRecord.fetchOne($0, key: child) }), r.parent == nil {
+                        r.parent = u
+                        let rr = r
+                        try dbWrite { try rr.update($0) }
                     }
                 }
                 logger.warning("recovery: adopted base \(u) of an interrupted snapshot")

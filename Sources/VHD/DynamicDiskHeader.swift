@@ -213,26 +213,22 @@ public struct BlockAllocationTable: Equatable, Sendable {
         return t
     }
 
-    public func serialize() -> [UInt8] {
-        var out = [UInt8](repeating: 0xFF, count: Self.byteLength(entries: entries.count))
-        for (i, e) in entries.enumerated() {
-            out[i * 4] = UInt8(e >> 24); out[i * 4 + 1] = UInt8((e >> 16) & 0xff)
-            out[i * 4 + 2] = UInt8((e >> 8) & 0xff); out[i * 4 + 3] = UInt8(e & 0xff)
-        }
-        return out
-    }
+    public func serialize() -> [UInt8] { encode(entries[...], paddedTo: Self.byteLength(entries: entries.count)) }
 
     /// The one sector of the table that holds `blockIndex`'s entry, and its bytes.
     public func sectorContaining(blockIndex: Int) -> (sectorIndex: Int, bytes: [UInt8]) {
         let sector = blockIndex * 4 / 512
         let first = sector * 128
-        var out = [UInt8](repeating: 0xFF, count: 512)
-        for i in 0..<128 where first + i < entries.count {
-            let e = entries[first + i]
-            out[i * 4] = UInt8(e >> 24); out[i * 4 + 1] = UInt8((e >> 16) & 0xff)
-            out[i * 4 + 2] = UInt8((e >> 8) & 0xff); out[i * 4 + 3] = UInt8(e & 0xff)
-        }
-        return (sector, out)
+        return (sector, encode(entries[first..<min(first + 128, entries.count)], paddedTo: 512))
+    }
+
+    /// Big-endian entries, padded with unallocated (all ones) bytes.
+    func encode(_ slice: ArraySlice<UInt32>, paddedTo length: Int) -> [UInt8] {
+        var buf = ByteBuffer()
+        buf.reserveCapacity(length)
+        for e in slice { buf.writeInteger(e) }
+        buf.writeRepeatingByte(0xFF, count: length - buf.readableBytes)
+        return buf.readBytes(length: length)!
     }
 }
 

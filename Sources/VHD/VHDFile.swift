@@ -157,10 +157,8 @@ public final class VHDFile: @unchecked Sendable {
 
     /// What this file holds for `blockIndex`. For fixed disks every block inside the size is full.
     public func blockState(_ blockIndex: Int) throws(VHDError) -> BlockState {
-        guard let h = header else {
-            let off = UInt64(blockIndex) * UInt64(blockSize)
-            return off < footer.currentSize ? .full(dataOffset: off) : .absent
-        }
+        // A fixed disk has no mutable metadata: no lock needed.
+        if header == nil { return try blockStateLocked(blockIndex) }
         lock.lock()
         defer { lock.unlock() }
         return try blockStateLocked(blockIndex)
@@ -212,10 +210,8 @@ public final class VHDFile: @unchecked Sendable {
         let dataOffset = start + bitmapBytes
         let newEnd = dataOffset + UInt64(h.blockSize)
         let oldLength = try file.length()
-        var newFooter = footer
-        newFooter.timeStamp = footer.timeStamp
         // 1. the trailing footer at the new end.
-        try file.write(newFooter.serialize(), at: newEnd)
+        try file.write(footer.serialize(), at: newEnd)
         // Stale bytes between the old footer and the old end (a block leaked by a crash)
         // must not show through as this block's data.
         if oldLength > start + bitmapBytes {
@@ -255,7 +251,7 @@ public final class VHDFile: @unchecked Sendable {
 
     /// Marks sectors present in a partial block after their data was written (lock held by caller).
     func setBitsLocked(blockIndex: Int, sectors: Range<Int>) throws(VHDError) {
-        guard let h = header, var bm = bitmaps[blockIndex] else { return }
+        guard var bm = bitmaps[blockIndex] else { return }
         bm.set(sectors)
         let start = UInt64(bat.entries[blockIndex]) * 512
         try file.write(bm.bytes, at: start)
@@ -265,7 +261,6 @@ public final class VHDFile: @unchecked Sendable {
         } else {
             bitmaps[blockIndex] = bm
         }
-        _ = h
     }
 
     /// Rewrites both footer copies (after a resize, say).

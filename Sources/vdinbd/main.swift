@@ -113,7 +113,6 @@ struct VDINBD: ParsableCommand {
             throw ValidationError("cannot create control socket: \(error)")
         }
 
-        let ep = server.boundEndpoints.first!
         let ctl = controlSocket == nil && sr == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
         let tlsArg = tls == .off ? "" : "--tls-certificates=\(certs) "
         print("""

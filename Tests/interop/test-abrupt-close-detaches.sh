@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# A client that vanishes with requests in flight leaves nothing attached: the VDI can be
+# destroyed right after, and the server still serves others.
+. "$(dirname "$0")/functions.sh"
+requires nbdsh
+start_vdinbd
+u=$(vdictl vdi-create name-label=t virtual-size=64MiB)
+nbdsh -u "$(uri "$u")" -c '
+import os
+for i in range(64):
+    h.aio_pread(nbd.Buffer(1 << 20), (i % 64) << 20)
+os._exit(0)
+'
+for _ in $(seq 1 50); do
+    vdictl vdi-destroy "uuid=$u" 2>"$TMP/err" && break
+    grep -q VDI_IN_USE "$TMP/err" || { cat "$TMP/err"; fail "unexpected error"; }
+    sleep 0.1
+done
+vdictl vdi-list | grep -q "$u" && fail "VDI still there (left attached)"
+v=$(vdictl vdi-create name-label=t2 virtual-size=1MiB)
+nbdsh -u "$(uri "$v")" -c 'assert h.pread(512, 0) == bytes(512)'
