@@ -215,7 +215,7 @@ final class Connection: @unchecked Sendable {
     }
 
     func startTLS() {
-        guard let creds = server.config.tlsCredentials else {
+        guard let creds = server.tlsCredentials else {
             var b = ByteBuffer()
             OptionReply.error(.startTLS, .errPolicy, "TLS is not configured").encode(into: &b)
             send(b)
@@ -251,7 +251,7 @@ final class Connection: @unchecked Sendable {
                 resolver.grants = [:]
                 phase = .optionHaggling
                 inbound.clear()
-                logger.info("TLS established (\(session.protocolVersion))")
+                logger.info("TLS established (\(session.protocolVersion)\(session.pskUsername.map { ", PSK user \($0)" } ?? ""))")
                 if !writeSuspended, let ws = writeSource { writeSuspended = true; ws.suspend() }
                 if session.pendingBytes > 0 { readable() }
             case .wouldBlock(let wantsWrite):

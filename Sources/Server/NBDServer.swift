@@ -34,7 +34,23 @@ public final class NBDServer: @unchecked Sendable {
     public private(set) var boundEndpoints: [NBDEndpoint] = []
     var drainWaiters: [() -> Void] = []
 
+    private var credentials: ServerCredentials?
+    private let credentialsLock = NSLock()
+
+    /// The credentials new TLS sessions use.
+    public var tlsCredentials: ServerCredentials? {
+        credentialsLock.lock(); defer { credentialsLock.unlock() }
+        return credentials
+    }
+
+    /// Swaps the credentials for new sessions (SIGHUP); running sessions keep theirs.
+    public func reloadCredentials(_ c: ServerCredentials) {
+        credentialsLock.lock(); defer { credentialsLock.unlock() }
+        credentials = c
+    }
+
     public init(config: ServerConfig, sr: SR, logger: Logger) {
+        self.credentials = config.tlsCredentials
         self.config = config
         self.sr = sr
         self.logger = logger

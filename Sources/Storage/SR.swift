@@ -47,8 +47,14 @@ public final class SR: @unchecked Sendable {
     let handlesLock = NSLock()
 
     public var endpoints: [NBDEndpoint] = []
-    public var certificatePEM = ""
-    public var certificateSubject = ""
+    private var tlsIdentity = (pem: "", subject: "")
+    private let tlsIdentityLock = NSLock()
+
+    /// What `get_nbd_info` hands out as `cert` and `subject`; replaced on certificate reload.
+    public func setTLSIdentity(certificatePEM: String, subject: String) {
+        tlsIdentityLock.lock(); defer { tlsIdentityLock.unlock() }
+        tlsIdentity = (certificatePEM, subject)
+    }
     /// How long a token lives unless asked otherwise (nil: until revoked).
     public var defaultTokenLifetime: TimeInterval? = nil
 
@@ -285,9 +291,11 @@ public final class SR: @unchecked Sendable {
                               expiresAt: life.map { Date().addingTimeInterval($0) }, revoked: false, created: Date())
         try dbWrite { try tok.insert($0) }
         let name = "/\(r.uuid)?token=\(secret)"
+        tlsIdentityLock.lock()
+        let id = tlsIdentity
+        tlsIdentityLock.unlock()
         return endpoints.map {
-            NBDInfoRecord(exportname: name, address: $0.address, port: $0.port, cert: certificatePEM,
-                          subject: certificateSubject)
+            NBDInfoRecord(exportname: name, address: $0.address, port: $0.port, cert: id.pem, subject: id.subject)
         }
     }
 

@@ -25,7 +25,16 @@ public final class TLSSession {
         try check(gnutls_priority_set_direct(session, credentials.priority, &errPos), "gnutls_priority_set_direct")
         try check(gnutls_credentials_set(session, GNUTLS_CRD_CERTIFICATE, UnsafeMutableRawPointer(credentials.x509)),
                   "gnutls_credentials_set")
-        gnutls_certificate_server_set_request(session, GNUTLS_CERT_IGNORE)
+        if let psk = credentials.psk {
+            try check(gnutls_credentials_set(session, GNUTLS_CRD_PSK, UnsafeMutableRawPointer(psk)), "gnutls_credentials_set PSK")
+        }
+        if credentials.verifyPeer {
+            gnutls_certificate_server_set_request(session, GNUTLS_CERT_REQUIRE)
+            // Verified during the handshake against the CA: a bad client certificate fails it.
+            gnutls_session_set_verify_cert(session, nil, 0)
+        } else {
+            gnutls_certificate_server_set_request(session, GNUTLS_CERT_IGNORE)
+        }
         gnutls_transport_set_int2(session, fd, fd)
     }
 
@@ -59,6 +68,11 @@ public final class TLSSession {
     }
 
     public var pendingBytes: Int { gnutls_record_check_pending(session) }
+
+    /// The PSK identity the client used, if it used one.
+    public var pskUsername: String? {
+        gnutls_psk_server_get_username(session).map { String(cString: $0) }
+    }
 
     public var protocolVersion: String {
         gnutls_protocol_get_name(gnutls_protocol_get_version(session)).map { String(cString: $0) } ?? "?"

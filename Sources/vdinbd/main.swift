@@ -38,6 +38,12 @@ struct VDINBD: ParsableCommand {
     @ArgumentParser.Option(name: .long, help: "GnuTLS priority string.")
     var tlsPriority: String = ServerCredentials.defaultPriority
 
+    @ArgumentParser.Option(name: .long, help: "Also accept TLS-PSK clients, keys in this psktool file (username:hexkey).")
+    var tlsPsk: String?
+
+    @Flag(name: .long, help: "Require a client certificate signed by the CA in --certs.")
+    var tlsVerifyPeer = false
+
     @ArgumentParser.Option(name: .long, help: "Control socket path (default: <sr>/control.sock).")
     var controlSocket: String?
 
@@ -88,10 +94,9 @@ struct VDINBD: ParsableCommand {
                 if try CertificateFactory.ensure(directory: certs, dnsNames: names, ipAddresses: ips) {
                     logger.info("generated a CA and a server certificate in \(certs) for \(names + ips)")
                 }
-                let creds = try ServerCredentials(certsDirectory: certs, priority: tlsPriority)
+                let creds = try loadCredentials()
                 config.tlsCredentials = creds
-                repo.certificatePEM = creds.trustAnchorPEM
-                repo.certificateSubject = creds.subject
+                repo.setTLSIdentity(certificatePEM: creds.trustAnchorPEM, subject: creds.subject)
             } catch {
                 throw ValidationError("TLS: \(error)")
             }
@@ -140,7 +145,28 @@ struct VDINBD: ParsableCommand {
             s.resume()
             sources.append(s)
         }
+        if tls != .off {
+            // SIGHUP: reload certificates for new sessions; connections keep theirs.
+            signal(SIGHUP, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: SIGHUP, queue: .main)
+            s.setEventHandler {
+                do {
+                    let creds = try loadCredentials()
+                    server.reloadCredentials(creds)
+                    repo.setTLSIdentity(certificatePEM: creds.trustAnchorPEM, subject: creds.subject)
+                    logger.info("SIGHUP: reloaded TLS credentials from \(certs)")
+                } catch {
+                    logger.error("SIGHUP: keeping the old TLS credentials: \(error)")
+                }
+            }
+            s.resume()
+            sources.append(s)
+        }
         withExtendedLifetime(sources) { dispatchMain() }
+    }
+
+    func loadCredentials() throws -> ServerCredentials {
+        try ServerCredentials(certsDirectory: certs, priority: tlsPriority, pskFile: tlsPsk, verifyPeer: tlsVerifyPeer)
     }
 }
 
