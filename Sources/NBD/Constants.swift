@@ -273,3 +273,48 @@ public struct ErrorValue: RawRepresentable, Hashable, Sendable, Error, CustomStr
         }
     }
 }
+
+/// Structured reply chunk types, `NBD_REPLY_TYPE_*`.
+public struct ReplyType: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt16
+    public init(rawValue: UInt16) { self.rawValue = rawValue }
+    /// `NBD_REPLY_TYPE_NONE`
+    public static let none = ReplyType(rawValue: 0)
+    /// `NBD_REPLY_TYPE_OFFSET_DATA`
+    public static let offsetData = ReplyType(rawValue: 1)
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE`
+    public static let offsetHole = ReplyType(rawValue: 2)
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS`
+    public static let blockStatus = ReplyType(rawValue: 5)
+    /// `NBD_REPLY_TYPE_ERROR`
+    public static let error = ReplyType(rawValue: 1 << 15 | 1)
+    /// `NBD_REPLY_TYPE_ERROR_OFFSET`
+    public static let errorOffset = ReplyType(rawValue: 1 << 15 | 2)
+    public var description: String {
+        switch self {
+        case .none: return "NBD_REPLY_TYPE_NONE"
+        case .offsetData: return "NBD_REPLY_TYPE_OFFSET_DATA"
+        case .offsetHole: return "NBD_REPLY_TYPE_OFFSET_HOLE"
+        case .blockStatus: return "NBD_REPLY_TYPE_BLOCK_STATUS"
+        case .error: return "NBD_REPLY_TYPE_ERROR"
+        case .errorOffset: return "NBD_REPLY_TYPE_ERROR_OFFSET"
+        default: return "unknown reply type (\(rawValue))"
+        }
+    }
+}
+
+/// `NBD_REPLY_FLAG_DONE`
+public let replyFlagDone: UInt16 = 1
+
+/// Block status flags of the `base:allocation` context.
+public struct AllocationState: OptionSet, Sendable, Hashable {
+    public var rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    /// `NBD_STATE_HOLE`
+    public static let hole = AllocationState(rawValue: 1 << 0)
+    /// `NBD_STATE_ZERO`
+    public static let zero = AllocationState(rawValue: 1 << 1)
+}
+
+/// The meta context every export offers.
+public let baseAllocationContext = "base:allocation"

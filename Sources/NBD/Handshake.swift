@@ -9,18 +9,28 @@ public struct ExportDescription: Sendable, Equatable {
     public var size: UInt64
     public var readOnly: Bool
     public var canMultiConn: Bool
-    public init(name: String, size: UInt64, readOnly: Bool, canMultiConn: Bool = false) {
+    /// Meta context names this export offers (`base:allocation` always).
+    public var metaContexts: [String]
+    public init(name: String, size: UInt64, readOnly: Bool, canMultiConn: Bool = false,
+                metaContexts: [String] = [baseAllocationContext]) {
         self.name = name
         self.size = size
         self.readOnly = readOnly
         self.canMultiConn = canMultiConn
+        self.metaContexts = metaContexts
     }
 
-    /// The flags advertised for this export. Only what the server implements.
-    public var transmissionFlags: TransmissionFlags {
-        var f: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA]
-        if readOnly { f.insert(.readOnly) }
+    /// The flags advertised for this export: exactly what the server implements.
+    public func transmissionFlags(structuredReplies: Bool) -> TransmissionFlags {
+        var f: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
+        if readOnly {
+            f.insert(.readOnly)
+        } else {
+            f.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
+        }
         if canMultiConn { f.insert(.canMultiConn) }
+        // NBD spec: DF only means something with structured replies.
+        if structuredReplies { f.insert(.sendDF) }
         return f
     }
 }
@@ -46,8 +56,8 @@ public enum HandshakeAction: Equatable, Sendable {
     case send(OptionReply)
     /// Send the `NBD_OPT_EXPORT_NAME` reply and enter transmission.
     case sendExportNameReply(size: UInt64, flags: TransmissionFlags, noZeroes: Bool)
-    /// Enter transmission with this export (after any replies before it are sent).
-    case enterTransmission(ExportDescription)
+    /// Enter transmission with what was negotiated (after any replies before it are sent).
+    case enterTransmission(TransmissionState)
     case close(reason: String)
     /// Reply ACK to STARTTLS, then run the TLS handshake.
     case startTLS
@@ -66,6 +76,12 @@ public struct HandshakeStateMachine: Sendable {
     public let tlsPolicy: TLSPolicy
     public private(set) var tlsActive = false
     var optionCount = 0
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    public private(set) var structuredReplies = false
+    /// Contexts chosen by the last `NBD_OPT_SET_META_CONTEXT`, and for which export.
+    var metaContexts: [MetaContext] = []
+    var metaContextExport: String?
+    var nextContextID: UInt32 = 1
 
     public init(tlsPolicy: TLSPolicy) { self.tlsPolicy = tlsPolicy }
 
@@ -87,6 +103,9 @@ public struct HandshakeStateMachine: Sendable {
         tlsActive = true
         // NBD spec: anything negotiated in plaintext is forgotten after STARTTLS.
         optionCount = 0
+        structuredReplies = false
+        metaContexts = []
+        metaContextExport = nil
     }
 
     public mutating func receive(option req: OptionRequest, resolver: ExportResolver) -> [HandshakeAction] {
@@ -120,9 +139,9 @@ public struct HandshakeStateMachine: Sendable {
                 return close("unknown export: \(f.message)")
             case .success(let e):
                 state = .transmission
-                return [.sendExportNameReply(size: e.size, flags: e.transmissionFlags,
-                                             noZeroes: clientFlags.contains(.noZeroes)),
-                        .enterTransmission(e)]
+                let ts = transmissionState(e)
+                return [.sendExportNameReply(size: e.size, flags: ts.flags, noZeroes: clientFlags.contains(.noZeroes)),
+                        .enterTransmission(ts)]
             }
         case .info, .go:
             let ir: InfoRequest
@@ -136,7 +155,7 @@ public struct HandshakeStateMachine: Sendable {
                 return [.send(.error(opt, .errUnknown, f.message))]
             case .success(let e):
                 var out: [HandshakeAction] = [
-                    .send(.infoExport(opt, size: e.size, flags: e.transmissionFlags)),
+                    .send(.infoExport(opt, size: e.size, flags: e.transmissionFlags(structuredReplies: structuredReplies))),
                     .send(.infoBlockSize(opt, minimum: Limits.minimumBlockSize, preferred: Limits.preferredBlockSize,
                                          maximum: Limits.maxPayload)),
                 ]
@@ -144,13 +163,69 @@ public struct HandshakeStateMachine: Sendable {
                 out.append(.send(OptionReply(option: opt, type: .ack)))
                 if opt == .go {
                     state = .transmission
-                    out.append(.enterTransmission(e))
+                    out.append(.enterTransmission(transmissionState(e)))
                 }
                 return out
             }
+        case .structuredReply:
+            guard req.data.isEmpty else { return [.send(.error(opt, .errInvalid, "STRUCTURED_REPLY takes no data"))] }
+            structuredReplies = true
+            return [.send(OptionReply(option: opt, type: .ack))]
+        case .listMetaContext, .setMetaContext:
+            return metaContext(req, resolver: resolver)
         default:
             return [.send(.error(opt, .errUnsup, "\(opt) is not supported"))]
         }
+    }
+
+    /// Contexts survive into transmission only for the export they were chosen for.
+    func transmissionState(_ e: ExportDescription) -> TransmissionState {
+        let contexts = metaContextExport == e.name ? metaContexts : []
+        return TransmissionState(export: e, structuredReplies: structuredReplies, metaContexts: contexts)
+    }
+
+    mutating func metaContext(_ req: OptionRequest, resolver: ExportResolver) -> [HandshakeAction] {
+        let opt = req.option
+        let mr: MetaContextRequest
+        do {
+            mr = try MetaContextRequest.parse(opt, req.data)
+        } catch {
+            return [.send(.error(opt, .errInvalid, "\(error)"))]
+        }
+        guard structuredReplies else {
+            return [.send(.error(opt, .errInvalid, "negotiate NBD_OPT_STRUCTURED_REPLY first"))]
+        }
+        let export: ExportDescription
+        switch resolver.describe(exportName: mr.exportName) {
+        case .failure(let f): return [.send(.error(opt, .errUnknown, f.message))]
+        case .success(let e): export = e
+        }
+        var chosen: [String] = []
+        if opt == .listMetaContext && mr.queries.isEmpty {
+            chosen = export.metaContexts
+        } else {
+            for q in mr.queries {
+                for name in export.metaContexts where !chosen.contains(name) {
+                    // A query of just a namespace ("base:") lists all of it, for LIST only.
+                    let ns = q.hasSuffix(":") && opt == .listMetaContext && name.hasPrefix(q)
+                    if name == q || ns { chosen.append(name) }
+                }
+            }
+        }
+        var out: [HandshakeAction] = []
+        if opt == .setMetaContext {
+            metaContexts = []
+            for name in chosen {
+                metaContexts.append(MetaContext(id: nextContextID, name: name))
+                nextContextID += 1
+            }
+            metaContextExport = mr.exportName
+            out = metaContexts.map { .send(.metaContext(opt, id: $0.id, name: $0.name)) }
+        } else {
+            out = chosen.map { .send(.metaContext(opt, id: 0, name: $0)) }
+        }
+        out.append(.send(OptionReply(option: opt, type: .ack)))
+        return out
     }
 
     mutating func close(_ reason: String) -> [HandshakeAction] {

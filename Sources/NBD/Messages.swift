@@ -228,6 +228,81 @@ public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
     }
 }
 
+/// The data of `NBD_OPT_LIST_META_CONTEXT`/`NBD_OPT_SET_META_CONTEXT`.
+public struct MetaContextRequest: Equatable, Sendable {
+    public var exportName: String
+    public var queries: [String]
+
+    public static func parse(_ option: Option, _ data: [UInt8]) throws -> MetaContextRequest {
+        var b = ByteBuffer(bytes: data)
+        func string() throws -> String {
+            guard let n = b.readInteger(as: UInt32.self), n <= Limits.maxStringLength, let bytes = b.readBytes(length: Int(n)),
+                  let s = String(validatingUTF8: bytes.map { CChar(bitPattern: $0) } + [0]), s.utf8.count == bytes.count
+            else { throw NBDProtocolError.malformedOption(option, reason: "bad string in the request") }
+            return s
+        }
+        let name = try string()
+        guard let count = b.readInteger(as: UInt32.self), count <= 1024 else {
+            throw NBDProtocolError.malformedOption(option, reason: "bad query count")
+        }
+        var queries: [String] = []
+        for _ in 0..<count { queries.append(try string()) }
+        guard b.readableBytes == 0 else { throw NBDProtocolError.malformedOption(option, reason: "trailing bytes") }
+        return MetaContextRequest(exportName: name, queries: queries)
+    }
+}
+
+extension OptionReply {
+    /// `NBD_REP_META_CONTEXT`: a context id and its name.
+    public static func metaContext(_ option: Option, id: UInt32, name: String) -> OptionReply {
+        var b = ByteBuffer()
+        b.writeInteger(id)
+        b.writeString(name)
+        return OptionReply(option: option, type: .metaContext, data: b.readBytes(length: b.readableBytes)!)
+    }
+}
+
+/// A structured reply chunk header (20 bytes); the payload follows.
+public func encodeStructuredReplyHeader(flags: UInt16, type: ReplyType, cookie: UInt64, length: UInt32,
+                                        into buf: inout ByteBuffer) {
+    buf.writeMultipleIntegers(structuredReplyMagic, flags, type.rawValue, cookie, length)
+}
+
+/// `NBD_REPLY_TYPE_OFFSET_HOLE`
+public func encodeHoleChunk(cookie: UInt64, offset: UInt64, length: UInt32, done: Bool, into buf: inout ByteBuffer) {
+    encodeStructuredReplyHeader(flags: done ? replyFlagDone : 0, type: .offsetHole, cookie: cookie, length: 12, into: &buf)
+    buf.writeMultipleIntegers(offset, length)
+}
+
+/// `NBD_REPLY_TYPE_OFFSET_DATA` header; `length` bytes of data must follow.
+public func encodeDataChunkHeader(cookie: UInt64, offset: UInt64, length: UInt32, done: Bool, into buf: inout ByteBuffer) {
+    encodeStructuredReplyHeader(flags: done ? replyFlagDone : 0, type: .offsetData, cookie: cookie, length: 8 + length, into: &buf)
+    buf.writeInteger(offset)
+}
+
+/// `NBD_REPLY_TYPE_ERROR` with a message, always the last chunk.
+public func encodeErrorChunk(cookie: UInt64, error: ErrorValue, message: String, into buf: inout ByteBuffer) {
+    let msg = Array(message.utf8.prefix(Limits.maxStringLength))
+    encodeStructuredReplyHeader(flags: replyFlagDone, type: .error, cookie: cookie, length: 6 + UInt32(msg.count), into: &buf)
+    buf.writeInteger(error.rawValue)
+    buf.writeInteger(UInt16(msg.count))
+    buf.writeBytes(msg)
+}
+
+/// `NBD_REPLY_TYPE_NONE` with the done flag: a successful reply with no payload.
+public func encodeDoneChunk(cookie: UInt64, into buf: inout ByteBuffer) {
+    encodeStructuredReplyHeader(flags: replyFlagDone, type: .none, cookie: cookie, length: 0, into: &buf)
+}
+
+/// `NBD_REPLY_TYPE_BLOCK_STATUS` for one context.
+public func encodeBlockStatusChunk(cookie: UInt64, contextID: UInt32, extents: [(length: UInt32, flags: UInt32)], done: Bool,
+                                   into buf: inout ByteBuffer) {
+    encodeStructuredReplyHeader(flags: done ? replyFlagDone : 0, type: .blockStatus, cookie: cookie,
+                                length: 4 + 8 * UInt32(extents.count), into: &buf)
+    buf.writeInteger(contextID)
+    for e in extents { buf.writeMultipleIntegers(e.length, e.flags) }
+}
+
 /// A simple reply header; read data follows it.
 public func encodeSimpleReply(error: ErrorValue?, cookie: UInt64, into buf: inout ByteBuffer) {
     buf.writeMultipleIntegers(simpleReplyMagic, error?.rawValue ?? 0, cookie)

@@ -3,51 +3,84 @@
 
 import NIOCore
 
+/// A meta context chosen with `NBD_OPT_SET_META_CONTEXT`.
+public struct MetaContext: Sendable, Equatable {
+    public var id: UInt32
+    public var name: String
+    public init(id: UInt32, name: String) {
+        self.id = id
+        self.name = name
+    }
+}
+
 /// What was negotiated for the connection, fixed when transmission starts.
-public struct TransmissionState: Sendable {
+public struct TransmissionState: Sendable, Equatable {
     public var export: ExportDescription
     public var flags: TransmissionFlags
-    public init(export: ExportDescription) {
+    public var structuredReplies: Bool
+    public var metaContexts: [MetaContext]
+    public init(export: ExportDescription, structuredReplies: Bool = false, metaContexts: [MetaContext] = []) {
         self.export = export
-        self.flags = export.transmissionFlags
+        self.structuredReplies = structuredReplies
+        self.metaContexts = metaContexts
+        self.flags = export.transmissionFlags(structuredReplies: structuredReplies)
     }
 }
 
 public enum ValidatedRequest: Sendable {
-    case read(cookie: UInt64, offset: UInt64, length: UInt32)
+    case read(cookie: UInt64, offset: UInt64, length: UInt32, df: Bool)
     case write(cookie: UInt64, offset: UInt64, payload: ByteBuffer, fua: Bool)
     case flush(cookie: UInt64)
+    case trim(cookie: UInt64, offset: UInt64, length: UInt32, fua: Bool)
+    case writeZeroes(cookie: UInt64, offset: UInt64, length: UInt32, fua: Bool, noHole: Bool, fastZero: Bool)
+    case cache(cookie: UInt64, offset: UInt64, length: UInt32)
+    case blockStatus(cookie: UInt64, offset: UInt64, length: UInt32, reqOne: Bool, contexts: [MetaContext])
     case disconnect
-
-    public var cookie: UInt64? {
-        switch self {
-        case .read(let c, _, _), .write(let c, _, _, _), .flush(let c): return c
-        case .disconnect: return nil
-        }
-    }
 }
 
 public enum RequestValidator {
     public static func validate(_ r: Request, _ s: TransmissionState) -> Result<ValidatedRequest, ErrorValue> {
         let size = s.export.size
-        func inRange() -> Bool { r.offset <= size && UInt64(r.length) <= size - r.offset }
+        let inRange = r.offset <= size && UInt64(r.length) <= size - r.offset
         let known: CommandFlags = [.fua, .noHole, .df, .reqOne, .fastZero]
         guard known.isSuperset(of: r.flags) else { return .failure(.einval) }
+        func only(_ allowed: CommandFlags) -> Bool { r.flags.subtracting(allowed).isEmpty }
+        let fua = r.flags.contains(.fua)
         switch r.command {
         case .read:
-            guard r.flags.subtracting([.fua, .df]).isEmpty else { return .failure(.einval) }
-            guard r.length <= Limits.maxPayload else { return .failure(r.flags.contains(.df) ? .eoverflow : .einval) }
-            guard inRange() else { return .failure(.einval) }
-            return .success(.read(cookie: r.cookie, offset: r.offset, length: r.length))
+            guard only([.fua, .df]) else { return .failure(.einval) }
+            let df = r.flags.contains(.df)
+            // NBD spec: DF without structured replies is a client error.
+            if df && !s.structuredReplies { return .failure(.einval) }
+            guard r.length <= Limits.maxPayload else { return .failure(df ? .eoverflow : .einval) }
+            guard r.length > 0, inRange else { return .failure(.einval) }
+            return .success(.read(cookie: r.cookie, offset: r.offset, length: r.length, df: df))
         case .write:
             guard !s.export.readOnly else { return .failure(.eperm) }
-            guard r.flags.subtracting([.fua]).isEmpty else { return .failure(.einval) }
-            guard r.length <= Limits.maxPayload else { return .failure(.einval) }
-            guard inRange() else { return .failure(.enospc) }
-            return .success(.write(cookie: r.cookie, offset: r.offset, payload: r.payload, fua: r.flags.contains(.fua)))
+            guard only([.fua]), r.length <= Limits.maxPayload, r.length > 0 else { return .failure(.einval) }
+            guard inRange else { return .failure(.enospc) }
+            return .success(.write(cookie: r.cookie, offset: r.offset, payload: r.payload, fua: fua))
         case .flush:
-            guard r.offset == 0, r.length == 0 else { return .failure(.einval) }
+            guard r.offset == 0, r.length == 0, only([]) else { return .failure(.einval) }
             return .success(.flush(cookie: r.cookie))
+        case .trim:
+            guard !s.export.readOnly else { return .failure(.eperm) }
+            guard only([.fua]), r.length > 0, inRange else { return .failure(.einval) }
+            return .success(.trim(cookie: r.cookie, offset: r.offset, length: r.length, fua: fua))
+        case .writeZeroes:
+            guard !s.export.readOnly else { return .failure(.eperm) }
+            guard only([.fua, .noHole, .fastZero]), r.length > 0 else { return .failure(.einval) }
+            guard inRange else { return .failure(.enospc) }
+            return .success(.writeZeroes(cookie: r.cookie, offset: r.offset, length: r.length, fua: fua,
+                                         noHole: r.flags.contains(.noHole), fastZero: r.flags.contains(.fastZero)))
+        case .cache:
+            guard only([]), r.length > 0, inRange else { return .failure(.einval) }
+            return .success(.cache(cookie: r.cookie, offset: r.offset, length: r.length))
+        case .blockStatus:
+            guard s.structuredReplies, !s.metaContexts.isEmpty else { return .failure(.einval) }
+            guard only([.reqOne]), r.length > 0, inRange else { return .failure(.einval) }
+            return .success(.blockStatus(cookie: r.cookie, offset: r.offset, length: r.length,
+                                         reqOne: r.flags.contains(.reqOne), contexts: s.metaContexts))
         case .disc:
             return .success(.disconnect)
         default:

@@ -18,8 +18,10 @@ final class SRExportResolver: ExportResolver {
             return .failure(ExportLookupFailure(r.description))
         case .success(let g):
             grants[exportName] = g
+            // Every connection to a VDI shares one open chain, so a FLUSH on any of them
+            // covers writes completed on all: multi-conn is safe.
             return .success(ExportDescription(name: exportName, size: g.vdi.virtualSize,
-                                              readOnly: g.readOnly || g.vdi.isASnapshot, canMultiConn: false))
+                                              readOnly: g.readOnly || g.vdi.isASnapshot, canMultiConn: true))
         }
     }
 }
@@ -31,6 +33,7 @@ func nbdError(for error: Error) -> ErrorValue {
         switch v {
         case .readOnly: return .eperm
         case .outOfRange: return .einval
+        case .zeroingNotFast: return .enotsup
         case .io(_, let e):
             switch e {
             case .readOnlyFileSystem, .notPermitted: return .eperm

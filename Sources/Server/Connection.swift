@@ -202,8 +202,8 @@ final class Connection: @unchecked Sendable {
                 var b = ByteBuffer()
                 encodeExportNameReply(size: size, flags: flags, noZeroes: noZeroes, into: &b)
                 send(b)
-            case .enterTransmission(let export):
-                enterTransmission(export)
+            case .enterTransmission(let ts):
+                enterTransmission(ts)
             case .close(let reason):
                 close(reason: reason)
                 return
@@ -265,7 +265,8 @@ final class Connection: @unchecked Sendable {
         }
     }
 
-    func enterTransmission(_ export: ExportDescription) {
+    func enterTransmission(_ ts: TransmissionState) {
+        let export = ts.export
         guard let vdi = resolver.grants[export.name]?.vdi.uuid else {
             close(reason: "export \(export.name) was not resolved")
             return
@@ -277,11 +278,11 @@ final class Connection: @unchecked Sendable {
             close(reason: "attach failed")
             return
         }
-        transmission = TransmissionState(export: export)
+        transmission = ts
         phase = .transmission
         handshakeTimer?.cancel()
         handshakeTimer = nil
-        logger.info("export \(vdi) attached (\(export.readOnly ? "read-only" : "read-write"), \(export.size) bytes)")
+        logger.info("export \(vdi) attached (\(export.readOnly ? "read-only" : "read-write"), \(export.size) bytes, \(ts.structuredReplies ? "structured replies" : "simple replies")\(ts.metaContexts.isEmpty ? "" : ", contexts " + ts.metaContexts.map(\.name).joined(separator: ",")))")
     }
 
     // MARK: transmission
@@ -305,67 +306,80 @@ final class Connection: @unchecked Sendable {
     }
 
     func execute(_ v: ValidatedRequest, handle h: VDIHandle) {
+        let structured = transmission?.structuredReplies ?? false
         switch v {
         case .disconnect:
             disconnectRequested = true
             pauseReading()
             if inFlight == 0 { close(reason: "client sent NBD_CMD_DISC") }
-            return
-        case .read(let cookie, let offset, let length):
-            begin(bytes: Int(length))
-            server.ioQueue.async { [self] in
-                var buf = ByteBuffer()
-                buf.reserveCapacity(16 + Int(length))
-                encodeSimpleReply(error: nil, cookie: cookie, into: &buf)
-                var failure: Error?
-                buf.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { ptr in
-                    do {
-                        try h.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<Int(length)]), at: offset)
-                    } catch {
-                        failure = error
-                    }
-                    return Int(length)
-                }
-                let result = failure
-                let out = buf
-                queue.async { [self] in
-                    if let f = result {
-                        logger.error("cookie \(cookie): read at \(offset)+\(length) failed: \(f)")
-                        reply(error: nbdError(for: f), cookie: cookie)
-                    } else {
-                        send(out)
-                    }
-                    end(bytes: Int(length))
-                }
+        case .read(let cookie, let offset, let length, let df):
+            run(cookie: cookie, bytes: Int(length), what: "read at \(offset)+\(length)", chunked: structured) {
+                try Replies.read(h, cookie: cookie, offset: offset, length: length, structured: structured, df: df)
             }
         case .write(let cookie, let offset, let payload, let fua):
-            begin(bytes: payload.readableBytes)
-            server.ioQueue.async { [self] in
-                var failure: Error?
-                do {
-                    try payload.withUnsafeReadableBytes { try h.write($0, at: offset) }
-                    if fua { try h.flush() }
-                } catch {
-                    failure = error
-                }
-                let result = failure
-                queue.async { [self] in
-                    if let f = result { logger.error("cookie \(cookie): write at \(offset)+\(payload.readableBytes) failed: \(f)") }
-                    reply(error: result.map(nbdError(for:)), cookie: cookie)
-                    end(bytes: payload.readableBytes)
-                }
+            run(cookie: cookie, bytes: payload.readableBytes, what: "write at \(offset)+\(payload.readableBytes)") {
+                try payload.withUnsafeReadableBytes { try h.write($0, at: offset) }
+                if fua { try h.flush() }
+                return nil
             }
         case .flush(let cookie):
-            begin(bytes: 0)
-            server.ioQueue.async { [self] in
-                var failure: Error?
-                do { try h.flush() } catch { failure = error }
-                let result = failure
-                queue.async { [self] in
-                    if let f = result { logger.error("cookie \(cookie): flush failed: \(f)") }
-                    reply(error: result.map(nbdError(for:)), cookie: cookie)
-                    end(bytes: 0)
+            run(cookie: cookie, bytes: 0, what: "flush") {
+                try h.flush()
+                return nil
+            }
+        case .trim(let cookie, let offset, let length, let fua):
+            run(cookie: cookie, bytes: 0, what: "trim at \(offset)+\(length)") {
+                try h.writeZeroes(offset: offset, length: UInt64(length), punch: true, fastOnly: false)
+                if fua { try h.flush() }
+                return nil
+            }
+        case .writeZeroes(let cookie, let offset, let length, let fua, let noHole, let fastZero):
+            run(cookie: cookie, bytes: 0, what: "write zeroes at \(offset)+\(length)", fastZero: fastZero) {
+                try h.writeZeroes(offset: offset, length: UInt64(length), punch: !noHole, fastOnly: fastZero)
+                if fua { try h.flush() }
+                return nil
+            }
+        case .cache(let cookie, let offset, let length):
+            // Every read goes to the page cache already; CACHE only checks the range.
+            run(cookie: cookie, bytes: 0, what: "cache at \(offset)+\(length)") { nil }
+        case .blockStatus(let cookie, let offset, let length, let reqOne, let contexts):
+            run(cookie: cookie, bytes: 0, what: "block status at \(offset)+\(length)", chunked: true) {
+                try Replies.blockStatus(h, cookie: cookie, offset: offset, length: length, reqOne: reqOne, contexts: contexts)
+            }
+        }
+    }
+
+    /// Runs `body` on the I/O queue, then sends its reply (or a plain OK/error) from the
+    /// connection queue. `chunked`: errors go back as a structured error chunk.
+    func run(cookie: UInt64, bytes: Int, what: String, chunked: Bool = false, fastZero: Bool = false,
+             _ body: @escaping () throws -> ByteBuffer?) {
+        begin(bytes: bytes)
+        server.ioQueue.async { [self] in
+            var reply: ByteBuffer?
+            var failure: Error?
+            do { reply = try body() } catch { failure = error }
+            let (r, f) = (reply, failure)
+            queue.async { [self] in
+                if let f {
+                    var e = nbdError(for: f)
+                    // NBD spec: ENOTSUP only answers a FAST_ZERO request.
+                    if e == .enotsup && !fastZero { e = .einval }
+                    if e == .enotsup { logger.debug("cookie \(cookie): \(what): \(f)") } else {
+                        logger.error("cookie \(cookie): \(what) failed: \(f)")
+                    }
+                    if chunked {
+                        var b = ByteBuffer()
+                        encodeErrorChunk(cookie: cookie, error: e, message: "\(f)", into: &b)
+                        send(b)
+                    } else {
+                        self.reply(error: e, cookie: cookie)
+                    }
+                } else if let r {
+                    send(r)
+                } else {
+                    self.reply(error: nil, cookie: cookie)
                 }
+                end(bytes: bytes)
             }
         }
     }

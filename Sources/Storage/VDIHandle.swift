@@ -40,6 +40,19 @@ public final class VDIHandle: @unchecked Sendable {
         try chain.write(buf, at: offset)
     }
 
+    public func writeZeroes(offset: UInt64, length: UInt64, punch: Bool, fastOnly: Bool) throws(VHDError) {
+        pthread_rwlock_rdlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        try chain.writeZeroes(offset: offset, length: length, punch: punch, fastOnly: fastOnly)
+    }
+
+    /// Runs of allocated (some layer holds data) and unallocated space.
+    public func allocationRuns(offset: UInt64, length: UInt64) throws(VHDError) -> [(allocated: Bool, length: UInt64)] {
+        pthread_rwlock_rdlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        return try chain.allocationRuns(offset: offset, length: length)
+    }
+
     public func flush() throws(VHDError) {
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }

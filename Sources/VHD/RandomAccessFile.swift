@@ -13,8 +13,8 @@ public protocol RandomAccessFile: AnyObject, Sendable {
     func truncate(toLength: UInt64) throws(VHDError)
     /// Makes written data durable (fdatasync).
     func synchronize() throws(VHDError)
-    /// Returns a hole's worth of space to the file system (no-op where unsupported).
-    func punchHole(offset: UInt64, length: UInt64)
+    /// Deallocates the range so it reads as zeros; false where the file system cannot.
+    func punchHole(offset: UInt64, length: UInt64) -> Bool
     func close()
 }
 
@@ -90,10 +90,12 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
         if fdatasync(fd.rawValue) != 0 { throw .io(path: path, errno: Errno(rawValue: errno)) }
     }
 
-    public func punchHole(offset: UInt64, length: UInt64) {
+    public func punchHole(offset: UInt64, length: UInt64) -> Bool {
         #if os(Linux)
         // FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        _ = c_fallocate(fd.rawValue, 0x02 | 0x01, Int(offset), Int(length))
+        return c_fallocate(fd.rawValue, 0x02 | 0x01, Int(offset), Int(length)) == 0
+        #else
+        return false
         #endif
     }
 
@@ -134,7 +136,10 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
         }
     }
     public func synchronize() throws(VHDError) { syncCount += 1 }
-    public func punchHole(offset: UInt64, length: UInt64) {}
+    public func punchHole(offset: UInt64, length: UInt64) -> Bool {
+        for i in Int(offset)..<min(Int(offset + length), bytes.count) { bytes[i] = 0 }
+        return true
+    }
     public func close() {}
 }
 

@@ -282,4 +282,78 @@ public final class VHDChain: @unchecked Sendable {
     }
 
     public func flush() throws(VHDError) { try leaf.synchronize() }
+
+    // MARK: zeroing
+
+    /// Makes `[offset, offset+length)` read as zeros. With `punch`, space is returned to the
+    /// file system where the leaf holds the data (`NBD_CMD_TRIM`, `WRITE_ZEROES` without
+    /// `NO_HOLE`); without it zeros are written. With `fastOnly`, fails with
+    /// `.zeroingNotFast` before changing anything if some part would need zeros written.
+    public func writeZeroes(offset: UInt64, length: UInt64, punch: Bool, fastOnly: Bool) throws(VHDError) {
+        guard offset <= virtualSize, length <= virtualSize - offset else {
+            throw .outOfRange(offset: offset, length: length, virtualSize: virtualSize)
+        }
+        guard leaf.writable else { throw .readOnly(path: leaf.path) }
+        let bs = UInt64(blockSize)
+        func pieces(_ body: (Int, Int, Int) throws(VHDError) -> Void) throws(VHDError) {
+            var pos = offset
+            while pos < offset + length {
+                let n = min(bs - pos % bs, offset + length - pos)
+                try body(Int(pos / bs), Int(pos % bs), Int(n))
+                pos += n
+            }
+        }
+        if fastOnly {
+            try pieces { (bi, _, _) throws(VHDError) in
+                guard try zeroIsFast(blockIndex: bi, punch: punch) else { throw .zeroingNotFast }
+            }
+        }
+        try pieces { (bi, inBlock, n) throws(VHDError) in try zeroPiece(blockIndex: bi, inBlock: inBlock, length: n, punch: punch) }
+    }
+
+    func zeroIsFast(blockIndex: Int, punch: Bool) throws(VHDError) -> Bool {
+        switch try leaf.blockState(blockIndex) {
+        case .absent: return try !anyLayerHolds(blockIndex: blockIndex, from: 1)
+        case .full: return punch
+        case .partial: return false
+        }
+    }
+
+    static let zeros = [UInt8](repeating: 0, count: Int(DynamicDiskHeader.defaultBlockSize))
+
+    func zeroPiece(blockIndex: Int, inBlock: Int, length: Int, punch: Bool) throws(VHDError) {
+        let f = leaf
+        if f.diskType == .fixed {
+            let off = UInt64(blockIndex) * UInt64(blockSize) + UInt64(inBlock)
+            if punch && f.file.punchHole(offset: off, length: UInt64(length)) { return }
+            try writeZeroBytes(at: off, length: length, direct: true)
+            return
+        }
+        switch try f.blockState(blockIndex) {
+        case .absent:
+            // Nothing below either: it already reads as zeros.
+            if try !anyLayerHolds(blockIndex: blockIndex, from: 1) { return }
+        case .full(let dataOffset):
+            if punch && f.file.punchHole(offset: dataOffset + UInt64(inBlock), length: UInt64(length)) { return }
+        case .partial:
+            break
+        }
+        try writeZeroBytes(at: UInt64(blockIndex) * UInt64(blockSize) + UInt64(inBlock), length: length, direct: false)
+    }
+
+    func writeZeroBytes(at offset: UInt64, length: Int, direct: Bool) throws(VHDError) {
+        var done = 0
+        while done < length {
+            let n = min(Self.zeros.count, length - done)
+            try typed(leaf.path) {
+                try Self.zeros.withUnsafeBytes { z in
+                    let b = UnsafeRawBufferPointer(rebasing: z[0..<n])
+                    if direct { try leaf.file.writeAll(b, toAbsoluteOffset: offset + UInt64(done)) } else {
+                        try write(b, at: offset + UInt64(done))
+                    }
+                }
+            }
+            done += n
+        }
+    }
 }

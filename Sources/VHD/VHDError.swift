@@ -26,6 +26,8 @@ public enum VHDError: Error, Equatable, CustomStringConvertible, Sendable {
     case outOfRange(offset: UInt64, length: UInt64, virtualSize: UInt64)
     /// A write to a disk opened read-only.
     case readOnly(path: String)
+    /// Zeroing this range would mean writing zeros (asked to fail fast instead).
+    case zeroingNotFast
     /// An operating-system error, with the path it happened on.
     case io(path: String, errno: Errno)
 
@@ -46,6 +48,7 @@ public enum VHDError: Error, Equatable, CustomStringConvertible, Sendable {
         case .chainTooDeep(let l): return "chain deeper than \(l)"
         case .outOfRange(let o, let l, let v): return "range \(o)+\(l) outside virtual size \(v)"
         case .readOnly(let p): return "\(p) is read-only"
+        case .zeroingNotFast: return "zeroing this range is not faster than writing zeros"
         case .io(let p, let e): return "\(p): \(e)"
         }
     }

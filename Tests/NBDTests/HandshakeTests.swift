@@ -72,10 +72,10 @@ final class HandshakeTests: XCTestCase {
         var m = haggling()
         let a = m.receive(option: OptionRequest(option: .go, data: infoData("/u?token=t")), resolver: resolver)
         XCTAssertEqual(a.count, 4)
-        XCTAssertEqual(a[0], .send(.infoExport(.go, size: 1 << 20, flags: [.hasFlags, .sendFlush, .sendFUA])))
+        XCTAssertEqual(a[0], .send(.infoExport(.go, size: 1 << 20, flags: disk.transmissionFlags(structuredReplies: false))))
         XCTAssertEqual(a[1], .send(.infoBlockSize(.go, minimum: 512, preferred: 65536, maximum: 32 << 20)))
         XCTAssertEqual(a[2], .send(OptionReply(option: .go, type: .ack)))
-        XCTAssertEqual(a[3], .enterTransmission(disk))
+        XCTAssertEqual(a[3], .enterTransmission(TransmissionState(export: disk)))
         XCTAssertEqual(m.state, .transmission)
     }
 
@@ -103,7 +103,8 @@ final class HandshakeTests: XCTestCase {
     func testExportNameReplyHas124ZeroesUnlessNoZeroes() {
         var m = haggling(flags: [.fixedNewstyle])
         let a = m.receive(option: OptionRequest(option: .exportName, data: Array("/u?token=t".utf8)), resolver: resolver)
-        XCTAssertEqual(a.first, .sendExportNameReply(size: 1 << 20, flags: [.hasFlags, .sendFlush, .sendFUA], noZeroes: false))
+        XCTAssertEqual(a.first, .sendExportNameReply(size: 1 << 20, flags: disk.transmissionFlags(structuredReplies: false),
+                                                     noZeroes: false))
         var b = ByteBuffer()
         encodeExportNameReply(size: 1 << 20, flags: [.hasFlags], noZeroes: false, into: &b)
         XCTAssertEqual(b.readableBytes, 8 + 2 + 124)
@@ -133,7 +134,7 @@ final class HandshakeTests: XCTestCase {
         XCTAssertEqual(m.receive(option: OptionRequest(option: .startTLS, data: []), resolver: resolver), [.startTLS])
         m.tlsEstablished()
         let a = m.receive(option: OptionRequest(option: .go, data: infoData("/u?token=t")), resolver: resolver)
-        XCTAssertEqual(a.last, .enterTransmission(disk))
+        XCTAssertEqual(a.last, .enterTransmission(TransmissionState(export: disk)))
     }
 
     func testStartTLSWhenOffRepliesErrPolicy() {
@@ -150,6 +151,62 @@ final class HandshakeTests: XCTestCase {
         guard case .send(let r) = m.receive(option: OptionRequest(option: .startTLS, data: []), resolver: resolver).first
         else { return XCTFail() }
         XCTAssertEqual(r.type, .errInvalid)
+    }
+
+    func metaData(_ name: String, _ queries: [String]) -> [UInt8] {
+        var b = ByteBuffer()
+        b.writeInteger(UInt32(name.utf8.count)); b.writeString(name)
+        b.writeInteger(UInt32(queries.count))
+        for q in queries { b.writeInteger(UInt32(q.utf8.count)); b.writeString(q) }
+        return b.readBytes(length: b.readableBytes)!
+    }
+
+    func testSetMetaContextWithoutStructuredRepliesIsErrInvalid() {
+        var m = haggling()
+        guard case .send(let r) = m.receive(option: OptionRequest(option: .setMetaContext, data: metaData("/u?token=t", [baseAllocationContext])),
+                                            resolver: resolver).first else { return XCTFail() }
+        XCTAssertEqual(r.type, .errInvalid)
+    }
+
+    func testStructuredReplyThenSetBaseAllocationCarriesIntoTransmission() {
+        var m = haggling()
+        XCTAssertEqual(m.receive(option: OptionRequest(option: .structuredReply, data: []), resolver: resolver),
+                       [.send(OptionReply(option: .structuredReply, type: .ack))])
+        let a = m.receive(option: OptionRequest(option: .setMetaContext, data: metaData("/u?token=t", [baseAllocationContext, "qemu:nope"])),
+                          resolver: resolver)
+        XCTAssertEqual(a, [.send(.metaContext(.setMetaContext, id: 1, name: baseAllocationContext)),
+                           .send(OptionReply(option: .setMetaContext, type: .ack))])
+        let g = m.receive(option: OptionRequest(option: .go, data: infoData("/u?token=t")), resolver: resolver)
+        guard case .enterTransmission(let ts) = g.last else { return XCTFail() }
+        XCTAssertTrue(ts.structuredReplies)
+        XCTAssertEqual(ts.metaContexts, [MetaContext(id: 1, name: baseAllocationContext)])
+        XCTAssertTrue(ts.flags.contains(.sendDF))
+    }
+
+    func testMetaContextsForAnotherExportAreDropped() {
+        var m = haggling()
+        _ = m.receive(option: OptionRequest(option: .structuredReply, data: []), resolver: resolver)
+        let other = ExportDescription(name: "/v?token=s", size: 512, readOnly: true)
+        let r2 = FakeResolver(exports: ["/u?token=t": disk, "/v?token=s": other])
+        _ = m.receive(option: OptionRequest(option: .setMetaContext, data: metaData("/u?token=t", [baseAllocationContext])), resolver: r2)
+        guard case .enterTransmission(let ts) = m.receive(option: OptionRequest(option: .go, data: infoData("/v?token=s")), resolver: r2).last
+        else { return XCTFail() }
+        XCTAssertEqual(ts.metaContexts, [])
+    }
+
+    func testListMetaContextNamespaceQueryListsIt() {
+        var m = haggling()
+        _ = m.receive(option: OptionRequest(option: .structuredReply, data: []), resolver: resolver)
+        let a = m.receive(option: OptionRequest(option: .listMetaContext, data: metaData("/u?token=t", ["base:"])), resolver: resolver)
+        XCTAssertEqual(a.first, .send(.metaContext(.listMetaContext, id: 0, name: baseAllocationContext)))
+    }
+
+    func testMetaContextOnUnknownExportIsErrUnknown() {
+        var m = haggling()
+        _ = m.receive(option: OptionRequest(option: .structuredReply, data: []), resolver: resolver)
+        guard case .send(let r) = m.receive(option: OptionRequest(option: .listMetaContext, data: metaData("/x", [])), resolver: resolver).first
+        else { return XCTFail() }
+        XCTAssertEqual(r.type, .errUnknown)
     }
 
     func testTooManyOptionsCloses() {

@@ -44,13 +44,52 @@ final class ValidationTests: XCTestCase {
     }
 
     func testValidReadPasses() {
-        guard case .success(.read(let c, let o, let l)) = RequestValidator.validate(
+        guard case .success(.read(let c, let o, let l, let df)) = RequestValidator.validate(
             Request(flags: [], command: .read, cookie: 7, offset: 512, length: 512), rw) else { return XCTFail() }
         XCTAssertEqual([c, o, UInt64(l)], [7, 512, 512])
+        XCTAssertFalse(df)
+    }
+
+    var structured: TransmissionState {
+        TransmissionState(export: rw.export, structuredReplies: true, metaContexts: [MetaContext(id: 1, name: baseAllocationContext)])
+    }
+
+    func testDFWithoutStructuredRepliesIsEINVAL() {
+        XCTAssertEqual(err(Request(flags: [.df], command: .read, cookie: 1, offset: 0, length: 1), rw), .einval)
+        XCTAssertNil(err(Request(flags: [.df], command: .read, cookie: 1, offset: 0, length: 1), structured))
+    }
+
+    func testOversizedReadWithDFIsEOVERFLOW() {
+        XCTAssertEqual(err(Request(flags: [.df], command: .read, cookie: 1, offset: 0, length: Limits.maxPayload + 1), structured), .eoverflow)
+    }
+
+    func testBlockStatusWithoutContextIsEINVAL() {
+        XCTAssertEqual(err(Request(flags: [], command: .blockStatus, cookie: 1, offset: 0, length: 512), rw), .einval)
+        XCTAssertNil(err(Request(flags: [.reqOne], command: .blockStatus, cookie: 1, offset: 0, length: 512), structured))
+    }
+
+    func testTrimAndZeroOnReadOnlyAreEPERM() {
+        XCTAssertEqual(err(Request(flags: [], command: .trim, cookie: 1, offset: 0, length: 512), ro), .eperm)
+        XCTAssertEqual(err(Request(flags: [], command: .writeZeroes, cookie: 1, offset: 0, length: 512), ro), .eperm)
+    }
+
+    func testFastZeroOnlyOnWriteZeroes() {
+        XCTAssertEqual(err(Request(flags: [.fastZero], command: .trim, cookie: 1, offset: 0, length: 512), rw), .einval)
+        XCTAssertNil(err(Request(flags: [.fastZero, .noHole, .fua], command: .writeZeroes, cookie: 1, offset: 0, length: 512), rw))
+    }
+
+    func testWriteZeroesPastEndIsENOSPC() {
+        XCTAssertEqual(err(Request(flags: [], command: .writeZeroes, cookie: 1, offset: 1 << 20, length: 512), rw), .enospc)
+    }
+
+    func testZeroLengthReadIsEINVAL() {
+        XCTAssertEqual(err(Request(flags: [], command: .read, cookie: 1, offset: 0, length: 0), rw), .einval)
     }
 
     func testReadOnlyExportAdvertisesReadOnlyFlag() {
         XCTAssertTrue(ro.flags.contains(.readOnly))
+        XCTAssertFalse(ro.flags.contains(.sendTrim))
         XCTAssertFalse(rw.flags.contains(.readOnly))
+        XCTAssertTrue(rw.flags.isSuperset(of: [.sendTrim, .sendWriteZeroes, .sendFastZero, .sendCache]))
     }
 }

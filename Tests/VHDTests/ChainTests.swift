@@ -132,3 +132,36 @@ final class ChainTests: XCTestCase {
         XCTAssertEqual(c.leaf.allocatedBlockCount, 1)
     }
 }
+
+final class ZeroTests: XCTestCase {
+    func testWriteZeroesPunchesLeafDataAndFastOnlyRefusesWhereZerosMustBeWritten() throws {
+        let dir = NSTemporaryDirectory() + "zero-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let base = dir + "/b.vhd", leaf = dir + "/l.vhd"
+        try VHDCreate.createDynamic(path: base, size: 8 << 20)
+        var c = try VHDChain.open(path: base, writable: true)
+        try c.write([UInt8](repeating: 9, count: 4 << 20), at: 0)
+        c.close()
+        try VHDCreate.createDifferencing(path: leaf, parentPath: base)
+        c = try VHDChain.open(path: leaf, writable: true)
+        defer { c.close() }
+        // Block 0 lives only in the parent: zeroing it fast is impossible.
+        XCTAssertThrowsError(try c.writeZeroes(offset: 0, length: 4096, punch: true, fastOnly: true)) {
+            XCTAssertEqual($0 as? VHDError, .zeroingNotFast)
+        }
+        XCTAssertEqual(try c.read(at: 0, count: 4096), [UInt8](repeating: 9, count: 4096), "refused before any change")
+        // Block 3 is empty everywhere: fast, and nothing is allocated.
+        try c.writeZeroes(offset: 6 << 20, length: 2 << 20, punch: true, fastOnly: true)
+        XCTAssertEqual(c.leaf.allocatedBlockCount, 0)
+        // Slow path copies up and zeroes the range only.
+        try c.writeZeroes(offset: 1000, length: 3000, punch: false, fastOnly: false)
+        var want = [UInt8](repeating: 9, count: 8192)
+        for i in 1000..<4000 { want[i] = 0 }
+        XCTAssertEqual(try c.read(at: 0, count: 8192), want)
+        // Now block 0 is in the leaf: punching it is fast.
+        try c.writeZeroes(offset: 0, length: 2 << 20, punch: true, fastOnly: true)
+        XCTAssertEqual(try c.read(at: 0, count: 2 << 20), [UInt8](repeating: 0, count: 2 << 20))
+        XCTAssertEqual(try c.read(at: 2 << 20, count: 16), [UInt8](repeating: 9, count: 16))
+    }
+}
