@@ -54,6 +54,8 @@ final class Connection: @unchecked Sendable {
     var inFlightBytes = 0
     var disconnectRequested = false
     var handshakeTimer: DispatchSourceTimer?
+    var idleTimer: DispatchSourceTimer?
+    var lastRequest = DispatchTime.now()
     lazy var resolver = SRExportResolver(sr: server.sr)
 
     init(id: Int, fd: Int32, server: NBDServer) {
@@ -282,6 +284,16 @@ final class Connection: @unchecked Sendable {
         phase = .transmission
         handshakeTimer?.cancel()
         handshakeTimer = nil
+        if let idle = server.config.idleTimeout {
+            let t = DispatchSource.makeTimerSource(queue: queue)
+            t.schedule(deadline: .now() + idle, repeating: .seconds(1))
+            t.setEventHandler { [weak self] in
+                guard let self, self.inFlight == 0, !self.isClosed else { return }
+                if DispatchTime.now() > self.lastRequest + idle { self.close(reason: "idle timeout") }
+            }
+            t.resume()
+            idleTimer = t
+        }
         logger.info("export \(vdi) attached (\(export.readOnly ? "read-only" : "read-write"), \(export.size) bytes, \(ts.structuredReplies ? "structured replies" : "simple replies")\(ts.metaContexts.isEmpty ? "" : ", contexts " + ts.metaContexts.map(\.name).joined(separator: ",")))")
     }
 
@@ -289,6 +301,7 @@ final class Connection: @unchecked Sendable {
 
     func handle(_ decoded: DecodedRequest) {
         guard let ts = transmission, let h = handle else { return }
+        lastRequest = .now()
         switch decoded {
         case .oversizedWrite(let r):
             logger.info("cookie \(r.cookie): \(r.command) of \(r.length) bytes exceeds the maximum: NBD_EINVAL")
@@ -465,6 +478,8 @@ final class Connection: @unchecked Sendable {
         closeReason = reason
         handshakeTimer?.cancel()
         handshakeTimer = nil
+        idleTimer?.cancel()
+        idleTimer = nil
         logger.info("closing: \(reason)")
         flushPendingThenShutdown()
     }

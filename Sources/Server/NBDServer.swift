@@ -13,6 +13,8 @@ public struct ServerConfig: Sendable {
     public var tlsPolicy: TLSPolicy = .off
     public var maxConnections = 256
     public var handshakeTimeout: DispatchTimeInterval = .seconds(30)
+    /// Close a connection with nothing in flight after this long without a request (nil: never).
+    public var idleTimeout: DispatchTimeInterval?
     public var maxInFlightRequests = 64
     public var maxInFlightBytes = 128 * 1024 * 1024
     /// Needed unless `tlsPolicy` is `.off`.

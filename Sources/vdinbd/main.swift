@@ -53,6 +53,9 @@ struct VDINBD: ParsableCommand {
     @ArgumentParser.Option(name: .long, help: "Seconds a client may take to finish the handshake.")
     var handshakeTimeout: Int = 30
 
+    @ArgumentParser.Option(name: .long, help: "Seconds a connection may sit idle before it is closed (0: never).")
+    var idleTimeout: Int = 0
+
     @ArgumentParser.Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -85,6 +88,7 @@ struct VDINBD: ParsableCommand {
         config.tlsPolicy = tls == .off ? .off : (tls == .on ? .on : .require)
         config.maxConnections = maxConnections
         config.handshakeTimeout = .seconds(handshakeTimeout)
+        config.idleTimeout = idleTimeout > 0 ? .seconds(idleTimeout) : nil
         if tls != .off {
             var host = [CChar](repeating: 0, count: 256)
             gethostname(&host, host.count)

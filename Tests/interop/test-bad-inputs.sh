@@ -9,7 +9,7 @@ U=$(uri "$u")
 # A client that stays connected throughout.
 export PORT SOCK NAME=$(export_name "$u") LOG=$TMP/server.log
 nbdsh -u "$U" -c '
-import socket, sys, time, json, subprocess, os
+import socket, struct, sys, time, json, subprocess, os
 h.pwrite(b"A" * 4096, 0)
 port = int(os.environ["PORT"]); sock = os.environ["SOCK"]; name = os.environ["NAME"]
 # 1. wrong token: GO gets NBD_REP_ERR_UNKNOWN with a reason.
@@ -28,6 +28,14 @@ f.write(b"{this is not json\n"); f.flush()
 e = json.loads(f.readline()); assert e["error"]["code"] == -32700, e
 f.write(b"{\"jsonrpc\":\"2.0\",\"method\":\"VDI.get_all\",\"params\":[],\"id\":7}\n"); f.flush()
 ok = json.loads(f.readline()); assert ok["id"] == 7 and ok["result"], ok
+# 4. a malformed request header in transmission: that client alone is disconnected.
+s = socket.create_connection(("127.0.0.1", port)); s.recv(18)
+s.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+s.sendall(b"IHAVEOPT" + struct.pack(">II", 1, len(name)) + name.encode())  # NBD_OPT_EXPORT_NAME
+hdr = s.recv(10); assert len(hdr) == 10, hdr
+s.sendall(b"\xde\xad\xbe\xef" + bytes(24))
+s.settimeout(5)
+assert s.recv(4096) == b"", "server kept a client with a bad request magic"
 # The first client still works.
 assert h.pread(4096, 0) == b"A" * 4096
 h.pwrite(b"B" * 512, 8192); assert h.pread(512, 8192) == b"B" * 512
