@@ -171,7 +171,12 @@ final class Connection: @unchecked Sendable {
             close(reason: "protocol error: \(error)")
             return
         }
-        inbound.discardReadBytes()
+        if inbound.readableBytes == 0 && inbound.capacity > 4 << 20 {
+            // A big WRITE grew the buffer: give the memory back while the client idles.
+            inbound = ByteBuffer()
+        } else {
+            inbound.discardReadBytes()
+        }
     }
 
     func pauseReading() {
@@ -231,6 +236,7 @@ final class Connection: @unchecked Sendable {
         var b = ByteBuffer()
         OptionReply(option: .startTLS, type: .ack).encode(into: &b)
         send(b)
+        flushOutbound()
         guard outbound.isEmpty else {
             close(reason: "could not send the STARTTLS reply")
             return
@@ -424,10 +430,22 @@ final class Connection: @unchecked Sendable {
 
     // MARK: writing
 
+    /// Replies that complete in one burst go out together: the flush runs once per turn of
+    /// the queue, and small replies are merged so a burst costs one write (one TLS record).
+    var flushScheduled = false
+    /// The first outbound buffer was partly refused (EAGAIN): GnuTLS wants it retried unchanged.
+    var retryingWrite = false
+    static let coalesceLimit = 256 * 1024
+
     func send(_ buf: ByteBuffer) {
         guard !isClosed else { return }
         outbound.append(buf)
-        if outbound.count == 1 { flushOutbound() }
+        guard !flushScheduled, writeSuspended else { return }
+        flushScheduled = true
+        queue.async { [self] in
+            flushScheduled = false
+            if writeSuspended { flushOutbound() }
+        }
     }
 
     func flushOutbound() {
@@ -436,6 +454,18 @@ final class Connection: @unchecked Sendable {
             return
         }
         while var first = outbound.first {
+            if !retryingWrite && outbound.count > 1 && first.readableBytes < Self.coalesceLimit {
+                var merged = 1
+                while merged < outbound.count, first.readableBytes + outbound[merged].readableBytes <= Self.coalesceLimit {
+                    var next = outbound[merged]
+                    first.writeBuffer(&next)
+                    merged += 1
+                }
+                if merged > 1 {
+                    outbound.removeSubrange(1..<merged)
+                    outbound[0] = first
+                }
+            }
             var wouldBlock = false
             var failed: String?
             while first.readableBytes > 0 {
@@ -452,6 +482,7 @@ final class Connection: @unchecked Sendable {
                 return
             }
             if wouldBlock {
+                retryingWrite = true
                 outbound[0] = first
                 if writeSuspended, let ws = writeSource {
                     writeSuspended = false
@@ -459,6 +490,7 @@ final class Connection: @unchecked Sendable {
                 }
                 return
             }
+            retryingWrite = false
             outbound.removeFirst()
         }
         if !writeSuspended, let ws = writeSource {

@@ -250,35 +250,45 @@ public final class VHDChain: @unchecked Sendable {
                 }
             }
         case .absent:
-            let allocatedHere = try f.withAllocationLock { () throws(VHDError) -> Bool in
-                // Someone may have allocated it while we waited for the lock.
-                guard case .absent = try f.blockStateLocked(blockIndex) else { return false }
-                try allocate(blockIndex: blockIndex, inBlock: inBlock, data: data)
-                return true
-            }
-            if !allocatedHere {
+            switch try f.reserve(blockIndex: blockIndex) {
+            case .allocated:
                 try writePiece(blockIndex: blockIndex, inBlock: inBlock, data: data)
+            case .reserved(let dataOffset, let stale):
+                do {
+                    try fill(blockIndex: blockIndex, dataOffset: dataOffset, stale: stale, inBlock: inBlock, data: data)
+                    try f.writeFullBitmap(dataOffset: dataOffset)
+                    try f.barrier()
+                    try f.commit(blockIndex: blockIndex, dataOffset: dataOffset)
+                } catch {
+                    f.abandon(blockIndex: blockIndex)
+                    throw error
+                }
             }
         }
     }
 
-    /// Lock held. Builds and allocates the block.
-    func allocate(blockIndex: Int, inBlock: Int, data: UnsafeRawBufferPointer) throws(VHDError) {
+    /// Writes a new block's data: the untouched part copied up from the chain (unless no
+    /// layer below holds anything there, when the fresh space already reads as zeros).
+    func fill(blockIndex: Int, dataOffset: UInt64, stale: Range<UInt64>?, inBlock: Int, data: UnsafeRawBufferPointer)
+        throws(VHDError)
+    {
         let f = leaf
         let bs = Int(blockSize)
         if layers.count > 1, try anyLayerHolds(blockIndex: blockIndex, from: 1) {
-            // Copy the untouched part of the block up from the chain.
             var block = [UInt8](repeating: 0, count: bs)
-            try typed(f.path) { try block.withUnsafeMutableBytes { b in
-                try readPiece(layer: 1, blockIndex: blockIndex, range: 0..<bs, into: b)
-                b.baseAddress!.advanced(by: inBlock).copyMemory(from: data.baseAddress!, byteCount: data.count)
-            } }
-            _ = try typed(f.path) { try block.withUnsafeBytes { b in
-                try f.allocateLocked(blockIndex: blockIndex, contents: b, pieces: [])
-            } }
-        } else {
-            _ = try f.allocateLocked(blockIndex: blockIndex, contents: nil, pieces: [(inBlock, data)])
+            try typed(f.path) {
+                try block.withUnsafeMutableBytes { b in
+                    try readPiece(layer: 1, blockIndex: blockIndex, range: 0..<bs, into: b)
+                    b.baseAddress!.advanced(by: inBlock).copyMemory(from: data.baseAddress!, byteCount: data.count)
+                    try f.file.writeAll(UnsafeRawBufferPointer(b), toAbsoluteOffset: dataOffset)
+                }
+            }
+            return
         }
+        if let st = stale {
+            try writeZeroBytes(at: st.lowerBound, length: Int(st.upperBound - st.lowerBound), direct: true, file: f.file)
+        }
+        try f.file.writeAll(data, toAbsoluteOffset: dataOffset + UInt64(inBlock))
     }
 
     public func flush() throws(VHDError) { try leaf.synchronize() }
@@ -341,14 +351,15 @@ public final class VHDChain: @unchecked Sendable {
         try writeZeroBytes(at: UInt64(blockIndex) * UInt64(blockSize) + UInt64(inBlock), length: length, direct: false)
     }
 
-    func writeZeroBytes(at offset: UInt64, length: Int, direct: Bool) throws(VHDError) {
+    func writeZeroBytes(at offset: UInt64, length: Int, direct: Bool, file: RandomAccessFile? = nil) throws(VHDError) {
+        let target = file ?? leaf.file
         var done = 0
         while done < length {
             let n = min(Self.zeros.count, length - done)
             try typed(leaf.path) {
                 try Self.zeros.withUnsafeBytes { z in
                     let b = UnsafeRawBufferPointer(rebasing: z[0..<n])
-                    if direct { try leaf.file.writeAll(b, toAbsoluteOffset: offset + UInt64(done)) } else {
+                    if direct { try target.writeAll(b, toAbsoluteOffset: offset + UInt64(done)) } else {
                         try write(b, at: offset + UInt64(done))
                     }
                 }

@@ -40,7 +40,7 @@ public final class VHDFile: @unchecked Sendable {
     /// Where the next block goes: the end of all data, where the trailing footer sits.
     var nextFreeOffset: UInt64
     /// Serialises allocation and bitmap updates.
-    let lock = NSLock()
+    let lock = NSCondition()
     /// When true, allocation waits for data to be durable before the BAT points at it.
     public var barrierOnAllocate = true
 
@@ -135,6 +135,7 @@ public final class VHDFile: @unchecked Sendable {
             header = h
             bat = table
             nextFreeOffset = (end + 511) / 512 * 512
+            staleLimit = length >= 512 ? length - 512 : 0
         }
         bitmaps = Array(repeating: nil, count: bat.entries.count)
         bitmapKinds = Array(repeating: 0, count: bat.entries.count)
@@ -170,7 +171,7 @@ public final class VHDFile: @unchecked Sendable {
             let off = UInt64(blockIndex) * UInt64(blockSize)
             return off < footer.currentSize ? .full(dataOffset: off) : .absent
         }
-        guard blockIndex < bat.entries.count else { return .absent }
+        guard blockIndex < bat.entries.count, !allocating.contains(blockIndex) else { return .absent }
         let e = bat.entries[blockIndex]
         if e == BlockAllocationTable.unallocated { return .absent }
         let start = UInt64(e) * 512
@@ -190,63 +191,113 @@ public final class VHDFile: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` with the allocation lock held.
+    /// Runs `body` with the metadata lock held.
     func withAllocationLock<T>(_ body: () throws(VHDError) -> T) throws(VHDError) -> T {
         lock.lock()
         defer { lock.unlock() }
         return try body()
     }
 
-    /// Allocates `blockIndex` (lock held by caller) and writes its full contents.
-    /// `fill` writes the block's data into the given buffer (already zeroed) and says
-    /// whether any byte of it is non-zero; all-zero space is left as a hole.
-    func allocateLocked(blockIndex: Int, contents: UnsafeRawBufferPointer?, pieces: [(Int, UnsafeRawBufferPointer)])
-        throws(VHDError) -> UInt64
-    {
+    // MARK: allocation
+    //
+    // Allocation runs in three steps so the lock is never held across data I/O or a sync:
+    // `reserve` (under the lock: claim space, write the new trailing footer), the caller's
+    // data writes plus `barrier` (no lock; one fdatasync covers every allocation waiting
+    // for it), and `commit` (under the lock: the BAT sector). Readers see a block being
+    // allocated as absent and read below it; writers to it wait for the commit.
+
+    public enum Reservation {
+        /// The block is (now) allocated: write into it normally.
+        case allocated
+        /// Space is reserved for the block at this data offset; the caller fills it.
+        case reserved(dataOffset: UInt64, zeroStale: Range<UInt64>?)
+    }
+
+    var allocating = Set<Int>()
+    var syncRequested = 0
+    var syncCompleted = 0
+    var syncing = false
+    /// Bytes past the computed end of data that were in the file at open (a block leaked by
+    /// a crash): a new block placed there must not show them.
+    var staleLimit: UInt64 = 0
+
+    func reserve(blockIndex: Int) throws(VHDError) -> Reservation {
         guard writable else { throw .readOnly(path: path) }
         guard let h = header else { preconditionFailure("allocate on a fixed disk") }
+        lock.lock()
+        defer { lock.unlock() }
+        while allocating.contains(blockIndex) { lock.wait() }
+        if case .absent = try blockStateLocked(blockIndex) {} else { return .allocated }
         let start = nextFreeOffset
-        let bitmapBytes = UInt64(h.bitmapBytes)
-        let dataOffset = start + bitmapBytes
+        let dataOffset = start + UInt64(h.bitmapBytes)
         let newEnd = dataOffset + UInt64(h.blockSize)
-        let oldLength = try file.length()
-        // 1. the trailing footer at the new end.
+        // The trailing footer at the new end first: the file stays valid whatever follows.
         try file.write(footer.serialize(), at: newEnd)
-        // Stale bytes between the old footer and the old end (a block leaked by a crash)
-        // must not show through as this block's data.
-        if oldLength > start + bitmapBytes {
-            let staleEnd = min(oldLength, newEnd)
-            if contents == nil {
-                let zeros = [UInt8](repeating: 0, count: Int(min(staleEnd - dataOffset, 4 << 20)))
-                var o = dataOffset
-                while o < staleEnd {
-                    let n = Int(min(UInt64(zeros.count), staleEnd - o))
-                    try typed(path) { try zeros.withUnsafeBytes { b in
-                        try file.writeAll(UnsafeRawBufferPointer(rebasing: b[0..<n]), toAbsoluteOffset: o)
-                    } }
-                    o += UInt64(n)
-                }
-            }
-        }
-        // 2. bitmap and data.
+        nextFreeOffset = newEnd
+        allocating.insert(blockIndex)
+        let stale: Range<UInt64>? = staleLimit > dataOffset ? dataOffset..<min(staleLimit, newEnd) : nil
+        return .reserved(dataOffset: dataOffset, zeroStale: stale)
+    }
+
+    /// Writes the block's (full) sector bitmap; the caller has written or will write the data.
+    func writeFullBitmap(dataOffset: UInt64) throws(VHDError) {
+        guard let h = header else { return }
         let bm = SectorBitmap.full(sectors: Int(h.blockSize) / 512, paddedBytes: h.bitmapBytes)
-        try file.write(bm.bytes, at: start)
-        if let c = contents {
-            try file.writeAll(c, toAbsoluteOffset: dataOffset)
+        try file.write(bm.bytes, at: dataOffset - UInt64(h.bitmapBytes))
+    }
+
+    /// Makes everything written before the call durable; concurrent callers share one sync.
+    func barrier() throws(VHDError) {
+        guard barrierOnAllocate else { return }
+        lock.lock()
+        defer { lock.unlock() }
+        syncRequested += 1
+        let ticket = syncRequested
+        while syncCompleted < ticket {
+            if syncing {
+                lock.wait()
+                continue
+            }
+            syncing = true
+            let target = syncRequested
+            lock.unlock()
+            var failure: VHDError?
+            do { try file.synchronize() } catch { failure = error }
+            lock.lock()
+            syncing = false
+            if failure == nil { syncCompleted = max(syncCompleted, target) }
+            lock.broadcast()
+            if let f = failure { throw f }
         }
-        for (off, p) in pieces {
-            try file.writeAll(p, toAbsoluteOffset: dataOffset + UInt64(off))
+    }
+
+    /// Points the BAT at the reserved block.
+    func commit(blockIndex: Int, dataOffset: UInt64) throws(VHDError) {
+        guard let h = header else { return }
+        lock.lock()
+        defer {
+            allocating.remove(blockIndex)
+            lock.broadcast()
+            lock.unlock()
         }
-        // 3. barrier.
-        if barrierOnAllocate { try file.synchronize() }
-        // 4. BAT.
-        bat.entries[blockIndex] = UInt32(start / 512)
+        bat.entries[blockIndex] = UInt32((dataOffset - UInt64(h.bitmapBytes)) / 512)
         let (sector, bytes) = bat.sectorContaining(blockIndex: blockIndex)
-        try file.write(bytes, at: h.tableOffset + UInt64(sector) * 512)
+        do {
+            try file.write(bytes, at: h.tableOffset + UInt64(sector) * 512)
+        } catch {
+            bat.entries[blockIndex] = BlockAllocationTable.unallocated
+            throw error
+        }
         bitmapKinds[blockIndex] = 1
         bitmaps[blockIndex] = nil
-        nextFreeOffset = newEnd
-        return dataOffset
+    }
+
+    /// Gives up a reservation after a failed data write (the space stays leaked).
+    func abandon(blockIndex: Int) {
+        lock.lock()
+        allocating.remove(blockIndex)
+        lock.broadcast()
+        lock.unlock()
     }
 
     /// Marks sectors present in a partial block after their data was written (lock held by caller).

@@ -102,7 +102,7 @@ final class ChainTests: XCTestCase {
         }
     }
 
-    /// Pins the crash-safe order: footer past the new block, then bitmap and data, a
+    /// Pins the crash-safe order: footer past the new block, then data and bitmap, a
     /// barrier, and only then the BAT sector.
     func testAllocationOrderIsFooterDataBarrierThenBAT() throws {
         let m = newImage(size: 4 << 20)
@@ -113,7 +113,7 @@ final class ChainTests: XCTestCase {
         try c.write([UInt8](repeating: 7, count: 4096), at: 8192)
         let batOffset: UInt64 = 1536
         let start = UInt64(512 + 1024 + 512)
-        XCTAssertEqual(m.writeLog.map(\.offset), [start + 512 + (2 << 20), start, start + 512 + 8192, batOffset])
+        XCTAssertEqual(m.writeLog.map(\.offset), [start + 512 + (2 << 20), start + 512 + 8192, start, batOffset])
         XCTAssertEqual(m.syncCount, syncsBefore + 1)
         // And the file reopens to the same content.
         let g = try VHDFile(file: m, writable: false)
@@ -130,6 +130,24 @@ final class ChainTests: XCTestCase {
         }
         for i in 0..<64 { XCTAssertEqual(try c.read(at: UInt64(i * 512), count: 512), [UInt8](repeating: UInt8(i + 1), count: 512)) }
         XCTAssertEqual(c.leaf.allocatedBlockCount, 1)
+    }
+
+    func testConcurrentAllocationsOfManyBlocksShareSyncsAndAllLand() throws {
+        let p = dir + "/m.vhd"
+        try VHDCreate.createDynamic(path: p, size: 128 << 20)
+        let c = try VHDChain.open(path: p, writable: true)
+        DispatchQueue.concurrentPerform(iterations: 128) { i in
+            // Two writers per block, in different halves.
+            try? c.write([UInt8](repeating: UInt8(i + 1), count: 4096), at: UInt64(i / 2) * (2 << 20) + UInt64(i % 2) * (1 << 20))
+        }
+        c.close()
+        let r = try VHDChain.open(path: p, writable: false)
+        defer { r.close() }
+        XCTAssertEqual(VHDCheck.check(path: p), [])
+        for i in 0..<128 {
+            let off = UInt64(i / 2) * (2 << 20) + UInt64(i % 2) * (1 << 20)
+            XCTAssertEqual(try r.read(at: off, count: 4096), [UInt8](repeating: UInt8(i + 1), count: 4096), "\(i)")
+        }
     }
 }
 
