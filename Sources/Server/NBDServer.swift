@@ -96,6 +96,8 @@ public final class NBDServer: @unchecked Sendable {
         queue.async { [self] in
             connections[c.id] = nil
             if connections.isEmpty {
+                // Hand freed read/write buffers back to the system while nobody is connected.
+                _ = c_malloc_trim(0)
                 let w = drainWaiters
                 drainWaiters = []
                 w.forEach { $0() }
@@ -125,3 +127,7 @@ public final class NBDServer: @unchecked Sendable {
 
     public var connectionCount: Int { queue.sync { connections.count } }
 }
+
+/// glibc's malloc_trim (not exported by the Glibc module).
+@_silgen_name("malloc_trim")
+func c_malloc_trim(_ pad: Int) -> Int32
