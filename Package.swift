@@ -29,11 +29,12 @@ let package = Package(
             providers: [.apt(["libgnutls28-dev"])]
         ),
         .target(name: "TLS", dependencies: ["CGnuTLS"]),
+        .target(name: "CBT", dependencies: [.product(name: "SystemPackage", package: "swift-system")]),
         .target(name: "NBD", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         .target(
             name: "Storage",
             dependencies: [
-                "VHD",
+                "VHD", "CBT",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
@@ -65,12 +66,13 @@ let package = Package(
         .executableTarget(
             name: "vdictl",
             dependencies: [
-                "Control", "VHD",
+                "Control", "VHD", "CBT",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "VHDTests", dependencies: ["VHD"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS"]),
+        .testTarget(name: "CBTTests", dependencies: ["CBT"]),
         .testTarget(
             name: "NBDTests",
             dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOTestUtils", package: "swift-nio")]

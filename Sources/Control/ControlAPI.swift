@@ -86,7 +86,8 @@ public final class ControlAPI: @unchecked Sendable {
 
     public static let methods = [
         "VDI.create", "VDI.get_record", "VDI.get_all", "VDI.get_all_records", "VDI.get_by_name_label", "VDI.snapshot",
-        "VDI.destroy", "VDI.get_nbd_info", "VDI.revoke_nbd_info", "system.listMethods",
+        "VDI.destroy", "VDI.get_nbd_info", "VDI.revoke_nbd_info", "VDI.enable_cbt", "VDI.disable_cbt",
+        "VDI.list_changed_blocks", "VDI.data_destroy", "system.listMethods",
     ]
 
     func dispatch(_ method: String, _ p: Params) throws -> JSONValue {
@@ -127,6 +128,18 @@ public final class ControlAPI: @unchecked Sendable {
                 }
             }
             return try JSONValue.from(sr.getNBDInfo(uuid, readOnly: readOnly, lifetime: lifetime))
+        case "VDI.enable_cbt":
+            try sr.enableCBT(p.string(0, "uuid"))
+            return .null
+        case "VDI.disable_cbt":
+            try sr.disableCBT(p.string(0, "uuid"))
+            return .null
+        case "VDI.data_destroy":
+            try sr.dataDestroy(p.string(0, "uuid"))
+            return .null
+        case "VDI.list_changed_blocks":
+            let from = try SR.validUUID(p.string(0, "vdi_from")), to = try SR.validUUID(p.string(1, "vdi_to"))
+            return .string(try sr.listChangedBlocks(from: from, to: to))
         case "VDI.revoke_nbd_info":
             return .number(Double(try sr.revokeTokens(vdi: p.string(0, "uuid"), exportName: p.optional(1, "exportname")?.stringValue)))
         default:

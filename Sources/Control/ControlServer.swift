@@ -35,12 +35,14 @@ public final class ControlServer: @unchecked Sendable {
         logger.info("control socket at \(path)")
     }
 
+    /// Removes the socket at once; the sources are cancelled on the control queue (which
+    /// may be busy with a long request: shutdown must not wait for it).
     public func stop() {
-        queue.sync {
+        unlink(path)
+        queue.async { [self] in
             source?.cancel()
             for (_, c) in clients { c.cancel() }
             clients = [:]
-            unlink(path)
         }
     }
 

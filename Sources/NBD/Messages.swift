@@ -187,7 +187,7 @@ public enum DecodedRequest: Sendable {
 }
 
 /// Decodes requests. A WRITE comes out whole, with its payload; a WRITE over the maximum
-/// payload is reported at once and its payload then drained, so the stream stays framed.
+/// payload is drained without being buffered and then reported, so the stream stays framed.
 public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
     public typealias InboundOut = DecodedRequest
     public var maxPayload: UInt32
@@ -195,12 +195,20 @@ public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
 
     public init(maxPayload: UInt32 = Limits.maxPayload) { self.maxPayload = maxPayload }
 
+    /// The oversized write whose payload is being drained; reported once it is all read,
+    /// since clients match no reply to a request they are still sending.
+    var oversized: Request?
+
     public mutating func decode(buffer: inout ByteBuffer) throws -> DecodedRequest? {
         while skipRemaining > 0 {
             guard buffer.readableBytes > 0 else { return nil }
             let n = min(skipRemaining, buffer.readableBytes)
             buffer.moveReaderIndex(forwardBy: n)
             skipRemaining -= n
+        }
+        if let o = oversized {
+            oversized = nil
+            return .oversizedWrite(o)
         }
         guard let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
             at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
@@ -212,7 +220,8 @@ public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
             if length > maxPayload {
                 buffer.moveReaderIndex(forwardBy: 28)
                 skipRemaining = Int(length)
-                return .oversizedWrite(req)
+                oversized = req
+                return try decode(buffer: &buffer)
             }
             guard buffer.readableBytes >= 28 + Int(length) else { return nil }
             buffer.moveReaderIndex(forwardBy: 28)

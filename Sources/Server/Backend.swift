@@ -20,11 +20,17 @@ final class SRExportResolver: ExportResolver {
             grants[exportName] = g
             // Every connection to a VDI shares one open chain, so a FLUSH on any of them
             // covers writes completed on all: multi-conn is safe.
+            // CBT: the changes since each earlier snapshot, as qemu names dirty bitmaps.
+            let dirty = sr.cbtAncestors(g.vdi.uuid).map { dirtyBitmapPrefix + $0 }
             return .success(ExportDescription(name: exportName, size: g.vdi.virtualSize,
-                                              readOnly: g.readOnly || g.vdi.isASnapshot, canMultiConn: true))
+                                              readOnly: g.readOnly || g.vdi.isASnapshot, canMultiConn: true,
+                                              metaContexts: [baseAllocationContext] + dirty))
         }
     }
 }
+
+/// The meta context namespace qemu uses for dirty bitmaps.
+let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
 
 /// The errno-style narrowing of a backend failure to an NBD error value (one place only).
 func nbdError(for error: Error) -> ErrorValue {

@@ -363,7 +363,9 @@ final class Connection: @unchecked Sendable {
             run(cookie: cookie, bytes: 0, what: "cache at \(offset)+\(length)") { nil }
         case .blockStatus(let cookie, let offset, let length, let reqOne, let contexts):
             run(cookie: cookie, bytes: 0, what: "block status at \(offset)+\(length)", chunked: true) {
-                try Replies.blockStatus(h, cookie: cookie, offset: offset, length: length, reqOne: reqOne, contexts: contexts)
+                try Replies.blockStatus(h, cookie: cookie, offset: offset, length: length, reqOne: reqOne, contexts: contexts) {
+                    try self.server.sr.changedBlocks(from: $0, to: h.uuid)
+                }
             }
         }
     }

@@ -47,9 +47,28 @@ enum Replies {
         if let f = failure { throw f }
     }
 
+    /// Runs of changed (1) and unchanged (0) 64 KiB blocks over the range, from an MSB-first bitmap.
+    static func dirtyExtents(_ msb: [UInt8], offset: UInt64, length: UInt64) -> [(length: UInt32, flags: UInt32)] {
+        let bs: UInt64 = 64 * 1024
+        var out: [(length: UInt32, flags: UInt32)] = []
+        var pos = offset
+        while pos < offset + length {
+            let i = Int(pos / bs)
+            let dirty: UInt32 = i / 8 < msb.count && msb[i / 8] & (0x80 >> UInt8(i % 8)) != 0 ? 1 : 0
+            let n = min(bs - pos % bs, offset + length - pos)
+            if let last = out.last, last.flags == dirty, UInt64(last.length) + n <= UInt64(UInt32.max) {
+                out[out.count - 1].length += UInt32(n)
+            } else {
+                out.append((UInt32(n), dirty))
+            }
+            pos += n
+        }
+        return out
+    }
+
     /// A BLOCK_STATUS reply: one chunk per negotiated context.
     static func blockStatus(_ h: VDIHandle, cookie: UInt64, offset: UInt64, length: UInt32, reqOne: Bool,
-                            contexts: [MetaContext]) throws -> ByteBuffer {
+                            contexts: [MetaContext], changedSince: (String) throws -> [UInt8]) throws -> ByteBuffer {
         var buf = ByteBuffer()
         for (i, ctx) in contexts.enumerated() {
             var extents: [(length: UInt32, flags: UInt32)] = []
@@ -59,8 +78,11 @@ enum Replies {
                     let flags: AllocationState = run.allocated ? [] : [.hole, .zero]
                     extents.append((UInt32(run.length), flags.rawValue))
                 }
+            case let name where name.hasPrefix(dirtyBitmapPrefix):
+                // qemu's dirty bitmap context: flag 1 (dirty) on blocks changed since that snapshot.
+                let bits = try changedSince(String(name.dropFirst(dirtyBitmapPrefix.count)))
+                extents = dirtyExtents(bits, offset: offset, length: UInt64(length))
             default:
-                // A context we offered but cannot answer: report the range as one plain extent.
                 extents.append((length, 0))
             }
             if reqOne { extents = Array(extents.prefix(1)) }

@@ -207,14 +207,22 @@ public final class SR: @unchecked Sendable {
             try h.exclusively { old in
                 try swap(old)
                 old.close()
+                let chain: VHDChain
                 do {
-                    return try VHDChain.open(path: leafPath, writable: true)
+                    chain = try VHDChain.open(path: leafPath, writable: true)
                 } catch {
                     throw StorageError.vdiIOError(uuid: u, detail: "reopening after snapshot: \(error)")
                 }
+                if vdi.cbtEnabled {
+                    try snapshotCBT(vdi: u, snapshot: snapUUID, size: vdi.virtualSize, handle: h, writable: chain.writable)
+                }
+                return chain
             }
         } else {
             try swap(nil)
+            if vdi.cbtEnabled {
+                try snapshotCBT(vdi: u, snapshot: snapUUID, size: vdi.virtualSize, handle: nil, writable: false)
+            }
         }
 
         var base = VDIRecord(uuid: baseUUID, nameLabel: "base copy", virtualSize: vdi.virtualSize)
@@ -231,6 +239,7 @@ public final class SR: @unchecked Sendable {
         snap.otherConfig = vdi.otherConfig
         snap.smConfig = vdi.smConfig.merging(driverParams) { $1 }
         snap.tags = vdi.tags
+        snap.cbtEnabled = vdi.cbtEnabled
         var leaf = vdi
         leaf.parent = baseUUID
         let (b, s, l) = (base, snap, leaf)
@@ -251,6 +260,9 @@ public final class SR: @unchecked Sendable {
         let attached = handles[u] != nil
         handlesLock.unlock()
         if attached { throw StorageError.vdiInUse(uuid: u, operation: "destroy") }
+        if r.cbtEnabled {
+            if r.isASnapshot || r.type == "cbt_metadata" { mergeCBTOnDestroy(r) } else { unlink(cbtLogPath(u)) }
+        }
         try dbWrite { db in
             _ = try VDIRecord.deleteOne(db, key: u)
             _ = try TokenRecord.filter(Column("vdi_uuid") == u).deleteAll(db)
@@ -364,6 +376,7 @@ public final class SR: @unchecked Sendable {
             let h = VDIHandle(uuid: r.uuid, chain: chain)
             h.refCount = 1
             handles[r.uuid] = h
+            if writable { attachCBT(r, handle: h) }
             return h
         } catch {
             throw StorageError.vdiIOError(uuid: r.uuid, detail: "\(error)")
@@ -375,6 +388,8 @@ public final class SR: @unchecked Sendable {
         h.refCount -= 1
         if h.refCount == 0 {
             try? h.flush()
+            // A clean detach: the log is marked consistent, as blktap does.
+            try? h.cbt?.setConsistent(true)
             h.close()
             handles[h.uuid] = nil
         }

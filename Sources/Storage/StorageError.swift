@@ -22,6 +22,10 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case handleInvalid(kind: String, value: String)
     /// `OPERATION_NOT_ALLOWED`
     case operationNotAllowed(reason: String)
+    /// `VDI_NO_CBT_METADATA`
+    case vdiNoCBTMetadata(uuid: String, reason: String)
+    /// `VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION`
+    case vdiOnBootModeIncompatible(uuid: String)
 
     /// The XenAPI error code.
     public var code: String {
@@ -36,6 +40,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .srBackendFailure: return "SR_BACKEND_FAILURE"
         case .handleInvalid: return "HANDLE_INVALID"
         case .operationNotAllowed: return "OPERATION_NOT_ALLOWED"
+        case .vdiNoCBTMetadata: return "VDI_NO_CBT_METADATA"
+        case .vdiOnBootModeIncompatible: return "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION"
         }
     }
 
@@ -52,6 +58,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .srBackendFailure(let d): return [d]
         case .handleInvalid(let k, let v): return [k, v]
         case .operationNotAllowed(let r): return [r]
+        case .vdiNoCBTMetadata(let u, let r): return [u, r]
+        case .vdiOnBootModeIncompatible(let u): return [u]
         }
     }
 

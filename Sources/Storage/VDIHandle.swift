@@ -1,3 +1,4 @@
+import CBT
 import Foundation
 import VHD
 
@@ -7,6 +8,8 @@ import VHD
 public final class VDIHandle: @unchecked Sendable {
     public let uuid: String
     private var chain: VHDChain
+    /// The VDI's change log while CBT is enabled. Changed only with all I/O held off.
+    var cbt: ChangeLog?
     private var gate = pthread_rwlock_t()
     var refCount = 0
 
@@ -34,15 +37,23 @@ public final class VDIHandle: @unchecked Sendable {
         try chain.read(into: buf, at: offset)
     }
 
-    public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws(VHDError) {
+    public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws {
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
+        try track(offset: offset, length: UInt64(buf.count))
         try chain.write(buf, at: offset)
     }
 
-    public func writeZeroes(offset: UInt64, length: UInt64, punch: Bool, fastOnly: Bool) throws(VHDError) {
+    /// CBT: the bits for a write are durable before any of its data reaches the VHD.
+    @inline(__always)
+    func track(offset: UInt64, length: UInt64) throws {
+        if let log = cbt, log.markDirty(offset: offset, length: length) { try log.commit() }
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64, punch: Bool, fastOnly: Bool) throws {
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
+        try track(offset: offset, length: length)
         try chain.writeZeroes(offset: offset, length: length, punch: punch, fastOnly: fastOnly)
     }
 
@@ -60,6 +71,13 @@ public final class VDIHandle: @unchecked Sendable {
     }
 
     /// Runs `body` with all I/O held off; `body` returns the chain to use from now on.
+    /// Runs `body` with all I/O held off (to swap the change log).
+    func exclusivelyCBT(_ body: (ChangeLog?) throws -> ChangeLog?) rethrows {
+        pthread_rwlock_wrlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        cbt = try body(cbt)
+    }
+
     func exclusively(_ body: (VHDChain) throws -> VHDChain) rethrows {
         pthread_rwlock_wrlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Control
 import Foundation
+import CBT
 import VHD
 
 /// Options every control command shares.
@@ -173,6 +174,53 @@ struct VDIGetNBDInfo: ParsableCommand {
     }
 }
 
+/// `vdi-enable-cbt`, `vdi-disable-cbt`, `vdi-data-destroy`: one uuid, no result.
+struct UUIDCommand {
+    static func run(_ o: ControlOptions, _ args: [String], _ method: String) throws {
+        let kv = try keyValues(args, allowed: ["uuid"])
+        _ = try rpc(o, method, [.string(try require(kv, "uuid"))])
+    }
+}
+
+struct VDIEnableCBT: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-enable-cbt", abstract: "Enable changed block tracking.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws { try UUIDCommand.run(options, args, "VDI.enable_cbt") }
+}
+
+struct VDIDisableCBT: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-disable-cbt", abstract: "Disable changed block tracking.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws { try UUIDCommand.run(options, args, "VDI.disable_cbt") }
+}
+
+struct VDIDataDestroy: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-data-destroy",
+                                                    abstract: "Free a CBT snapshot's data, keeping its change log.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws { try UUIDCommand.run(options, args, "VDI.data_destroy") }
+}
+
+struct VDIListChangedBlocks: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-list-changed-blocks",
+                                                    abstract: "Blocks changed between two VDIs: base64 bitmap, one bit per 64 KiB, MSB first.")
+    @OptionGroup var options: ControlOptions
+    @Flag(help: "Print byte ranges (offset length) instead of the bitmap.") var ranges = false
+    @Argument(help: "vdi-from=UUID vdi-to=UUID") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["vdi-from", "vdi-to"])
+        let to = try require(kv, "vdi-to")
+        let b64 = display(try rpc(options, "VDI.list_changed_blocks", [.string(try require(kv, "vdi-from")), .string(to)]))
+        guard ranges else { print(b64); return }
+        let size = try rpc(options, "VDI.get_record", [.string(to)]).objectValue?["virtual_size"]
+        guard case .number(let n)? = size, let bits = Data(base64Encoded: b64) else { throw CLIError("error: bad reply") }
+        for r in ChangedBlocks.ranges(Array(bits), size: UInt64(n)) { print("\(r.offset) \(r.length)") }
+    }
+}
+
 // MARK: offline VHD tools
 
 struct VHDCreateCommand: ParsableCommand {
@@ -265,6 +313,7 @@ struct VDICtl: ParsableCommand {
         commandName: "vdictl",
         abstract: "Administer a vdinbd storage repository (xe-style key=value arguments).",
         subcommands: [VDICreate.self, VDIList.self, VDIParamList.self, VDISnapshot.self, VDIDestroy.self, VDIGetNBDInfo.self,
+                      VDIEnableCBT.self, VDIDisableCBT.self, VDIDataDestroy.self, VDIListChangedBlocks.self,
                       VHDCreateCommand.self, VHDSnapshotCommand.self, VHDInfoCommand.self, VHDCheckCommand.self, VHDReadCommand.self])
 }
 

@@ -1,0 +1,263 @@
+// Design notes: a per-VDI change log in blktap's layout.
+//
+//   offset 0   parent uuid (16 bytes)   the log of the snapshot before this one
+//   offset 16  child uuid  (16 bytes)   the log after it (set when this log moves to a snapshot)
+//   offset 32  consistent  (int32, padded to 8)   0 while attached read-write, 1 after a clean detach
+//   offset 40  size        (u64)        virtual size the bitmap covers
+//   offset 48  bitmap, one bit per 64 KiB block, LSB first; bits are never cleared
+// Integers are little-endian, as blktap writes its struct on x86.
+//
+// Going beyond blktap: a write's bits are made durable *before* its data is written to the
+// VHD (`markDirty` then `commit`), so the log is a superset of what changed even across
+// kill -9 or power loss, and an unclean detach needs no "inconsistent" fallback. `commit`
+// is a group commit: one fdatasync covers every write whose new bits are waiting.
+
+import Foundation
+import SystemPackage
+
+public enum CBTError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The log is damaged: torn header, wrong length, unreadable.
+    case damaged(path: String, reason: String)
+    case io(path: String, errno: Errno)
+
+    public var description: String {
+        switch self {
+        case .damaged(let p, let r): return "change log \(p) is damaged: \(r)"
+        case .io(let p, let e): return "change log \(p): \(e)"
+        }
+    }
+}
+
+public final class ChangeLog: @unchecked Sendable {
+    public static let blockSize: UInt64 = 64 * 1024
+    public static let headerSize = 48
+
+    public let path: String
+    let fd: FileDescriptor
+    let lock = NSCondition()
+    public private(set) var parent: UUID?
+    public private(set) var child: UUID?
+    public private(set) var consistent: Bool
+    public private(set) var size: UInt64
+    var bitmap: [UInt8]
+    /// Bytes of `bitmap` changed in memory and not yet written.
+    var dirtyBytes: Range<Int>?
+    var commitRequested = 0
+    var commitCompleted = 0
+    var committing = false
+
+    public static func bitmapLength(size: UInt64) -> Int { Int((size + blockSize - 1) / blockSize + 7) / 8 }
+
+    init(path: String, fd: FileDescriptor, parent: UUID?, child: UUID?, consistent: Bool, size: UInt64, bitmap: [UInt8]) {
+        self.path = path
+        self.fd = fd
+        self.parent = parent
+        self.child = child
+        self.consistent = consistent
+        self.size = size
+        self.bitmap = bitmap
+    }
+
+    deinit { try? fd.close() }
+
+    /// Creates a new, empty log (fails if the file exists) and makes it durable.
+    public static func create(path: String, size: UInt64, parent: UUID? = nil, child: UUID? = nil) throws(CBTError) -> ChangeLog {
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(FilePath(path), .readWrite, options: [.create, .exclusiveCreate, .closeOnExec],
+                                         permissions: [.ownerReadWrite])
+        } catch { throw .io(path: path, errno: (error as? Errno) ?? .ioError) }
+        let log = ChangeLog(path: path, fd: fd, parent: parent, child: child, consistent: true, size: size,
+                            bitmap: [UInt8](repeating: 0, count: bitmapLength(size: size)))
+        try log.writeAll(log.headerBytes() + log.bitmap, at: 0)
+        try log.sync()
+        return log
+    }
+
+    /// Opens and checks a log. Any structural problem is `.damaged` with the reason.
+    public static func open(path: String) throws(CBTError) -> ChangeLog {
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(FilePath(path), .readWrite, options: [.closeOnExec])
+        } catch { throw .damaged(path: path, reason: "cannot open: \((error as? Errno) ?? .ioError)") }
+        do {
+            let length = try fd.seek(offset: 0, from: .end)
+            guard length >= headerSize else { throw CBTError.damaged(path: path, reason: "torn header (\(length) bytes)") }
+            var all = [UInt8](repeating: 0, count: Int(length))
+            let n = try all.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
+            guard n == length else { throw CBTError.damaged(path: path, reason: "short read") }
+            let h = Array(all[0..<headerSize])
+            let consistentRaw = h[32..<36].withUnsafeBytes { Int32(littleEndian: $0.loadUnaligned(as: Int32.self)) }
+            let size = h[40..<48].withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+            guard consistentRaw == 0 || consistentRaw == 1 else {
+                throw CBTError.damaged(path: path, reason: "consistent flag is \(consistentRaw)")
+            }
+            guard size > 0, size <= 1 << 44 else { throw CBTError.damaged(path: path, reason: "size \(size) out of range") }
+            let expected = headerSize + bitmapLength(size: size)
+            guard Int(length) == expected else {
+                throw CBTError.damaged(path: path, reason: "file is \(length) bytes, a log of size \(size) has \(expected)")
+            }
+            return ChangeLog(path: path, fd: fd, parent: uuid(h[0..<16]), child: uuid(h[16..<32]), consistent: consistentRaw == 1,
+                             size: size, bitmap: Array(all[headerSize...]))
+        } catch let e as CBTError {
+            try? fd.close()
+            throw e
+        } catch {
+            try? fd.close()
+            throw .damaged(path: path, reason: "\(error)")
+        }
+    }
+
+    static func uuid(_ b: ArraySlice<UInt8>) -> UUID? {
+        if b.allSatisfy({ $0 == 0 }) { return nil }
+        let a = Array(b)
+        return UUID(uuid: (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]))
+    }
+
+    static func bytes(_ u: UUID?) -> [UInt8] {
+        guard let u else { return [UInt8](repeating: 0, count: 16) }
+        return withUnsafeBytes(of: u.uuid) { Array($0) }
+    }
+
+    func headerBytes() -> [UInt8] {
+        var h = ChangeLog.bytes(parent) + ChangeLog.bytes(child)
+        h += withUnsafeBytes(of: Int32(consistent ? 1 : 0).littleEndian) { Array($0) } + [0, 0, 0, 0]
+        h += withUnsafeBytes(of: size.littleEndian) { Array($0) }
+        return h
+    }
+
+    func writeAll(_ b: [UInt8], at offset: Int) throws(CBTError) {
+        do {
+            _ = try b.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: Int64(offset), $0) }
+        } catch { throw .io(path: path, errno: (error as? Errno) ?? .ioError) }
+    }
+
+    func sync() throws(CBTError) {
+        if fdatasync(fd.rawValue) != 0 { throw .io(path: path, errno: Errno(rawValue: errno)) }
+    }
+
+    // MARK: tracking
+
+    /// Sets the bits of every 64 KiB block the range touches. True if any bit was new: the
+    /// caller must then `commit()` before writing the data.
+    public func markDirty(offset: UInt64, length: UInt64) -> Bool {
+        guard length > 0 else { return false }
+        let first = Int(offset / ChangeLog.blockSize)
+        let last = Int((offset + length - 1) / ChangeLog.blockSize)
+        lock.lock()
+        defer { lock.unlock() }
+        var changed = false
+        for bit in first...last where bit / 8 < bitmap.count {
+            let mask = UInt8(1 << (bit % 8))
+            if bitmap[bit / 8] & mask == 0 {
+                bitmap[bit / 8] |= mask
+                changed = true
+                let r = dirtyBytes ?? (bit / 8)..<(bit / 8 + 1)
+                dirtyBytes = min(r.lowerBound, bit / 8)..<max(r.upperBound, bit / 8 + 1)
+            }
+        }
+        return changed
+    }
+
+    /// Makes every bit set so far durable. Concurrent callers share one write and one sync.
+    public func commit() throws(CBTError) {
+        lock.lock()
+        defer { lock.unlock() }
+        commitRequested += 1
+        let ticket = commitRequested
+        while commitCompleted < ticket {
+            if committing {
+                lock.wait()
+                continue
+            }
+            committing = true
+            let target = commitRequested
+            let range = dirtyBytes
+            let slice = range.map { Array(bitmap[$0]) }
+            dirtyBytes = nil
+            lock.unlock()
+            var failure: CBTError?
+            do {
+                if let r = range, let s = slice { try writeAll(s, at: ChangeLog.headerSize + r.lowerBound) }
+                try sync()
+            } catch { failure = error }
+            lock.lock()
+            committing = false
+            if let f = failure {
+                // Put the range back so the next commit writes it again.
+                if let r = range { dirtyBytes = dirtyBytes.map { min($0.lowerBound, r.lowerBound)..<max($0.upperBound, r.upperBound) } ?? r }
+                lock.broadcast()
+                throw f
+            }
+            commitCompleted = max(commitCompleted, target)
+            lock.broadcast()
+        }
+    }
+
+    /// The bitmap as stored (LSB first).
+    public var bits: [UInt8] {
+        lock.lock(); defer { lock.unlock() }
+        return bitmap
+    }
+
+    // MARK: metadata changes (rare; each written and synced at once)
+
+    public func setConsistent(_ c: Bool) throws(CBTError) { try updateHeader { $0.consistent = c } }
+    public func setParent(_ p: UUID?) throws(CBTError) { try updateHeader { $0.parent = p } }
+    public func setChild(_ c: UUID?) throws(CBTError) { try updateHeader { $0.child = c } }
+
+    func updateHeader(_ body: (ChangeLog) -> Void) throws(CBTError) {
+        lock.lock()
+        body(self)
+        let h = headerBytes()
+        lock.unlock()
+        try writeAll(h, at: 0)
+        try sync()
+    }
+
+    /// ORs another log's bits into this one (merging a destroyed snapshot's log).
+    public func merge(_ other: [UInt8]) throws(CBTError) {
+        lock.lock()
+        for i in 0..<min(bitmap.count, other.count) { bitmap[i] |= other[i] }
+        let all = bitmap
+        lock.unlock()
+        try writeAll(all, at: ChangeLog.headerSize)
+        try sync()
+    }
+}
+
+/// The bitmap `list_changed_blocks` returns: one bit per 64 KiB, MSB first.
+public enum ChangedBlocks {
+    /// ORs LSB-first log bitmaps and converts to MSB-first bytes covering `size`.
+    public static func union(_ logs: [[UInt8]], size: UInt64) -> [UInt8] {
+        let n = ChangeLog.bitmapLength(size: size)
+        let blocks = Int((size + ChangeLog.blockSize - 1) / ChangeLog.blockSize)
+        var lsb = [UInt8](repeating: 0, count: n)
+        for l in logs { for i in 0..<min(n, l.count) { lsb[i] |= l[i] } }
+        var out = [UInt8](repeating: 0, count: n)
+        for i in 0..<n {
+            // Reverse the bit order within each byte.
+            var b = lsb[i], r: UInt8 = 0
+            for _ in 0..<8 { r = (r << 1) | (b & 1); b >>= 1 }
+            out[i] = r
+        }
+        // Bits past the last block stay clear.
+        if blocks % 8 != 0, n > 0 { out[n - 1] &= UInt8(0xFF << (8 - blocks % 8) & 0xFF) }
+        return out
+    }
+
+    /// MSB-first bitmap → byte ranges of changed blocks, clamped to `size`.
+    public static func ranges(_ msb: [UInt8], size: UInt64) -> [(offset: UInt64, length: UInt64)] {
+        var out: [(UInt64, UInt64)] = []
+        let blocks = Int((size + ChangeLog.blockSize - 1) / ChangeLog.blockSize)
+        var i = 0
+        while i < blocks {
+            guard msb[i / 8] & (0x80 >> UInt8(i % 8)) != 0 else { i += 1; continue }
+            let start = i
+            while i < blocks, msb[i / 8] & (0x80 >> UInt8(i % 8)) != 0 { i += 1 }
+            let off = UInt64(start) * ChangeLog.blockSize
+            out.append((off, min(UInt64(i) * ChangeLog.blockSize, size) - off))
+        }
+        return out
+    }
+}

@@ -1,0 +1,212 @@
+// Changed block tracking on the SR: enabling and disabling, the log chain across
+// snapshots (the current log goes with the snapshot, the leaf starts a fresh log linked to
+// it), list_changed_blocks, data_destroy, and merging a destroyed snapshot's log into its
+// neighbour. The log format and its durability live in the CBT target.
+
+import CBT
+import Foundation
+import GRDB
+
+extension SR {
+    public func cbtLogPath(_ uuid: String) -> String { "\(path)/\(uuid).cbtlog" }
+
+    public func enableCBT(_ uuid: String) throws {
+        opLock.lock(); defer { opLock.unlock() }
+        var r = try record(uuid)
+        if r.isASnapshot || r.type == "cbt_metadata" {
+            throw StorageError.operationNotAllowed(reason: "changed block tracking cannot be enabled on a snapshot (\(r.uuid))")
+        }
+        if r.onBoot == "reset" { throw StorageError.vdiOnBootModeIncompatible(uuid: r.uuid) }
+        if r.cbtEnabled { return }
+        let p = cbtLogPath(r.uuid)
+        unlink(p)
+        let log: ChangeLog
+        do { log = try ChangeLog.create(path: p, size: r.virtualSize) } catch {
+            throw StorageError.vdiIOError(uuid: r.uuid, detail: "\(error)")
+        }
+        try syncDirectory()
+        if let h = handle(r.uuid) {
+            try h.exclusivelyCBT { _ in
+                try? log.setConsistent(false)
+                return log
+            }
+        }
+        r.cbtEnabled = true
+        r.otherConfig["cbt_disabled_reason"] = nil
+        try save(r)
+    }
+
+    public func disableCBT(_ uuid: String) throws {
+        opLock.lock(); defer { opLock.unlock() }
+        try disableCBTLocked(try record(uuid), reason: nil)
+    }
+
+    /// Turns CBT off; with a reason (a damaged log) the record says why.
+    func disableCBTLocked(_ rec: VDIRecord, reason: String?) throws {
+        var r = rec
+        if r.isASnapshot || r.type == "cbt_metadata" {
+            throw StorageError.operationNotAllowed(reason: "changed block tracking of a snapshot cannot be disabled")
+        }
+        if !r.cbtEnabled && reason == nil { return }
+        if let h = handle(r.uuid) { h.exclusivelyCBT { _ in nil } }
+        if reason == nil { unlink(cbtLogPath(r.uuid)) }
+        r.cbtEnabled = false
+        r.otherConfig["cbt_disabled_reason"] = reason
+        try save(r)
+        if let why = reason { logger.error("CBT disabled on VDI \(r.uuid): \(why)") }
+    }
+
+    func save(_ r: VDIRecord) throws {
+        try dbWrite { try r.update($0) }
+    }
+
+    func handle(_ uuid: String) -> VDIHandle? {
+        handlesLock.lock(); defer { handlesLock.unlock() }
+        return handles[uuid]
+    }
+
+    /// Opens a VDI's log for reading or merging: the attached handle's own when there is one.
+    func openLog(_ uuid: String) throws -> ChangeLog {
+        if let h = handle(uuid), let l = h.withCBT({ $0 }) { return l }
+        return try ChangeLog.open(path: cbtLogPath(uuid))
+    }
+
+    /// Called on attach (handles lock held): opens the log; a damaged one disables CBT and
+    /// the record says why, instead of a backup silently missing changes.
+    func attachCBT(_ r: VDIRecord, handle h: VDIHandle) {
+        guard r.cbtEnabled else { return }
+        do {
+            let log = try ChangeLog.open(path: cbtLogPath(r.uuid))
+            try log.setConsistent(false)
+            h.exclusivelyCBT { _ in log }
+        } catch {
+            var d = r
+            d.cbtEnabled = false
+            d.otherConfig["cbt_disabled_reason"] = "\(error)"
+            try? save(d)
+            logger.error("CBT disabled on VDI \(r.uuid): \(error)")
+        }
+    }
+
+    /// Snapshot of a CBT VDI (I/O held off by the caller): the log moves to the snapshot and
+    /// the leaf starts a fresh one whose parent is the snapshot.
+    func snapshotCBT(vdi: String, snapshot: String, size: UInt64, handle h: VDIHandle?, writable: Bool) throws {
+        let live = cbtLogPath(vdi), moved = cbtLogPath(snapshot), fresh = live + ".new"
+        unlink(fresh)
+        let newLog = try ChangeLog.create(path: fresh, size: size, parent: UUID(uuidString: snapshot))
+        // The caller holds the handle's gate exclusively: read its log directly.
+        let old = try h?.cbt ?? ChangeLog.open(path: live)
+        try old.setChild(UUID(uuidString: vdi))
+        try old.setConsistent(true)
+        // The log before it now leads to the snapshot, not to the live VDI.
+        if let p = old.parent?.uuidString.lowercased(), let prev = try? ChangeLog.open(path: cbtLogPath(p)) {
+            try prev.setChild(UUID(uuidString: snapshot))
+        }
+        guard rename(live, moved) == 0, rename(fresh, live) == 0 else {
+            throw StorageError.vdiIOError(uuid: vdi, detail: "moving change logs: \(String(cString: strerror(errno)))")
+        }
+        try syncDirectory()
+        if let h {
+            if writable { try newLog.setConsistent(false) }
+            h.exclusivelyCBTHeld { _ in newLog }
+        }
+    }
+
+    /// Before a CBT snapshot's log is deleted: its bits go into the next log in the chain,
+    /// which then links to this log's parent, so no change is forgotten.
+    func mergeCBTOnDestroy(_ r: VDIRecord) {
+        guard r.cbtEnabled, let log = try? ChangeLog.open(path: cbtLogPath(r.uuid)) else { return }
+        // The next log is the one whose parent is this snapshot (the child field says which).
+        var nextUUID = log.child?.uuidString.lowercased()
+        if let n = nextUUID, (try? openLog(n))?.parent?.uuidString.lowercased() != r.uuid {
+            nextUUID = (try? allRecords().map(\.uuid) + dbRead { try String.fetchAll($0, sql: "SELECT uuid FROM vdi WHERE cbt_enabled") })?
+                .first { (try? openLog($0))?.parent?.uuidString.lowercased() == r.uuid }
+        }
+        if let child = nextUUID, let next = try? openLog(child) {
+            do {
+                try next.merge(log.bits)
+                try next.setParent(log.parent)
+                if let p = log.parent?.uuidString.lowercased(), let prev = try? ChangeLog.open(path: cbtLogPath(p)) {
+                    try prev.setChild(UUID(uuidString: child))
+                }
+            } catch {
+                logger.error("merging the change log of \(r.uuid) into \(child): \(error)")
+                return
+            }
+        }
+        unlink(cbtLogPath(r.uuid))
+    }
+
+    public func dataDestroy(_ uuid: String) throws {
+        opLock.lock(); defer { opLock.unlock() }
+        var r = try record(uuid)
+        if r.type == "cbt_metadata" { return }
+        guard r.isASnapshot, r.cbtEnabled else { throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: "not a snapshot with changed block tracking") }
+        if isAttached(r.uuid) { throw StorageError.vdiInUse(uuid: r.uuid, operation: "data_destroy") }
+        let parent = r.parent
+        r.type = "cbt_metadata"
+        r.parent = nil
+        let rr = r
+        try dbWrite { db in
+            try rr.update(db)
+            _ = try TokenRecord.filter(Column("vdi_uuid") == rr.uuid).deleteAll(db)
+        }
+        unlink(vhdPath(r.uuid))
+        try? syncDirectory()
+        collectGarbage(from: parent)
+        logger.info("data of snapshot \(r.uuid) destroyed; its change log is kept")
+    }
+
+    /// The blocks changed after `from` up to and including `to`: MSB-first bitmap, one bit
+    /// per 64 KiB, sized by `to`'s virtual size.
+    public func changedBlocks(from: String, to: String) throws -> [UInt8] {
+        let f = try record(from), t = try record(to)
+        for r in [f, t] where !r.cbtEnabled {
+            throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: r.otherConfig["cbt_disabled_reason"] ?? "changed block tracking is not enabled")
+        }
+        guard f.uuid != t.uuid else { return ChangedBlocks.union([], size: t.virtualSize) }
+        var logs: [[UInt8]] = []
+        var cur = t.uuid
+        for _ in 0..<100_000 {
+            let log: ChangeLog
+            do { log = try openLog(cur) } catch {
+                if let live = try? record(cur), !live.isASnapshot { try? disableCBTLocked(live, reason: "\(error)") }
+                throw StorageError.vdiNoCBTMetadata(uuid: cur, reason: "\(error)")
+            }
+            logs.append(log.bits)
+            guard let p = log.parent?.uuidString.lowercased() else {
+                throw StorageError.operationNotAllowed(reason: "\(f.uuid) is not an earlier snapshot of \(t.uuid) in the change log chain")
+            }
+            if p == f.uuid { return ChangedBlocks.union(logs, size: t.virtualSize) }
+            cur = p
+        }
+        throw StorageError.operationNotAllowed(reason: "change log chain of \(t.uuid) does not end")
+    }
+
+    public func listChangedBlocks(from: String, to: String) throws -> String {
+        Data(try changedBlocks(from: from, to: to)).base64EncodedString()
+    }
+
+    /// The VDIs whose changes since them `uuid`'s export can report (qemu:dirty-bitmap:<uuid>).
+    public func cbtAncestors(_ uuid: String) -> [String] {
+        guard let r = try? record(uuid), r.cbtEnabled else { return [] }
+        var out: [String] = []
+        var cur = r.uuid
+        while out.count < 1000, let log = try? openLog(cur), let p = log.parent?.uuidString.lowercased() {
+            out.append(p)
+            cur = p
+        }
+        return out
+    }
+}
+
+extension VDIHandle {
+    func withCBT<T>(_ body: (ChangeLog?) throws -> T) rethrows -> T {
+        try withChain { _ in try body(cbt) }
+    }
+
+    /// For callers that already hold the gate exclusively (inside `exclusively`).
+    func exclusivelyCBTHeld(_ body: (ChangeLog?) -> ChangeLog?) {
+        cbt = body(cbt)
+    }
+}
