@@ -83,10 +83,9 @@ public final class ChangeLog: @unchecked Sendable {
         do {
             let length = try fd.seek(offset: 0, from: .end)
             guard length >= headerSize else { throw CBTError.damaged(path: path, reason: "torn header (\(length) bytes)") }
-            var all = [UInt8](repeating: 0, count: Int(length))
-            let n = try all.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
-            guard n == length else { throw CBTError.damaged(path: path, reason: "short read") }
-            let h = Array(all[0..<headerSize])
+            var h = [UInt8](repeating: 0, count: headerSize)
+            let hn = try h.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
+            guard hn == headerSize else { throw CBTError.damaged(path: path, reason: "short read") }
             let consistentRaw = h[32..<36].withUnsafeBytes { Int32(littleEndian: $0.loadUnaligned(as: Int32.self)) }
             let size = h[40..<48].withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
             guard consistentRaw == 0 || consistentRaw == 1 else {
@@ -97,8 +96,11 @@ public final class ChangeLog: @unchecked Sendable {
             guard Int(length) == expected else {
                 throw CBTError.damaged(path: path, reason: "file is \(length) bytes, a log of size \(size) has \(expected)")
             }
+            var bitmap = [UInt8](repeating: 0, count: expected - headerSize)
+            let bn = try bitmap.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: Int64(headerSize), into: $0) }
+            guard bn == bitmap.count else { throw CBTError.damaged(path: path, reason: "short read") }
             return ChangeLog(path: path, fd: fd, parent: uuid(h[0..<16]), child: uuid(h[16..<32]), consistent: consistentRaw == 1,
-                             size: size, bitmap: Array(all[headerSize...]))
+                             size: size, bitmap: bitmap)
         } catch let e as CBTError {
             try? fd.close()
             throw e
@@ -232,18 +234,30 @@ public enum ChangedBlocks {
     public static func union(_ logs: [[UInt8]], size: UInt64) -> [UInt8] {
         let n = ChangeLog.bitmapLength(size: size)
         let blocks = Int((size + ChangeLog.blockSize - 1) / ChangeLog.blockSize)
-        var lsb = [UInt8](repeating: 0, count: n)
-        for l in logs { for i in 0..<min(n, l.count) { lsb[i] |= l[i] } }
-        var out = [UInt8](repeating: 0, count: n)
-        for i in 0..<n {
-            // Reverse the bit order within each byte.
-            var b = lsb[i], r: UInt8 = 0
-            for _ in 0..<8 { r = (r << 1) | (b & 1); b >>= 1 }
-            out[i] = r
+        var acc = [UInt8](repeating: 0, count: n)
+        acc.withUnsafeMutableBytes { dst in
+            for l in logs {
+                l.withUnsafeBytes { src in
+                    let m = min(n, src.count)
+                    // A word at a time: 10 logs of a 2 TiB disk are 40 MiB to OR.
+                    let words = m / 8
+                    let d64 = dst.baseAddress!.assumingMemoryBound(to: UInt64.self)
+                    for w in 0..<words { d64[w] |= src.loadUnaligned(fromByteOffset: w * 8, as: UInt64.self) }
+                    for i in (words * 8)..<m { dst[i] |= src[i] }
+                }
+            }
+            // LSB-first (the log) to MSB-first (the API).
+            for i in 0..<n { dst[i] = reversedBits[Int(dst[i])] }
         }
         // Bits past the last block stay clear.
-        if blocks % 8 != 0, n > 0 { out[n - 1] &= UInt8(0xFF << (8 - blocks % 8) & 0xFF) }
-        return out
+        if blocks % 8 != 0, n > 0 { acc[n - 1] &= UInt8(0xFF << (8 - blocks % 8) & 0xFF) }
+        return acc
+    }
+
+    static let reversedBits: [UInt8] = (0..<256).map { v in
+        var b = UInt8(v), r: UInt8 = 0
+        for _ in 0..<8 { r = (r << 1) | (b & 1); b >>= 1 }
+        return r
     }
 
     /// MSB-first bitmap → byte ranges of changed blocks, clamped to `size`.

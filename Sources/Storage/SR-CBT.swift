@@ -88,6 +88,14 @@ extension SR {
         }
     }
 
+    /// At start-up: a live VDI whose log is damaged gets CBT disabled with the reason.
+    func checkCBTLogs() {
+        let live = (try? dbRead { try VDIRecord.filter(Column("cbt_enabled") == true && Column("is_a_snapshot") == false).fetchAll($0) }) ?? []
+        for r in live {
+            do { _ = try ChangeLog.open(path: cbtLogPath(r.uuid)) } catch { try? disableCBTLocked(r, reason: "\(error)") }
+        }
+    }
+
     /// Snapshot of a CBT VDI (I/O held off by the caller): the log moves to the snapshot and
     /// the leaf starts a fresh one whose parent is the snapshot.
     func snapshotCBT(vdi: String, snapshot: String, size: UInt64, handle h: VDIHandle?, writable: Bool) throws {

@@ -12,6 +12,7 @@
 //   destroy:  delete the record, then the file, then any hidden base left childless.
 // `recover()` runs at start-up and finishes or undoes what a crash interrupted.
 
+import CBT
 import Foundation
 import GRDB
 import Logging
@@ -75,6 +76,7 @@ public final class SR: @unchecked Sendable {
             throw StorageError.srBackendFailure(detail: "cannot open SR at \(self.path): \(error)")
         }
         try recover()
+        checkCBTLogs()
     }
 
     public func vhdPath(_ uuid: String) -> String { "\(path)/\(uuid).vhd" }
@@ -170,8 +172,15 @@ public final class SR: @unchecked Sendable {
     public func snapshot(_ uuid: String, driverParams: [String: String] = [:]) throws -> VDIRecord {
         let u = try SR.validUUID(uuid)
         opLock.lock(); defer { opLock.unlock() }
-        let vdi = try record(u)
+        var vdi = try record(u)
         guard vdi.type != "cbt_metadata" else { throw StorageError.vdiIncompatibleType(uuid: u, type: vdi.type) }
+        if vdi.cbtEnabled && !isAttached(u) {
+            // A damaged log is reported, not handed on to the snapshot.
+            do { _ = try ChangeLog.open(path: cbtLogPath(u)) } catch {
+                try disableCBTLocked(vdi, reason: "\(error)")
+                vdi = try record(u)
+            }
+        }
         let baseUUID = UUID().uuidString.lowercased()
         let snapUUID = UUID().uuidString.lowercased()
         let leafPath = vhdPath(u), basePath = vhdPath(baseUUID), snapPath = vhdPath(snapUUID)

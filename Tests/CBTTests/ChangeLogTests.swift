@@ -1,0 +1,92 @@
+import Foundation
+import XCTest
+@testable import CBT
+
+final class ChangeLogTests: XCTestCase {
+    var dir: String!
+    override func setUp() {
+        dir = NSTemporaryDirectory() + "cbt-" + UUID().uuidString
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func testLayoutIsBlktaps48ByteHeaderThenLSBFirstBits() throws {
+        let p = dir + "/a.cbtlog"
+        let parent = UUID()
+        let log = try ChangeLog.create(path: p, size: 1 << 20, parent: parent)
+        XCTAssertTrue(log.markDirty(offset: 64 * 1024 * 3, length: 1))
+        XCTAssertFalse(log.markDirty(offset: 64 * 1024 * 3 + 10, length: 5), "bit already set")
+        try log.commit()
+        let bytes = Array(try Data(contentsOf: URL(fileURLWithPath: p)))
+        XCTAssertEqual(bytes.count, 48 + 2)  // 16 blocks -> 2 bytes
+        XCTAssertEqual(Array(bytes[0..<16]), withUnsafeBytes(of: parent.uuid) { Array($0) })
+        XCTAssertEqual(Array(bytes[40..<48]), [0, 0, 16, 0, 0, 0, 0, 0])  // size, little-endian
+        XCTAssertEqual(bytes[48], 0b0000_1000)
+    }
+
+    func testRangeCrossingABoundarySetsBothBits() throws {
+        let log = try ChangeLog.create(path: dir + "/b.cbtlog", size: 1 << 20)
+        _ = log.markDirty(offset: 64 * 1024 - 1, length: 2)
+        XCTAssertEqual(log.bits[0], 0b0000_0011)
+    }
+
+    func testReopenSeesCommittedBitsAndHeader() throws {
+        let p = dir + "/c.cbtlog"
+        let log = try ChangeLog.create(path: p, size: 10 << 20)
+        _ = log.markDirty(offset: 5 << 20, length: 4096)
+        try log.commit()
+        try log.setConsistent(false)
+        let again = try ChangeLog.open(path: p)
+        XCTAssertEqual(again.bits, log.bits)
+        XCTAssertFalse(again.consistent)
+        XCTAssertEqual(again.size, 10 << 20)
+    }
+
+    func testDamagedLogsAreTypedWithAReason() throws {
+        let p = dir + "/d.cbtlog"
+        _ = try ChangeLog.create(path: p, size: 10 << 20)
+        let h = FileHandle(forWritingAtPath: p)!
+        h.truncateFile(atOffset: 30)
+        h.closeFile()
+        XCTAssertThrowsError(try ChangeLog.open(path: p)) {
+            guard case CBTError.damaged(_, let r) = $0 else { return XCTFail("\($0)") }
+            XCTAssertTrue(r.contains("torn header"), r)
+        }
+        let q = dir + "/e.cbtlog"
+        _ = try ChangeLog.create(path: q, size: 10 << 20)
+        let g = FileHandle(forWritingAtPath: q)!
+        g.seekToEndOfFile()
+        g.write(Data([1, 2, 3]))
+        g.closeFile()
+        XCTAssertThrowsError(try ChangeLog.open(path: q)) {
+            guard case CBTError.damaged(_, let r) = $0 else { return XCTFail("\($0)") }
+            XCTAssertTrue(r.contains("bytes"), r)
+        }
+    }
+
+    func testUnionIsMSBFirstAndSizedByTheNewerDisk() {
+        // LSB-first logs: block 0 in one, block 9 in the other; 100 blocks -> 13 bytes.
+        let out = ChangedBlocks.union([[0b0000_0001], [0, 0b0000_0010]], size: 100 * 64 * 1024)
+        XCTAssertEqual(out.count, 13)
+        XCTAssertEqual(out[0], 0b1000_0000)
+        XCTAssertEqual(out[1], 0b0100_0000)
+        XCTAssertEqual(ChangedBlocks.ranges(out, size: 100 * 64 * 1024).map(\.offset), [0, 9 * 64 * 1024])
+    }
+
+    func testShortLastBlockRangeIsClampedToTheSize() {
+        let size: UInt64 = 64 * 1024 + 512
+        let r = ChangedBlocks.ranges([0b0100_0000], size: size)
+        XCTAssertEqual(r.map(\.length), [512])
+    }
+
+    func testConcurrentCommitsAllBecomeDurable() throws {
+        let p = dir + "/f.cbtlog"
+        let log = try ChangeLog.create(path: p, size: 64 << 20)
+        DispatchQueue.concurrentPerform(iterations: 256) { i in
+            if log.markDirty(offset: UInt64(i) * 256 * 1024, length: 1) { try? log.commit() }
+        }
+        let again = try ChangeLog.open(path: p)
+        XCTAssertEqual(again.bits, log.bits)
+        XCTAssertEqual(again.bits.reduce(0) { $0 + $1.nonzeroBitCount }, 256)
+    }
+}
