@@ -7,7 +7,7 @@ start_vdinbd
 u=$(vdictl vdi-create name-label=t virtual-size=8MiB)
 U=$(uri "$u")
 # A client that stays connected throughout.
-export PORT SOCK NAME=$(export_name "$u") LOG=$TMP/server.log
+export PORT SOCK NAME=$(export_name "$u") LOG=$TMP/server.log URI=$(uri "$u")
 nbdsh -u "$U" -c '
 import socket, struct, sys, time, json, subprocess, os
 h.pwrite(b"A" * 4096, 0)
@@ -36,6 +36,15 @@ hdr = s.recv(10); assert len(hdr) == 10, hdr
 s.sendall(b"\xde\xad\xbe\xef" + bytes(24))
 s.settimeout(5)
 assert s.recv(4096) == b"", "server kept a client with a bad request magic"
+# 5. a WRITE larger than the advertised maximum: EINVAL once its payload is in, and the
+#    connection stays framed and usable.
+g = nbd.NBD(); g.set_strict_mode(0); g.connect_uri(os.environ["URI"])
+try:
+    g.pwrite(b"z" * (33 << 20), 0); raise SystemExit("oversized write accepted")
+except nbd.Error as e:
+    assert e.errnum == 22, e
+assert g.pread(4096, 0) == b"A" * 4096
+g.shutdown()
 # The first client still works.
 assert h.pread(4096, 0) == b"A" * 4096
 h.pwrite(b"B" * 512, 8192); assert h.pread(512, 8192) == b"B" * 512
