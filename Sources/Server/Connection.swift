@@ -171,6 +171,8 @@ final class Connection: @unchecked Sendable {
             close(reason: "protocol error: \(error)")
             return
         }
+        // Replies made while decoding this batch (inline reads, errors) leave in one write.
+        if !outbound.isEmpty && writeSuspended && !isClosed { flushOutbound() }
         if inbound.readableBytes == 0 && inbound.capacity > 4 << 20 {
             // A big WRITE grew the buffer: give the memory back while the client idles.
             inbound = ByteBuffer()
@@ -332,6 +334,15 @@ final class Connection: @unchecked Sendable {
             pauseReading()
             if inFlight == 0 { close(reason: "client sent NBD_CMD_DISC") }
         case .read(let cookie, let offset, let length, let df):
+            // Fast path: small reads whose data is all in the page cache are answered right
+            // here, without two queue hops. preadv2(RWF_NOWAIT) never waits for the disk;
+            // anything else (a miss, an error) goes the normal way on the I/O queue.
+            if length <= Self.inlineReadLimit,
+               let reply = try? Replies.read(h, cookie: cookie, offset: offset, length: length, structured: structured, df: df,
+                                             cachedOnly: true) {
+                send(reply)
+                return
+            }
             run(cookie: cookie, bytes: Int(length), what: "read at \(offset)+\(length)", chunked: structured) {
                 try Replies.read(h, cookie: cookie, offset: offset, length: length, structured: structured, df: df)
             }
@@ -438,6 +449,8 @@ final class Connection: @unchecked Sendable {
     /// The first outbound buffer was partly refused (EAGAIN): GnuTLS wants it retried unchanged.
     var retryingWrite = false
     static let coalesceLimit = 256 * 1024
+    /// Reads up to this size may be served from the page cache on the connection queue.
+    static let inlineReadLimit: UInt32 = 64 * 1024
 
     func send(_ buf: ByteBuffer) {
         guard !isClosed else { return }

@@ -8,24 +8,25 @@ import Storage
 enum Replies {
     /// A READ reply. With structured replies, unallocated stretches go back as hole chunks
     /// (unless DF forbids splitting) so clients like nbdcopy skip them.
-    static func read(_ h: VDIHandle, cookie: UInt64, offset: UInt64, length: UInt32, structured: Bool, df: Bool)
-        throws -> ByteBuffer
+    static func read(_ h: VDIHandle, cookie: UInt64, offset: UInt64, length: UInt32, structured: Bool, df: Bool,
+                     cachedOnly: Bool = false) throws -> ByteBuffer
     {
         var buf = ByteBuffer()
         guard structured else {
             buf.reserveCapacity(16 + Int(length))
             encodeSimpleReply(error: nil, cookie: cookie, into: &buf)
-            try readInto(&buf, h, offset: offset, length: Int(length))
+            try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
             return buf
         }
-        let runs = df ? [(allocated: true, length: UInt64(length))] : try h.allocationRuns(offset: offset, length: UInt64(length))
+        let runs = df ? [(allocated: true, length: UInt64(length))]
+            : try h.allocationRuns(offset: offset, length: UInt64(length), cachedOnly: cachedOnly)
         buf.reserveCapacity(runs.count * 32 + (runs.contains { $0.allocated } ? Int(length) : 0))
         var pos = offset
         for (i, run) in runs.enumerated() {
             let last = i == runs.count - 1
             if run.allocated {
                 encodeDataChunkHeader(cookie: cookie, offset: pos, length: UInt32(run.length), done: last, into: &buf)
-                try readInto(&buf, h, offset: pos, length: Int(run.length))
+                try readInto(&buf, h, offset: pos, length: Int(run.length), cachedOnly: cachedOnly)
             } else {
                 encodeHoleChunk(cookie: cookie, offset: pos, length: UInt32(run.length), done: last, into: &buf)
             }
@@ -34,11 +35,11 @@ enum Replies {
         return buf
     }
 
-    static func readInto(_ buf: inout ByteBuffer, _ h: VDIHandle, offset: UInt64, length: Int) throws {
+    static func readInto(_ buf: inout ByteBuffer, _ h: VDIHandle, offset: UInt64, length: Int, cachedOnly: Bool = false) throws {
         var failure: Error?
         buf.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
             do {
-                try h.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length]), at: offset)
+                try h.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length]), at: offset, cachedOnly: cachedOnly)
             } catch {
                 failure = error
             }

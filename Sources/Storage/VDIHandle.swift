@@ -31,10 +31,16 @@ public final class VDIHandle: @unchecked Sendable {
         return try body(chain)
     }
 
-    public func read(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VHDError) {
-        pthread_rwlock_rdlock(&gate)
+    /// With `cachedOnly`, never waits: not for the disk (`.wouldBlock`), nor for a snapshot
+    /// holding the gate.
+    public func read(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false) throws(VHDError) {
+        if cachedOnly {
+            guard pthread_rwlock_tryrdlock(&gate) == 0 else { throw .wouldBlock }
+        } else {
+            pthread_rwlock_rdlock(&gate)
+        }
         defer { pthread_rwlock_unlock(&gate) }
-        try chain.read(into: buf, at: offset)
+        try chain.read(into: buf, at: offset, cachedOnly: cachedOnly)
     }
 
     public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws {
@@ -58,10 +64,16 @@ public final class VDIHandle: @unchecked Sendable {
     }
 
     /// Runs of allocated (some layer holds data) and unallocated space.
-    public func allocationRuns(offset: UInt64, length: UInt64) throws(VHDError) -> [(allocated: Bool, length: UInt64)] {
-        pthread_rwlock_rdlock(&gate)
+    public func allocationRuns(offset: UInt64, length: UInt64, cachedOnly: Bool = false) throws(VHDError)
+        -> [(allocated: Bool, length: UInt64)]
+    {
+        if cachedOnly {
+            guard pthread_rwlock_tryrdlock(&gate) == 0 else { throw .wouldBlock }
+        } else {
+            pthread_rwlock_rdlock(&gate)
+        }
         defer { pthread_rwlock_unlock(&gate) }
-        return try chain.allocationRuns(offset: offset, length: length)
+        return try chain.allocationRuns(offset: offset, length: length, cachedOnly: cachedOnly)
     }
 
     public func flush() throws(VHDError) {

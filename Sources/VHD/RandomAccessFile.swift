@@ -9,6 +9,9 @@ public protocol RandomAccessFile: AnyObject, Sendable {
     /// Reads exactly `buffer.count` bytes; bytes past the end of the file read as zero.
     func read(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError)
     func writeAll(_ buffer: UnsafeRawBufferPointer, toAbsoluteOffset offset: UInt64) throws(VHDError)
+    /// Reads only if the whole range is in the page cache (never waits for the disk);
+    /// false when it would have to.
+    func readIfCached(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) -> Bool
     func length() throws(VHDError) -> UInt64
     func truncate(toLength: UInt64) throws(VHDError)
     /// Makes written data durable (fdatasync).
@@ -66,6 +69,23 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
             }
             done += n
         }
+    }
+
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) -> Bool {
+        #if os(Linux)
+        var iov = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
+        while true {
+            // RWF_NOWAIT: fail with EAGAIN instead of waiting for the disk.
+            let n = c_preadv2(fd.rawValue, &iov, 1, Int(offset), 0x08)
+            if n == buffer.count { return true }
+            if n >= 0 { return false }  // short: part of it is not cached (or past EOF)
+            if errno == EINTR { continue }
+            if errno == EAGAIN || errno == EOPNOTSUPP { return false }
+            throw .io(path: path, errno: Errno(rawValue: errno))
+        }
+        #else
+        return false
+        #endif
     }
 
     public func writeAll(_ buffer: UnsafeRawBufferPointer, toAbsoluteOffset offset: UInt64) throws(VHDError) {
@@ -129,6 +149,11 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
         writeLog.append((offset, buffer.count))
     }
 
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) -> Bool {
+        try read(into: buffer, atAbsoluteOffset: offset)
+        return true
+    }
+
     public func length() throws(VHDError) -> UInt64 { UInt64(bytes.count) }
     public func truncate(toLength length: UInt64) throws(VHDError) {
         if Int(length) < bytes.count { bytes.removeLast(bytes.count - Int(length)) } else {
@@ -144,6 +169,9 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
 }
 
 #if os(Linux)
+@_silgen_name("preadv2")
+private func c_preadv2(_ fd: Int32, _ iov: UnsafePointer<iovec>, _ count: Int32, _ offset: Int, _ flags: Int32) -> Int
+
 @_silgen_name("fallocate")
 private func c_fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int, _ length: Int) -> Int32
 #endif

@@ -102,7 +102,8 @@ public final class VHDChain: @unchecked Sendable {
     // MARK: reads
 
     /// Reads `buffer.count` bytes at `offset` through the chain.
-    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VHDError) {
+    /// With `cachedOnly`, throws `.wouldBlock` instead of waiting for the disk anywhere.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false) throws(VHDError) {
         let length = UInt64(buffer.count)
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw .outOfRange(offset: offset, length: length, virtualSize: virtualSize)
@@ -115,7 +116,7 @@ public final class VHDChain: @unchecked Sendable {
             let inBlock = Int(pos % bs)
             let n = min(Int(bs) - inBlock, buffer.count - done)
             let dest = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
-            try readPiece(layer: 0, blockIndex: blockIndex, range: inBlock..<(inBlock + n), into: dest)
+            try readPiece(layer: 0, blockIndex: blockIndex, range: inBlock..<(inBlock + n), into: dest, cachedOnly: cachedOnly)
             done += n
         }
     }
@@ -127,7 +128,8 @@ public final class VHDChain: @unchecked Sendable {
     }
 
     /// `range` is a byte range inside the block; `dest` has exactly its length.
-    func readPiece(layer: Int, blockIndex: Int, range: Range<Int>, into dest: UnsafeMutableRawBufferPointer) throws(VHDError) {
+    func readPiece(layer: Int, blockIndex: Int, range: Range<Int>, into dest: UnsafeMutableRawBufferPointer,
+                   cachedOnly: Bool = false) throws(VHDError) {
         guard layer < layers.count else {
             dest.initializeMemory(as: UInt8.self, repeating: 0)
             return
@@ -139,17 +141,17 @@ public final class VHDChain: @unchecked Sendable {
             let limit = f.virtualSize > blockStart + UInt64(range.lowerBound) ? Int(f.virtualSize - blockStart) : range.lowerBound
             if limit > range.lowerBound {
                 try readPiece(layer: layer, blockIndex: blockIndex, range: range.lowerBound..<limit,
-                              into: UnsafeMutableRawBufferPointer(rebasing: dest[0..<(limit - range.lowerBound)]))
+                              into: UnsafeMutableRawBufferPointer(rebasing: dest[0..<(limit - range.lowerBound)]), cachedOnly: cachedOnly)
             }
             try readPiece(layer: layer + 1, blockIndex: blockIndex, range: limit..<range.upperBound,
-                          into: UnsafeMutableRawBufferPointer(rebasing: dest[(limit - range.lowerBound)...]))
+                          into: UnsafeMutableRawBufferPointer(rebasing: dest[(limit - range.lowerBound)...]), cachedOnly: cachedOnly)
             return
         }
-        switch try f.blockState(blockIndex) {
+        switch try f.blockState(blockIndex, cachedOnly: cachedOnly) {
         case .absent:
-            try readPiece(layer: layer + 1, blockIndex: blockIndex, range: range, into: dest)
+            try readPiece(layer: layer + 1, blockIndex: blockIndex, range: range, into: dest, cachedOnly: cachedOnly)
         case .full(let dataOffset):
-            try f.file.read(into: dest, atAbsoluteOffset: dataOffset + UInt64(range.lowerBound))
+            try readData(f, into: dest, at: dataOffset + UInt64(range.lowerBound), cachedOnly: cachedOnly)
         case .partial(let dataOffset, let bitmap):
             let sectors = (range.lowerBound / 512)..<((range.upperBound + 511) / 512)
             for (present, run) in bitmap.runs(in: sectors) {
@@ -157,26 +159,37 @@ public final class VHDChain: @unchecked Sendable {
                 let b = min(run.upperBound * 512, range.upperBound)
                 let sub = UnsafeMutableRawBufferPointer(rebasing: dest[(a - range.lowerBound)..<(b - range.lowerBound)])
                 if present {
-                    try f.file.read(into: sub, atAbsoluteOffset: dataOffset + UInt64(a))
+                    try readData(f, into: sub, at: dataOffset + UInt64(a), cachedOnly: cachedOnly)
                 } else {
-                    try readPiece(layer: layer + 1, blockIndex: blockIndex, range: a..<b, into: sub)
+                    try readPiece(layer: layer + 1, blockIndex: blockIndex, range: a..<b, into: sub, cachedOnly: cachedOnly)
                 }
             }
         }
     }
 
+    @inline(__always)
+    func readData(_ f: VHDFile, into dest: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool) throws(VHDError) {
+        if cachedOnly {
+            guard try f.file.readIfCached(into: dest, atAbsoluteOffset: offset) else { throw .wouldBlock }
+        } else {
+            try f.file.read(into: dest, atAbsoluteOffset: offset)
+        }
+    }
+
     /// Whether any layer from `layer` down holds data for this block.
-    func anyLayerHolds(blockIndex: Int, from layer: Int) throws(VHDError) -> Bool {
+    func anyLayerHolds(blockIndex: Int, from layer: Int, cachedOnly: Bool = false) throws(VHDError) -> Bool {
         for l in layers[layer...] {
             if UInt64(blockIndex) * UInt64(blockSize) >= l.virtualSize { continue }
-            if case .absent = try l.blockState(blockIndex) { continue }
+            if case .absent = try l.blockState(blockIndex, cachedOnly: cachedOnly) { continue }
             return true
         }
         return false
     }
 
     /// Allocation status of `[offset, offset+length)` as runs: true where some layer holds data.
-    public func allocationRuns(offset: UInt64, length: UInt64) throws(VHDError) -> [(allocated: Bool, length: UInt64)] {
+    public func allocationRuns(offset: UInt64, length: UInt64, cachedOnly: Bool = false) throws(VHDError)
+        -> [(allocated: Bool, length: UInt64)]
+    {
         var out: [(Bool, UInt64)] = []
         func add(_ a: Bool, _ n: UInt64) {
             if let last = out.last, last.0 == a { out[out.count - 1].1 += n } else { out.append((a, n)) }
@@ -187,7 +200,7 @@ public final class VHDChain: @unchecked Sendable {
         while pos < end {
             let bi = Int(pos / bs)
             let n = min(bs - pos % bs, end - pos)
-            add(try anyLayerHolds(blockIndex: bi, from: 0), n)
+            add(try anyLayerHolds(blockIndex: bi, from: 0, cachedOnly: cachedOnly), n)
             pos += n
         }
         return out

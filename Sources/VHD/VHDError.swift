@@ -26,6 +26,8 @@ public enum VHDError: Error, Equatable, CustomStringConvertible, Sendable {
     case outOfRange(offset: UInt64, length: UInt64, virtualSize: UInt64)
     /// A write to a disk opened read-only.
     case readOnly(path: String)
+    /// A cached-only read would have had to wait for the disk.
+    case wouldBlock
     /// Zeroing this range would mean writing zeros (asked to fail fast instead).
     case zeroingNotFast
     /// An operating-system error, with the path it happened on.
@@ -48,6 +50,7 @@ public enum VHDError: Error, Equatable, CustomStringConvertible, Sendable {
         case .chainTooDeep(let l): return "chain deeper than \(l)"
         case .outOfRange(let o, let l, let v): return "range \(o)+\(l) outside virtual size \(v)"
         case .readOnly(let p): return "\(p) is read-only"
+        case .wouldBlock: return "the data is not in the page cache"
         case .zeroingNotFast: return "zeroing this range is not faster than writing zeros"
         case .io(let p, let e): return "\(p): \(e)"
         }

@@ -157,16 +157,17 @@ public final class VHDFile: @unchecked Sendable {
     }
 
     /// What this file holds for `blockIndex`. For fixed disks every block inside the size is full.
-    public func blockState(_ blockIndex: Int) throws(VHDError) -> BlockState {
+    /// With `cachedOnly`, a bitmap not yet in memory is `.wouldBlock` rather than read.
+    public func blockState(_ blockIndex: Int, cachedOnly: Bool = false) throws(VHDError) -> BlockState {
         // A fixed disk has no mutable metadata: no lock needed.
         if header == nil { return try blockStateLocked(blockIndex) }
         lock.lock()
         defer { lock.unlock() }
-        return try blockStateLocked(blockIndex)
+        return try blockStateLocked(blockIndex, cachedOnly: cachedOnly)
     }
 
     /// `blockState` for callers that hold the lock.
-    func blockStateLocked(_ blockIndex: Int) throws(VHDError) -> BlockState {
+    func blockStateLocked(_ blockIndex: Int, cachedOnly: Bool = false) throws(VHDError) -> BlockState {
         guard let h = header else {
             let off = UInt64(blockIndex) * UInt64(blockSize)
             return off < footer.currentSize ? .full(dataOffset: off) : .absent
@@ -180,6 +181,7 @@ public final class VHDFile: @unchecked Sendable {
         case 1: return .full(dataOffset: data)
         case 2: return .partial(dataOffset: data, bitmap: bitmaps[blockIndex]!)
         default:
+            if cachedOnly { throw .wouldBlock }
             let bm = SectorBitmap(bytes: try file.read(at: start, count: h.bitmapBytes), sectors: Int(h.blockSize) / 512)
             if bm.isFull {
                 bitmapKinds[blockIndex] = 1

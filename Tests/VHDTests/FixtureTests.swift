@@ -51,6 +51,18 @@ final class FixtureTests: XCTestCase {
         XCTAssertEqual(c.layers[1].path.hasSuffix("image.vhd"), true)
     }
 
+    func testCachedOnlyReadRefusesToLoadABitmapThenServesOnceLoaded() throws {
+        let c = try VHDChain.open(path: try fixturesDirectory() + "/ext2.vhd", writable: false)
+        defer { c.close() }
+        var buf = [UInt8](repeating: 0, count: 512)
+        XCTAssertThrowsError(try buf.withUnsafeMutableBytes { try c.read(into: $0, at: 1024, cachedOnly: true) }) {
+            XCTAssertEqual($0 as? VHDError, .wouldBlock)
+        }
+        let full = try c.read(at: 1024, count: 512)
+        try buf.withUnsafeMutableBytes { try c.read(into: $0, at: 1024, cachedOnly: true) }
+        XCTAssertEqual(buf, full)
+    }
+
     func testFatDifferentialFailsWithParentMissingNamingTheParent() throws {
         XCTAssertThrowsError(try VHDChain.open(path: try fixturesDirectory() + "/fat-differential.vhd", writable: false)) {
             guard case VHDError.parentMissing(_, let name, let uid) = $0 else { return XCTFail("\($0)") }
