@@ -171,13 +171,17 @@ public final class ControlClient {
                 done += n
             }
         }
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while !pending.contains(0x0A) {
+        var chunk = [UInt8](repeating: 0, count: 1 << 20)
+        // Look for the newline only in what each read adds (a bitmap reply is megabytes).
+        var newline = pending.firstIndex(of: 0x0A)
+        while newline == nil {
             let n = read(fd, &chunk, chunk.count)
             guard n > 0 else { throw RPCError(code: -32000, message: "control socket closed") }
+            let start = pending.endIndex
             pending.append(contentsOf: chunk[0..<n])
+            newline = pending[start...].firstIndex(of: 0x0A)
         }
-        let nl = pending.firstIndex(of: 0x0A)!
+        let nl = newline!
         let line = pending[pending.startIndex..<nl]
         pending = Data(pending[(nl + 1)...])
         let resp = try JSONDecoder().decode(RPCResponse.self, from: line)

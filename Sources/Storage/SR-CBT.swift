@@ -173,19 +173,26 @@ extension SR {
             throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: r.otherConfig["cbt_disabled_reason"] ?? "changed block tracking is not enabled")
         }
         guard f.uuid != t.uuid else { return ChangedBlocks.union([], size: t.virtualSize) }
-        var logs: [[UInt8]] = []
+        var acc = [UInt8](repeating: 0, count: ChangeLog.bitmapLength(size: t.virtualSize))
         var cur = t.uuid
         for _ in 0..<100_000 {
-            let log: ChangeLog
-            do { log = try openLog(cur) } catch {
+            let parent: UUID?
+            do {
+                if let h = handle(cur), let live = h.withCBT({ $0 }) {
+                    // Attached: its log is in memory and changing.
+                    ChangedBlocks.or(live.bits, into: &acc)
+                    parent = live.parent
+                } else {
+                    parent = try ChangeLog.accumulate(path: cbtLogPath(cur), into: &acc)
+                }
+            } catch {
                 if let live = try? record(cur), !live.isASnapshot { try? disableCBTLocked(live, reason: "\(error)") }
                 throw StorageError.vdiNoCBTMetadata(uuid: cur, reason: "\(error)")
             }
-            logs.append(log.bits)
-            guard let p = log.parent?.uuidString.lowercased() else {
+            guard let p = parent?.uuidString.lowercased() else {
                 throw StorageError.operationNotAllowed(reason: "\(f.uuid) is not an earlier snapshot of \(t.uuid) in the change log chain")
             }
-            if p == f.uuid { return ChangedBlocks.union(logs, size: t.virtualSize) }
+            if p == f.uuid { return ChangedBlocks.finish(acc, size: t.virtualSize) }
             cur = p
         }
         throw StorageError.operationNotAllowed(reason: "change log chain of \(t.uuid) does not end")
