@@ -110,6 +110,39 @@ public final class ChangeLog: @unchecked Sendable {
         }
     }
 
+    /// Grows a closed log to cover `size` bytes: the old bits, new clear bits past them and
+    /// the new size, written to a side file that is synced and renamed over the log, so a
+    /// crash leaves the old log or the new one. Never shrinks.
+    public static func grow(path: String, to size: UInt64) throws(CBTError) {
+        let old = try open(path: path)
+        guard size > old.size else { return }
+        let side = path + ".resize"
+        unlink(side)
+        var bytes = headerBytes(parent: old.parent, child: old.child, consistent: old.consistent, size: size) + old.bitmap
+        bytes += [UInt8](repeating: 0, count: bitmapLength(size: size) - old.bitmap.count)
+        let fd: FileDescriptor
+        do {
+            fd = try FileDescriptor.open(FilePath(side), .readWrite, options: [.create, .exclusiveCreate, .closeOnExec],
+                                         permissions: [.ownerReadWrite])
+        } catch { throw .io(path: side, errno: (error as? Errno) ?? .ioError) }
+        do {
+            _ = try bytes.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: 0, $0) }
+            guard fdatasync(fd.rawValue) == 0 else { throw Errno(rawValue: errno) }
+            try fd.close()
+        } catch {
+            try? fd.close()
+            unlink(side)
+            throw .io(path: side, errno: (error as? Errno) ?? .ioError)
+        }
+        guard rename(side, path) == 0 else {
+            let e = Errno(rawValue: errno)
+            unlink(side)
+            throw .io(path: path, errno: e)
+        }
+        let dir = Glibc.open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY)
+        if dir >= 0 { fsync(dir); Glibc.close(dir) }
+    }
+
     /// Reads a log's parent and ORs its bits (LSB first) into `acc`, without keeping the
     /// file open or copying the bitmap: `list_changed_blocks` walks many 4 MiB logs.
     public static func accumulate(path: String, into acc: inout [UInt8]) throws(CBTError) -> UUID? {
@@ -152,8 +185,10 @@ public final class ChangeLog: @unchecked Sendable {
         return withUnsafeBytes(of: u.uuid) { Array($0) }
     }
 
-    func headerBytes() -> [UInt8] {
-        var h = ChangeLog.bytes(parent) + ChangeLog.bytes(child)
+    func headerBytes() -> [UInt8] { ChangeLog.headerBytes(parent: parent, child: child, consistent: consistent, size: size) }
+
+    static func headerBytes(parent: UUID?, child: UUID?, consistent: Bool, size: UInt64) -> [UInt8] {
+        var h = bytes(parent) + bytes(child)
         h += withUnsafeBytes(of: Int32(consistent ? 1 : 0).littleEndian) { Array($0) } + [0, 0, 0, 0]
         h += withUnsafeBytes(of: size.littleEndian) { Array($0) }
         return h

@@ -87,7 +87,7 @@ public final class ControlAPI: @unchecked Sendable {
     public static let methods = [
         "VDI.create", "VDI.get_record", "VDI.get_all", "VDI.get_all_records", "VDI.get_by_name_label", "VDI.snapshot",
         "VDI.destroy", "VDI.get_nbd_info", "VDI.revoke_nbd_info", "VDI.enable_cbt", "VDI.disable_cbt",
-        "VDI.list_changed_blocks", "VDI.data_destroy", "system.listMethods",
+        "VDI.list_changed_blocks", "VDI.data_destroy", "VDI.resize", "system.listMethods",
     ]
 
     func dispatch(_ method: String, _ p: Params) throws -> JSONValue {
@@ -140,6 +140,10 @@ public final class ControlAPI: @unchecked Sendable {
         case "VDI.list_changed_blocks":
             let from = try SR.validUUID(p.string(0, "vdi_from")), to = try SR.validUUID(p.string(1, "vdi_to"))
             return .string(try sr.listChangedBlocks(from: from, to: to))
+        case "VDI.resize":
+            let uuid = try p.string(0, "uuid")
+            _ = try sr.resize(uuid, size: try sizeParam(p.optional(1, "size"), field: "size"))
+            return .null
         case "VDI.revoke_nbd_info":
             return .number(Double(try sr.revokeTokens(vdi: p.string(0, "uuid"), exportName: p.optional(1, "exportname")?.stringValue)))
         default:
@@ -147,22 +151,26 @@ public final class ControlAPI: @unchecked Sendable {
         }
     }
 
-    func create(_ o: [String: JSONValue]) throws -> VDIRecord {
-        let size: UInt64
-        switch o["virtual_size"] {
+    /// A size given as a number of bytes or a string ("1073741824", "64MiB").
+    func sizeParam(_ v: JSONValue?, field: String) throws -> UInt64 {
+        switch v {
         case .number(let n)?:
             guard n >= 1, n == n.rounded(), n < 1.8e19 else {
-                throw StorageError.valueNotSupported(field: "virtual_size", value: "\(n)", reason: "must be a positive integer")
+                throw StorageError.valueNotSupported(field: field, value: "\(n)", reason: "must be a positive integer")
             }
-            size = UInt64(n)
+            return UInt64(n)
         case .string(let s)?:
             guard let v = parseSize(s) else {
-                throw StorageError.valueNotSupported(field: "virtual_size", value: s, reason: "not a size")
+                throw StorageError.valueNotSupported(field: field, value: s, reason: "not a size")
             }
-            size = v
+            return v
         default:
-            throw RPCError.invalidParams("virtual_size is required")
+            throw RPCError.invalidParams("\(field) is required")
         }
+    }
+
+    func create(_ o: [String: JSONValue]) throws -> VDIRecord {
+        let size = try sizeParam(o["virtual_size"], field: "virtual_size")
         var cp = SR.CreateParams(nameLabel: o["name_label"]?.stringValue ?? "", virtualSize: size)
         cp.nameDescription = o["name_description"]?.stringValue ?? ""
         if case .bool(let b)? = o["sharable"] { cp.sharable = b }

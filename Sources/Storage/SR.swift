@@ -282,6 +282,50 @@ public final class SR: @unchecked Sendable {
         logger.info("destroyed VDI \(u)")
     }
 
+    /// Grows a VDI (offline, as XenServer's `VDI.resize`): its change log first, then the
+    /// leaf VHD, then the record. Each step leaves a usable VDI if the next never happens: a
+    /// log larger than the disk only has clear bits past its end, and `recover()` takes the
+    /// size from the VHD if the record was not updated.
+    public func resize(_ uuid: String, size requested: UInt64) throws -> VDIRecord {
+        let u = try SR.validUUID(uuid)
+        opLock.lock(); defer { opLock.unlock() }
+        let r = try record(u)
+        if r.type == "cbt_metadata" { throw StorageError.vdiIncompatibleType(uuid: u, type: r.type) }
+        if r.isASnapshot || !r.managed {
+            throw StorageError.operationNotAllowed(reason: "VDI \(u) is a snapshot; only a VDI's current state can be resized")
+        }
+        if r.readOnly { throw StorageError.vdiReadonly(uuid: u) }
+        guard requested > 0, requested <= VHDCreate.maxVirtualSize else {
+            throw StorageError.valueNotSupported(field: "size", value: String(requested), reason: "must be between 1 byte and 2040 GiB")
+        }
+        let size = (requested + 511) / 512 * 512
+        guard size >= r.virtualSize else {
+            throw StorageError.valueNotSupported(field: "size", value: String(requested),
+                                                 reason: "shrinking is not allowed (the VDI is \(r.virtualSize) bytes)")
+        }
+        // Held throughout, so no client attaches while the files change.
+        handlesLock.lock(); defer { handlesLock.unlock() }
+        if handles[u] != nil { throw StorageError.vdiInUse(uuid: u, operation: "resize") }
+        if size == r.virtualSize { return r }
+        if r.cbtEnabled {
+            do { try ChangeLog.grow(path: cbtLogPath(u), to: size) } catch {
+                throw StorageError.vdiIOError(uuid: u, detail: "growing the change log: \(error)")
+            }
+        }
+        do {
+            let f = try VHDFile.open(path: vhdPath(u), writable: true)
+            defer { f.close() }
+            try f.grow(to: size)
+        } catch {
+            throw StorageError.vdiIOError(uuid: u, detail: "\(error)")
+        }
+        var grown = r
+        grown.virtualSize = size
+        try save(grown)
+        logger.info("resized VDI \(u) from \(r.virtualSize) to \(size) bytes")
+        return try record(u)
+    }
+
     /// Deletes hidden bases that no longer have children, walking up the chain.
     func collectGarbage(from parent: String?) {
         var cur = parent
@@ -468,6 +512,19 @@ public final class SR: @unchecked Sendable {
         }
         for u in known where !fm.fileExists(atPath: vhdPath(u)) {
             logger.error("recovery: VDI \(u) has no file \(vhdPath(u))")
+        }
+        // A resize that grew the VHD but crashed before the record: the file is the truth.
+        let leaves = try dbRead { try VDIRecord.filter(Column("managed") == true && Column("is_a_snapshot") == false).fetchAll($0) }
+        for var r in leaves where r.type != "cbt_metadata" {
+            guard let f = try? VHDFile.open(path: vhdPath(r.uuid), writable: false, policy: .tolerate) else { continue }
+            let size = f.virtualSize
+            f.close()
+            if size != r.virtualSize {
+                logger.warning("recovery: VDI \(r.uuid) record said \(r.virtualSize) bytes, its VHD \(size)")
+                r.virtualSize = size
+                let rr = r
+                try dbWrite { try rr.update($0) }
+            }
         }
     }
 }

@@ -60,16 +60,27 @@ public enum VHDCheck {
                 if let h = f.header {
                     let bat = f.blockAllocationTable
                     let span = UInt64(h.bitmapBytes) + UInt64(h.blockSize)
-                    let metaEnd = h.tableOffset + UInt64(BlockAllocationTable.byteLength(entries: bat.entries.count))
-                    let sorted = bat.entries.enumerated().filter { $0.element != BlockAllocationTable.unallocated }
-                        .sorted { $0.element < $1.element }
-                    var prevEnd: UInt64 = metaEnd
-                    for (i, e) in sorted {
-                        let start = UInt64(e) * 512
-                        if start < prevEnd {
-                            problems.append("\(path): block \(i) at \(start) overlaps metadata or another block")
+                    // Every structure's extent; none may overlap another (the BAT may sit
+                    // anywhere, after a resize relocated it past the data).
+                    var extents: [(name: String, range: Range<UInt64>)] = [
+                        ("footer copy", 0..<512),
+                        ("header", f.footer.dataOffset..<(f.footer.dataOffset + 1024)),
+                        ("BAT", h.tableOffset..<(h.tableOffset + UInt64(BlockAllocationTable.byteLength(entries: bat.entries.count)))),
+                    ]
+                    for (i, l) in h.parentLocatorEntries.enumerated() where l.platformCode != .none && l.platformDataLength > 0 {
+                        extents.append(("parent locator \(i)", l.platformDataOffset..<(l.platformDataOffset + UInt64(l.platformDataLength))))
+                    }
+                    for (i, e) in bat.entries.enumerated() where e != BlockAllocationTable.unallocated {
+                        extents.append(("block \(i) at \(UInt64(e) * 512)", (UInt64(e) * 512)..<(UInt64(e) * 512 + span)))
+                    }
+                    extents.sort { $0.range.lowerBound < $1.range.lowerBound }
+                    var prevEnd: UInt64 = 0
+                    var prevName = ""
+                    for x in extents {
+                        if x.range.lowerBound < prevEnd {
+                            problems.append("\(path): \(x.name) overlaps \(prevName)")
                         }
-                        prevEnd = max(prevEnd, start + span)
+                        if x.range.upperBound > prevEnd { prevEnd = x.range.upperBound; prevName = x.name }
                     }
                     if prevEnd > len - 512 { problems.append("\(path): data runs into the trailing footer") }
                 }

@@ -27,8 +27,8 @@ public final class VHDFile: @unchecked Sendable {
     public let path: String
     public let file: RandomAccessFile
     public let writable: Bool
-    public private(set) var footer: Footer
-    public private(set) var header: DynamicDiskHeader?
+    public internal(set) var footer: Footer
+    public internal(set) var header: DynamicDiskHeader?
     /// Problems tolerated at open (checksum mismatches under `.tolerate`, a damaged trailing footer).
     public private(set) var warnings: [String] = []
 

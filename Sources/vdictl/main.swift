@@ -135,6 +135,21 @@ struct VDISnapshot: ParsableCommand {
     }
 }
 
+struct VDIResize: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-resize",
+                                                    abstract: "Grow a VDI that no client has attached (its change log grows too).")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID disk-size=SIZE") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid", "disk-size"])
+        let sizeText = try require(kv, "disk-size")
+        guard let size = parseSize(sizeText), size > 0 else {
+            throw ValidationError("disk-size=\(sizeText): expected a size such as 1073741824, 64MiB or 2GiB")
+        }
+        _ = try rpc(options, "VDI.resize", [.string(try require(kv, "uuid")), .number(Double(size))])
+    }
+}
+
 struct VDIDestroy: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "vdi-destroy", abstract: "Destroy a VDI.")
     @OptionGroup var options: ControlOptions
@@ -312,7 +327,7 @@ struct VDICtl: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vdictl",
         abstract: "Administer a vdinbd storage repository (xe-style key=value arguments).",
-        subcommands: [VDICreate.self, VDIList.self, VDIParamList.self, VDISnapshot.self, VDIDestroy.self, VDIGetNBDInfo.self,
+        subcommands: [VDICreate.self, VDIList.self, VDIParamList.self, VDISnapshot.self, VDIResize.self, VDIDestroy.self, VDIGetNBDInfo.self,
                       VDIEnableCBT.self, VDIDisableCBT.self, VDIDataDestroy.self, VDIListChangedBlocks.self,
                       VHDCreateCommand.self, VHDSnapshotCommand.self, VHDInfoCommand.self, VHDCheckCommand.self, VHDReadCommand.self])
 }

@@ -42,6 +42,27 @@ final class ChangeLogTests: XCTestCase {
         XCTAssertEqual(again.size, 10 << 20)
     }
 
+    func testGrowKeepsBitsAndLinksAndClearsTheNewSpace() throws {
+        let p = dir + "/g.cbtlog"
+        let parent = UUID(), child = UUID()
+        do {
+            let log = try ChangeLog.create(path: p, size: 1 << 20, parent: parent, child: child)
+            _ = log.markDirty(offset: 0, length: 1)
+            _ = log.markDirty(offset: (1 << 20) - 1, length: 1)
+            try log.commit()
+        }
+        try ChangeLog.grow(path: p, to: 3 << 20)
+        let g = try ChangeLog.open(path: p)
+        XCTAssertEqual(g.size, 3 << 20)
+        XCTAssertEqual(g.parent, parent)
+        XCTAssertEqual(g.child, child)
+        XCTAssertEqual(g.bits, [0x01, 0x80, 0, 0, 0, 0])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: p + ".resize"))
+        // Never shrinks.
+        try ChangeLog.grow(path: p, to: 1 << 20)
+        XCTAssertEqual(try ChangeLog.open(path: p).size, 3 << 20)
+    }
+
     func testDamagedLogsAreTypedWithAReason() throws {
         let p = dir + "/d.cbtlog"
         _ = try ChangeLog.create(path: p, size: 10 << 20)

@@ -59,6 +59,74 @@ final class SRTests: XCTestCase {
         XCTAssertEqual(Set(try sr.allRecords().map(\.uuid)), [r.uuid, s.uuid])
     }
 
+    func testResizeGrowsTheVDIAndKeepsItsData() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 8 << 20))
+        var h = try sr.attach(r.uuid)
+        try [UInt8](repeating: 7, count: 4096).withUnsafeBytes { try h.write($0, at: (8 << 20) - 4096) }
+        let s = try sr.snapshot(r.uuid)
+        sr.detach(h)
+        let g = try sr.resize(r.uuid, size: (1 << 30) + 1)
+        XCTAssertEqual(g.virtualSize, (1 << 30) + 512)
+        XCTAssertEqual(try sr.record(s.uuid).virtualSize, 8 << 20)
+        XCTAssertEqual(VHDCheck.check(path: sr.vhdPath(r.uuid)), [])
+        h = try sr.attach(r.uuid)
+        defer { sr.detach(h) }
+        XCTAssertEqual(h.virtualSize, (1 << 30) + 512)
+        var buf = [UInt8](repeating: 1, count: 8192)
+        try buf.withUnsafeMutableBytes { try h.read(into: $0, at: (8 << 20) - 4096) }
+        XCTAssertEqual(buf, [UInt8](repeating: 7, count: 4096) + [UInt8](repeating: 0, count: 4096))
+        try [UInt8](repeating: 9, count: 512).withUnsafeBytes { try h.write($0, at: 1 << 30) }
+        try buf.withUnsafeMutableBytes { try h.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<512]), at: 1 << 30) }
+        XCTAssertEqual(Array(buf[0..<512]), [UInt8](repeating: 9, count: 512))
+    }
+
+    func testResizeRefusalsAreTypedAndChangeNothing() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 8 << 20))
+        let s = try sr.snapshot(r.uuid)
+        func code(_ body: () throws -> Any) -> String? {
+            do { _ = try body(); return nil } catch { return (error as? StorageError)?.code }
+        }
+        XCTAssertEqual(code { try self.sr.resize(r.uuid, size: 4 << 20) }, "VALUE_NOT_SUPPORTED")
+        XCTAssertEqual(code { try self.sr.resize(r.uuid, size: 2041 << 30) }, "VALUE_NOT_SUPPORTED")
+        XCTAssertEqual(code { try self.sr.resize(s.uuid, size: 16 << 20) }, "OPERATION_NOT_ALLOWED")
+        XCTAssertEqual(code { try self.sr.resize(UUID().uuidString, size: 16 << 20) }, "VDI_MISSING")
+        let h = try sr.attach(r.uuid)
+        XCTAssertEqual(code { try self.sr.resize(r.uuid, size: 16 << 20) }, "VDI_IN_USE")
+        sr.detach(h)
+        XCTAssertEqual(try sr.record(r.uuid).virtualSize, 8 << 20)
+        XCTAssertEqual(try VHDFile.open(path: sr.vhdPath(r.uuid), writable: false).virtualSize, 8 << 20)
+    }
+
+    func testResizeGrowsTheChangeLogAndBitmapsCoverTheNewSize() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
+        try sr.enableCBT(r.uuid)
+        var h = try sr.attach(r.uuid)
+        try [UInt8](repeating: 1, count: 512).withUnsafeBytes { try h.write($0, at: 0) }
+        sr.detach(h)
+        let s1 = try sr.snapshot(r.uuid)
+        _ = try sr.resize(r.uuid, size: 4 << 20)
+        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: sr.cbtLogPath(r.uuid))).count, 48 + 8)
+        h = try sr.attach(r.uuid)
+        try [UInt8](repeating: 2, count: 512).withUnsafeBytes { try h.write($0, at: (4 << 20) - 512) }
+        sr.detach(h)
+        let s2 = try sr.snapshot(r.uuid)
+        // 64 blocks of 64 KiB: only the last was written after s1.
+        var expected = [UInt8](repeating: 0, count: 8)
+        expected[7] = 0x01
+        XCTAssertEqual(try sr.changedBlocks(from: s1.uuid, to: s2.uuid), expected)
+        XCTAssertTrue(try sr.record(r.uuid).cbtEnabled)
+    }
+
+    func testRecoveryTakesTheSizeFromAGrownVHD() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 8 << 20))
+        // A crash after the VHD grew but before the record was written.
+        let f = try VHDFile.open(path: sr.vhdPath(r.uuid), writable: true)
+        try f.grow(to: 32 << 20)
+        f.close()
+        sr = try SR(path: dir)
+        XCTAssertEqual(try sr.record(r.uuid).virtualSize, 32 << 20)
+    }
+
     func testDestroyWhileAttachedIsVDIInUse() throws {
         let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
         let h = try sr.attach(r.uuid)
