@@ -139,7 +139,7 @@ public final class ControlAPI: @unchecked Sendable {
             return .null
         case "VDI.list_changed_blocks":
             let from = try SR.validUUID(p.string(0, "vdi_from")), to = try SR.validUUID(p.string(1, "vdi_to"))
-            return .string(try sr.listChangedBlocks(from: from, to: to))
+            return .ascii(try sr.listChangedBlocks(from: from, to: to))
         case "VDI.resize":
             let uuid = try p.string(0, "uuid")
             _ = try sr.resize(uuid, size: try sizeParam(p.optional(1, "size"), field: "size"))

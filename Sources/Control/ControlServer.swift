@@ -106,17 +106,25 @@ public final class ControlServer: @unchecked Sendable {
     /// A large plain string result (a changed-block bitmap of a 2 TiB disk is 5.5 MB of
     /// base64) is framed by hand: it needs no escaping, and the generic encoder is slow.
     static func fastEncode(_ r: RPCResponse) -> Data? {
-        guard r.error == nil, case .string(var s)? = r.result, s.utf8.count > 65536,
-              s.withUTF8({ $0.allSatisfy { $0 >= 0x20 && $0 != 0x22 && $0 != 0x5C && $0 < 0x80 } }),
-              let id = try? JSONEncoder().encode(r.id ?? .null)
-        else { return nil }
-        var d = Data(#"{"jsonrpc":"2.0","result":""#.utf8)
-        d.reserveCapacity(s.utf8.count + 64)
-        d.append(contentsOf: s.utf8)
-        d.append(contentsOf: #"","id":"#.utf8)
-        d.append(id)
-        d.append(UInt8(ascii: "}"))
-        return d
+        guard r.error == nil, let id = try? JSONEncoder().encode(r.id ?? .null) else { return nil }
+        func frame(_ body: (inout Data) -> Void, count: Int) -> Data {
+            var d = Data(capacity: count + 64)
+            d.append(contentsOf: #"{"jsonrpc":"2.0","result":""#.utf8)
+            body(&d)
+            d.append(contentsOf: #"","id":"#.utf8)
+            d.append(id)
+            d.append(UInt8(ascii: "}"))
+            return d
+        }
+        switch r.result {
+        case .ascii(let b)?:
+            return frame({ d in b.withUnsafeBufferPointer { d.append($0) } }, count: b.count)
+        case .string(var s)? where s.utf8.count > 65536
+            && s.withUTF8({ $0.allSatisfy { $0 >= 0x20 && $0 != 0x22 && $0 != 0x5C && $0 < 0x80 } }):
+            return frame({ d in s.withUTF8 { d.append($0) } }, count: s.utf8.count)
+        default:
+            return nil
+        }
     }
 
     func drop(_ fd: Int32) {

@@ -8,6 +8,10 @@ public enum JSONValue: Codable, Equatable, Sendable {
     case string(String)
     case array([JSONValue])
     case object([String: JSONValue])
+    /// A string the server built from bytes it knows are printable ASCII with no quote or
+    /// backslash (base64): framed as they are, without a scan or a copy into a String.
+    /// Decoding never produces it; a client sees a `.string`.
+    case ascii([UInt8])
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.singleValueContainer()
@@ -27,12 +31,19 @@ public enum JSONValue: Codable, Equatable, Sendable {
         case .number(let n):
             if n == n.rounded(), abs(n) < 9.007e15 { try c.encode(Int64(n)) } else { try c.encode(n) }
         case .string(let s): try c.encode(s)
+        case .ascii(let b): try c.encode(String(decoding: b, as: UTF8.self))
         case .array(let a): try c.encode(a)
         case .object(let o): try c.encode(o)
         }
     }
 
-    public var stringValue: String? { if case .string(let s) = self { return s }; return nil }
+    public var stringValue: String? {
+        switch self {
+        case .string(let s): return s
+        case .ascii(let b): return String(decoding: b, as: UTF8.self)
+        default: return nil
+        }
+    }
     public var objectValue: [String: JSONValue]? { if case .object(let o) = self { return o }; return nil }
     public var arrayValue: [JSONValue]? { if case .array(let a) = self { return a }; return nil }
 

@@ -347,10 +347,17 @@ final class Connection: @unchecked Sendable {
                 try Replies.read(h, cookie: cookie, offset: offset, length: length, structured: structured, df: df)
             }
         case .write(let cookie, let offset, let payload, let fua):
-            run(cookie: cookie, bytes: payload.readableBytes, what: "write at \(offset)+\(payload.readableBytes)") {
-                try payload.withUnsafeReadableBytes { try h.write($0, at: offset) }
-                if fua { try h.flush() }
-                return nil
+            // No thread waits while the change log syncs: the write resumes after it.
+            runAsync(cookie: cookie, bytes: payload.readableBytes, what: "write at \(offset)+\(payload.readableBytes)") {
+                [server] finish in
+                h.write(length: payload.readableBytes, at: offset, on: server.ioQueue,
+                        withBytes: { body in try payload.withUnsafeReadableBytes(body) }) { error in
+                    if let error { return finish(.failure(error)) }
+                    if fua {
+                        do { try h.flush() } catch { return finish(.failure(error)) }
+                    }
+                    finish(.success(nil))
+                }
             }
         case .flush(let cookie):
             run(cookie: cookie, bytes: 0, what: "flush") {
@@ -385,35 +392,45 @@ final class Connection: @unchecked Sendable {
     /// connection queue. `chunked`: errors go back as a structured error chunk.
     func run(cookie: UInt64, bytes: Int, what: String, chunked: Bool = false, fastZero: Bool = false,
              _ body: @escaping () throws -> ByteBuffer?) {
+        runAsync(cookie: cookie, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero) { finish in
+            do { finish(.success(try body())) } catch { finish(.failure(error)) }
+        }
+    }
+
+    /// `run` for a body that finishes later, on any thread, by calling `finish` once.
+    func runAsync(cookie: UInt64, bytes: Int, what: String, chunked: Bool = false, fastZero: Bool = false,
+                  _ body: @escaping (_ finish: @escaping (Result<ByteBuffer?, Error>) -> Void) -> Void) {
         begin(bytes: bytes)
         server.ioQueue.async { [self] in
-            var reply: ByteBuffer?
-            var failure: Error?
-            do { reply = try body() } catch { failure = error }
-            let (r, f) = (reply, failure)
-            queue.async { [self] in
-                if let f {
-                    var e = nbdError(for: f)
-                    // NBD spec: ENOTSUP only answers a FAST_ZERO request.
-                    if e == .enotsup && !fastZero { e = .einval }
-                    if e == .enotsup { logger.debug("cookie \(cookie): \(what): \(f)") } else {
-                        logger.error("cookie \(cookie): \(what) failed: \(f)")
-                    }
-                    if chunked {
-                        var b = ByteBuffer()
-                        encodeErrorChunk(cookie: cookie, error: e, message: "\(f)", into: &b)
-                        send(b)
-                    } else {
-                        self.reply(error: e, cookie: cookie)
-                    }
-                } else if let r {
-                    send(r)
-                } else {
-                    self.reply(error: nil, cookie: cookie)
-                }
-                end(bytes: bytes)
+            body { [self] result in
+                queue.async { [self] in complete(result, cookie: cookie, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero) }
             }
         }
+    }
+
+    /// Sends a request's reply (or error) on the connection queue.
+    func complete(_ result: Result<ByteBuffer?, Error>, cookie: UInt64, bytes: Int, what: String, chunked: Bool, fastZero: Bool) {
+        switch result {
+        case .failure(let f):
+            var e = nbdError(for: f)
+            // NBD spec: ENOTSUP only answers a FAST_ZERO request.
+            if e == .enotsup && !fastZero { e = .einval }
+            if e == .enotsup { logger.debug("cookie \(cookie): \(what): \(f)") } else {
+                logger.error("cookie \(cookie): \(what) failed: \(f)")
+            }
+            if chunked {
+                var b = ByteBuffer()
+                encodeErrorChunk(cookie: cookie, error: e, message: "\(f)", into: &b)
+                send(b)
+            } else {
+                reply(error: e, cookie: cookie)
+            }
+        case .success(let r?):
+            send(r)
+        case .success(nil):
+            reply(error: nil, cookie: cookie)
+        }
+        end(bytes: bytes)
     }
 
     func begin(bytes: Int) {

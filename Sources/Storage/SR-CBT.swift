@@ -168,11 +168,17 @@ extension SR {
     /// The blocks changed after `from` up to and including `to`: MSB-first bitmap, one bit
     /// per 64 KiB, sized by `to`'s virtual size.
     public func changedBlocks(from: String, to: String) throws -> [UInt8] {
+        let (acc, size) = try changedBlocksLSB(from: from, to: to)
+        return ChangedBlocks.finish(acc, size: size)
+    }
+
+    /// The union of the logs after `from` up to `to`, LSB first as stored, and `to`'s size.
+    func changedBlocksLSB(from: String, to: String) throws -> ([UInt8], UInt64) {
         let f = try record(from), t = try record(to)
         for r in [f, t] where !r.cbtEnabled {
             throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: r.otherConfig["cbt_disabled_reason"] ?? "changed block tracking is not enabled")
         }
-        guard f.uuid != t.uuid else { return ChangedBlocks.union([], size: t.virtualSize) }
+        guard f.uuid != t.uuid else { return ([UInt8](repeating: 0, count: ChangeLog.bitmapLength(size: t.virtualSize)), t.virtualSize) }
         var acc = [UInt8](repeating: 0, count: ChangeLog.bitmapLength(size: t.virtualSize))
         var cur = t.uuid
         for _ in 0..<100_000 {
@@ -192,14 +198,16 @@ extension SR {
             guard let p = parent?.uuidString.lowercased() else {
                 throw StorageError.operationNotAllowed(reason: "\(f.uuid) is not an earlier snapshot of \(t.uuid) in the change log chain")
             }
-            if p == f.uuid { return ChangedBlocks.finish(acc, size: t.virtualSize) }
+            if p == f.uuid { return (acc, t.virtualSize) }
             cur = p
         }
         throw StorageError.operationNotAllowed(reason: "change log chain of \(t.uuid) does not end")
     }
 
-    public func listChangedBlocks(from: String, to: String) throws -> String {
-        Data(try changedBlocks(from: from, to: to)).base64EncodedString()
+    /// `VDI.list_changed_blocks`: the base64 text, as ASCII bytes.
+    public func listChangedBlocks(from: String, to: String) throws -> [UInt8] {
+        let (acc, size) = try changedBlocksLSB(from: from, to: to)
+        return ChangedBlocks.base64Bytes(acc, size: size)
     }
 
     /// The VDIs whose changes since them `uuid`'s export can report (qemu:dirty-bitmap:<uuid>).

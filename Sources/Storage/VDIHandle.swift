@@ -50,6 +50,41 @@ public final class VDIHandle: @unchecked Sendable {
         try chain.write(buf, at: offset)
     }
 
+    /// The server's write. The same as `write`, except that when the change log must sync
+    /// first, no thread waits for it: the data is written on `queue` once the log's batch
+    /// is durable. `withBytes` lends the payload; `done` gets the outcome.
+    public func write(length: Int, at offset: UInt64, on queue: DispatchQueue,
+                      withBytes: @escaping @Sendable (_ body: (UnsafeRawBufferPointer) throws -> Void) throws -> Void,
+                      done: @escaping @Sendable (Error?) -> Void) {
+        pthread_rwlock_rdlock(&gate)
+        if let log = cbt, log.markDirty(offset: offset, length: UInt64(length)) {
+            pthread_rwlock_unlock(&gate)
+            log.commitAsync { error in
+                if let error { return done(error) }
+                queue.async { self.writeTracked(by: log, at: offset, length: length, withBytes: withBytes, done: done) }
+            }
+            return
+        }
+        defer { pthread_rwlock_unlock(&gate) }
+        do {
+            try withBytes { try chain.write($0, at: offset) }
+        } catch { return done(error) }
+        done(nil)
+    }
+
+    /// Writes data whose bits `log` made durable. If a snapshot swapped the log meanwhile,
+    /// the bits go into the new log too before the data is written.
+    func writeTracked(by log: ChangeLog, at offset: UInt64, length: Int,
+                      withBytes: (_ body: (UnsafeRawBufferPointer) throws -> Void) throws -> Void, done: (Error?) -> Void) {
+        pthread_rwlock_rdlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        do {
+            if let now = cbt, now !== log { try track(offset: offset, length: UInt64(length)) }
+            try withBytes { try chain.write($0, at: offset) }
+        } catch { return done(error) }
+        done(nil)
+    }
+
     /// CBT: the bits for a write are durable before any of its data reaches the VHD.
     @inline(__always)
     func track(offset: UInt64, length: UInt64) throws {

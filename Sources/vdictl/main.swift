@@ -68,6 +68,7 @@ func display(_ v: JSONValue) -> String {
     case .bool(let b): return b ? "true" : "false"
     case .number(let n): return n == n.rounded() ? String(Int64(n)) : String(n)
     case .string(let s): return s
+    case .ascii(let b): return String(decoding: b, as: UTF8.self)
     case .array(let a): return a.map(display).joined(separator: "; ")
     case .object(let o): return o.keys.sorted().map { "\($0): \(display(o[$0]!))" }.joined(separator: "; ")
     }

@@ -15,8 +15,9 @@ final class ChangeLogTests: XCTestCase {
         let parent = UUID()
         let log = try ChangeLog.create(path: p, size: 1 << 20, parent: parent)
         XCTAssertTrue(log.markDirty(offset: 64 * 1024 * 3, length: 1))
-        XCTAssertFalse(log.markDirty(offset: 64 * 1024 * 3 + 10, length: 5), "bit already set")
+        XCTAssertTrue(log.markDirty(offset: 64 * 1024 * 3 + 10, length: 5), "set but not yet durable: must wait too")
         try log.commit()
+        XCTAssertFalse(log.markDirty(offset: 64 * 1024 * 3 + 10, length: 5), "durable: no wait")
         let bytes = Array(try Data(contentsOf: URL(fileURLWithPath: p)))
         XCTAssertEqual(bytes.count, 48 + 2)  // 16 blocks -> 2 bytes
         XCTAssertEqual(Array(bytes[0..<16]), withUnsafeBytes(of: parent.uuid) { Array($0) })
@@ -40,6 +41,55 @@ final class ChangeLogTests: XCTestCase {
         XCTAssertEqual(again.bits, log.bits)
         XCTAssertFalse(again.consistent)
         XCTAssertEqual(again.size, 10 << 20)
+    }
+
+    /// Async commits: every waiter is called once, after its bits are on disk, and many
+    /// waiters share few batches.
+    func testAsyncCommitsCallEveryWaiterAfterItsBitsAreDurable() throws {
+        let p = dir + "/async.cbtlog"
+        let log = try ChangeLog.create(path: p, size: 64 << 20)
+        let group = DispatchGroup()
+        let checked = NSLock()
+        var seen = 0
+        for i in 0..<500 {
+            let off = UInt64(i % 1024) * ChangeLog.blockSize
+            guard log.markDirty(offset: off, length: 512) else { continue }
+            group.enter()
+            log.commitAsync { error in
+                XCTAssertNil(error)
+                // What is on disk now holds this write's bit.
+                let onDisk = Array(try! Data(contentsOf: URL(fileURLWithPath: p)))
+                let bit = Int(off / ChangeLog.blockSize)
+                XCTAssertNotEqual(onDisk[48 + bit / 8] & UInt8(1 << (bit % 8)), 0)
+                checked.lock(); seen += 1; checked.unlock()
+                group.leave()
+            }
+        }
+        XCTAssertEqual(group.wait(timeout: .now() + 30), .success)
+        XCTAssertEqual(seen, 500)
+        XCTAssertFalse(log.markDirty(offset: 0, length: 1))
+    }
+
+    /// The one-pass encoder gives exactly Foundation's base64 of the MSB-first bitmap, for
+    /// every tail length and a partial last byte.
+    func testFastBase64EqualsFoundationsOfTheFinishedBitmap() {
+        var rng = SystemRandomNumberGenerator()
+        for blocks in [1, 7, 8, 9, 15, 16, 17, 23, 24, 25, 64, 1000, 4099, 65536 + 3] {
+            let size = UInt64(blocks) * ChangeLog.blockSize - (blocks % 2 == 0 ? 0 : 512)
+            let lsb = (0..<ChangeLog.bitmapLength(size: size)).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            let expected = Data(ChangedBlocks.finish(lsb, size: size)).base64EncodedString()
+            XCTAssertEqual(String(decoding: ChangedBlocks.base64Bytes(lsb, size: size), as: UTF8.self), expected, "\(blocks) blocks")
+        }
+        XCTAssertEqual(ChangedBlocks.base64Bytes([], size: 0), [])
+    }
+
+    func testOrFromAnUnalignedBufferEqualsTheAlignedOne() {
+        let src = (0..<1001).map { UInt8(truncatingIfNeeded: $0 &* 37) }
+        var a = [UInt8](repeating: 0x11, count: 1000), b = a
+        ChangedBlocks.or(Array(src[1...]), into: &a)
+        src.withUnsafeBytes { ChangedBlocks.or(UnsafeRawBufferPointer(rebasing: $0[1...]), into: &b) }
+        XCTAssertEqual(a, b)
+        XCTAssertEqual(a[0], 0x11 | 37)
     }
 
     func testGrowKeepsBitsAndLinksAndClearsTheNewSpace() throws {
