@@ -6,8 +6,10 @@ import NIOCore
 import Storage
 
 enum Replies {
-    /// A READ reply. With structured replies, unallocated stretches go back as hole chunks
-    /// (unless DF forbids splitting) so clients like nbdcopy skip them.
+    /// A READ reply. With structured replies, stretches no layer holds go back as hole
+    /// chunks (unless DF forbids splitting) so clients like nbdcopy skip them. One pass over
+    /// the chain reads the data and finds the holes; the common all-data reply is built in
+    /// place, anything else is rebuilt from the bytes read.
     static func read(_ h: VDIHandle, cookie: UInt64, offset: UInt64, length: UInt32, structured: Bool, df: Bool,
                      cachedOnly: Bool = false) throws -> ByteBuffer
     {
@@ -18,21 +20,54 @@ enum Replies {
             try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
             return buf
         }
-        let runs = df ? [(allocated: true, length: UInt64(length))]
-            : try h.allocationRuns(offset: offset, length: UInt64(length), cachedOnly: cachedOnly)
-        buf.reserveCapacity(runs.count * 32 + (runs.contains { $0.allocated } ? Int(length) : 0))
-        var pos = offset
-        for (i, run) in runs.enumerated() {
-            let last = i == runs.count - 1
-            if run.allocated {
-                encodeDataChunkHeader(cookie: cookie, offset: pos, length: UInt32(run.length), done: last, into: &buf)
-                try readInto(&buf, h, offset: pos, length: Int(run.length), cachedOnly: cachedOnly)
-            } else {
-                encodeHoleChunk(cookie: cookie, offset: pos, length: UInt32(run.length), done: last, into: &buf)
-            }
-            pos += run.length
+        buf.reserveCapacity(dataChunkOverhead + Int(length))
+        encodeDataChunkHeader(cookie: cookie, offset: offset, length: length, done: true, into: &buf)
+        var holes: [Range<Int>] = []
+        if df {
+            try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
+        } else {
+            try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly, holes: &holes)
         }
-        return buf
+        if holes.isEmpty { return buf }
+        // Split into data and hole chunks, in order.
+        let data = buf.getSlice(at: dataChunkOverhead, length: Int(length))!
+        var out = ByteBuffer()
+        out.reserveCapacity(Int(length) - holes.reduce(0) { $0 + $1.count } + (2 * holes.count + 1) * dataChunkOverhead)
+        var pos = 0
+        func dataChunk(upTo end: Int, done: Bool) {
+            encodeDataChunkHeader(cookie: cookie, offset: offset + UInt64(pos), length: UInt32(end - pos), done: done, into: &out)
+            out.writeImmutableBuffer(data.getSlice(at: pos, length: end - pos)!)
+        }
+        for (i, hole) in holes.enumerated() {
+            if hole.lowerBound > pos { dataChunk(upTo: hole.lowerBound, done: false) }
+            let last = i == holes.count - 1 && hole.upperBound == Int(length)
+            encodeHoleChunk(cookie: cookie, offset: offset + UInt64(hole.lowerBound), length: UInt32(hole.count), done: last, into: &out)
+            pos = hole.upperBound
+        }
+        if pos < Int(length) { dataChunk(upTo: Int(length), done: true) }
+        return out
+    }
+
+    /// Bytes before a data chunk's payload: the structured reply header and the offset.
+    static let dataChunkOverhead = 28
+
+    static func readInto(_ buf: inout ByteBuffer, _ h: VDIHandle, offset: UInt64, length: Int, cachedOnly: Bool = false,
+                         holes: UnsafeMutablePointer<[Range<Int>]>? = nil) throws {
+        var failure: Error?
+        buf.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
+            do {
+                let dest = UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length])
+                if let holes {
+                    try h.read(into: dest, at: offset, cachedOnly: cachedOnly, holes: &holes.pointee)
+                } else {
+                    try h.read(into: dest, at: offset, cachedOnly: cachedOnly)
+                }
+            } catch {
+                failure = error
+            }
+            return length
+        }
+        if let f = failure { throw f }
     }
 
     static func readInto(_ buf: inout ByteBuffer, _ h: VDIHandle, offset: UInt64, length: Int, cachedOnly: Bool = false) throws {

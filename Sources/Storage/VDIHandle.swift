@@ -43,6 +43,18 @@ public final class VDIHandle: @unchecked Sendable {
         try chain.read(into: buf, at: offset, cachedOnly: cachedOnly)
     }
 
+    /// `read`, also listing the ranges of `buf` no layer holds (see `VHDChain.read(holes:)`).
+    public func read(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false,
+                     holes: inout [Range<Int>]) throws(VHDError) {
+        if cachedOnly {
+            guard pthread_rwlock_tryrdlock(&gate) == 0 else { throw .wouldBlock }
+        } else {
+            pthread_rwlock_rdlock(&gate)
+        }
+        defer { pthread_rwlock_unlock(&gate) }
+        try chain.read(into: buf, at: offset, cachedOnly: cachedOnly, holes: &holes)
+    }
+
     public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws {
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }

@@ -104,6 +104,20 @@ public final class VHDChain: @unchecked Sendable {
     /// Reads `buffer.count` bytes at `offset` through the chain.
     /// With `cachedOnly`, throws `.wouldBlock` instead of waiting for the disk anywhere.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false) throws(VHDError) {
+        var holes = HoleList(base: nil)
+        try read(into: buffer, at: offset, cachedOnly: cachedOnly, holes: &holes)
+    }
+
+    /// Reads as `read` does and also lists, in `holes`, the byte ranges of `buffer` that no
+    /// layer holds (they read as zeros): one pass serves a structured READ's hole chunks.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false,
+                     holes: inout [Range<Int>]) throws(VHDError) {
+        var list = HoleList(base: buffer.baseAddress)
+        try read(into: buffer, at: offset, cachedOnly: cachedOnly, holes: &list)
+        holes = list.ranges
+    }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool, holes: inout HoleList) throws(VHDError) {
         let length = UInt64(buffer.count)
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw .outOfRange(offset: offset, length: length, virtualSize: virtualSize)
@@ -116,8 +130,24 @@ public final class VHDChain: @unchecked Sendable {
             let inBlock = Int(pos % bs)
             let n = min(Int(bs) - inBlock, buffer.count - done)
             let dest = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
-            try readPiece(layer: 0, blockIndex: blockIndex, range: inBlock..<(inBlock + n), into: dest, cachedOnly: cachedOnly)
+            try readPiece(layer: 0, blockIndex: blockIndex, range: inBlock..<(inBlock + n), into: dest, cachedOnly: cachedOnly,
+                          holes: &holes)
             done += n
+        }
+    }
+
+    /// Ranges of a read's buffer that fell through every layer, merged as they come.
+    struct HoleList {
+        let base: UnsafeMutableRawPointer?
+        var ranges: [Range<Int>] = []
+        @inline(__always) mutating func add(_ dest: UnsafeMutableRawBufferPointer) {
+            guard let base, let p = dest.baseAddress, dest.count > 0 else { return }
+            let start = p - base
+            if let last = ranges.last, last.upperBound == start {
+                ranges[ranges.count - 1] = last.lowerBound..<(start + dest.count)
+            } else {
+                ranges.append(start..<(start + dest.count))
+            }
         }
     }
 
@@ -130,8 +160,15 @@ public final class VHDChain: @unchecked Sendable {
     /// `range` is a byte range inside the block; `dest` has exactly its length.
     func readPiece(layer: Int, blockIndex: Int, range: Range<Int>, into dest: UnsafeMutableRawBufferPointer,
                    cachedOnly: Bool = false) throws(VHDError) {
+        var none = HoleList(base: nil)
+        try readPiece(layer: layer, blockIndex: blockIndex, range: range, into: dest, cachedOnly: cachedOnly, holes: &none)
+    }
+
+    func readPiece(layer: Int, blockIndex: Int, range: Range<Int>, into dest: UnsafeMutableRawBufferPointer,
+                   cachedOnly: Bool, holes: inout HoleList) throws(VHDError) {
         guard layer < layers.count else {
             dest.initializeMemory(as: UInt8.self, repeating: 0)
+            holes.add(dest)
             return
         }
         let f = layers[layer]
@@ -141,15 +178,17 @@ public final class VHDChain: @unchecked Sendable {
             let limit = f.virtualSize > blockStart + UInt64(range.lowerBound) ? Int(f.virtualSize - blockStart) : range.lowerBound
             if limit > range.lowerBound {
                 try readPiece(layer: layer, blockIndex: blockIndex, range: range.lowerBound..<limit,
-                              into: UnsafeMutableRawBufferPointer(rebasing: dest[0..<(limit - range.lowerBound)]), cachedOnly: cachedOnly)
+                              into: UnsafeMutableRawBufferPointer(rebasing: dest[0..<(limit - range.lowerBound)]),
+                              cachedOnly: cachedOnly, holes: &holes)
             }
             try readPiece(layer: layer + 1, blockIndex: blockIndex, range: limit..<range.upperBound,
-                          into: UnsafeMutableRawBufferPointer(rebasing: dest[(limit - range.lowerBound)...]), cachedOnly: cachedOnly)
+                          into: UnsafeMutableRawBufferPointer(rebasing: dest[(limit - range.lowerBound)...]),
+                          cachedOnly: cachedOnly, holes: &holes)
             return
         }
         switch try f.blockState(blockIndex, cachedOnly: cachedOnly) {
         case .absent:
-            try readPiece(layer: layer + 1, blockIndex: blockIndex, range: range, into: dest, cachedOnly: cachedOnly)
+            try readPiece(layer: layer + 1, blockIndex: blockIndex, range: range, into: dest, cachedOnly: cachedOnly, holes: &holes)
         case .full(let dataOffset):
             try readData(f, into: dest, at: dataOffset + UInt64(range.lowerBound), cachedOnly: cachedOnly)
         case .partial(let dataOffset, let bitmap):
@@ -161,7 +200,7 @@ public final class VHDChain: @unchecked Sendable {
                 if present {
                     try readData(f, into: sub, at: dataOffset + UInt64(a), cachedOnly: cachedOnly)
                 } else {
-                    try readPiece(layer: layer + 1, blockIndex: blockIndex, range: a..<b, into: sub, cachedOnly: cachedOnly)
+                    try readPiece(layer: layer + 1, blockIndex: blockIndex, range: a..<b, into: sub, cachedOnly: cachedOnly, holes: &holes)
                 }
             }
         }

@@ -45,6 +45,34 @@ final class ChainTests: XCTestCase {
         for i in 0...4 { XCTAssertEqual(VHDCheck.check(path: dir + "/l\(i).vhd"), []) }
     }
 
+    /// A block with a partial sector bitmap (as other tools write): sectors absent from
+    /// every layer are holes, sector by sector.
+    func testReadWithHolesFindsAbsentSectorsOfAPartialBlock() throws {
+        let p = dir + "/partial.vhd"
+        try VHDCreate.createDynamic(path: p, size: 4 << 20)
+        var c = try VHDChain.open(path: p, writable: true)
+        try c.write([UInt8](repeating: 0xAB, count: 2 << 20), at: 0)
+        let bitmapAt = UInt64(c.leaf.blockAllocationTable.entries[0]) * 512
+        c.close()
+        // Sectors 4-7 and 12-15 absent, the rest present.
+        let f = try PosixFile(path: p, writable: true)
+        try f.write([0xF0, 0xF0] + [UInt8](repeating: 0xFF, count: 510), at: bitmapAt)
+        f.close()
+        c = try VHDChain.open(path: p, writable: false)
+        defer { c.close() }
+        var buf = [UInt8](repeating: 0xEE, count: 16384)
+        var holes: [Range<Int>] = []
+        try buf.withUnsafeMutableBytes { try c.read(into: $0, at: 0, holes: &holes) }
+        XCTAssertEqual(holes, [2048..<4096, 6144..<8192])
+        XCTAssertEqual(Array(buf[0..<2048]), [UInt8](repeating: 0xAB, count: 2048))
+        XCTAssertEqual(Array(buf[2048..<4096]), [UInt8](repeating: 0, count: 2048))
+        // Across the block boundary into an unallocated block: one hole to the end.
+        holes = []
+        var tail = [UInt8](repeating: 0xEE, count: 8192)
+        try tail.withUnsafeMutableBytes { try c.read(into: $0, at: (2 << 20) - 4096, holes: &holes) }
+        XCTAssertEqual(holes, [4096..<8192])
+    }
+
     func testUnalignedReadsAndWrites() throws {
         let p = dir + "/u.vhd"
         try VHDCreate.createDynamic(path: p, size: 4 << 20)

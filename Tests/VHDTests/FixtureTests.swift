@@ -63,6 +63,34 @@ final class FixtureTests: XCTestCase {
         XCTAssertEqual(buf, full)
     }
 
+    /// The one-pass read that also finds holes: on real files, the same bytes as a plain
+    /// read, every hole reads as zeros, and unallocated blocks are all hole.
+    func testReadWithHolesMatchesPlainReadOnFixtures() throws {
+        for name in ["ext2.vhd", "image-differential.vhd"] {
+            let c = try VHDChain.open(path: try fixturesDirectory() + "/" + name, writable: false, policy: .tolerate)
+            defer { c.close() }
+            let n = Int(c.virtualSize)
+            let plain = try c.read(at: 0, count: n)
+            var buf = [UInt8](repeating: 0xEE, count: n)
+            var holes: [Range<Int>] = []
+            try buf.withUnsafeMutableBytes { try c.read(into: $0, at: 0, holes: &holes) }
+            XCTAssertEqual(buf, plain, name)
+            for h in holes {
+                XCTAssertEqual(h.lowerBound % 512, 0)
+                XCTAssertTrue(plain[h].allSatisfy { $0 == 0 }, "\(name): hole \(h) holds data")
+            }
+            for (a, b) in zip(holes, holes.dropFirst()) { XCTAssertLessThan(a.upperBound, b.lowerBound, "holes merged and ordered") }
+            // Where the block-level map says unallocated, all is hole.
+            var pos = 0
+            for run in try c.allocationRuns(offset: 0, length: UInt64(n)) {
+                let r = pos..<(pos + Int(run.length))
+                if !run.allocated { XCTAssertTrue(holes.contains { $0.lowerBound <= r.lowerBound && $0.upperBound >= r.upperBound }, "\(name) \(r)") }
+                pos = r.upperBound
+            }
+            if name == "ext2.vhd" { XCTAssertFalse(holes.isEmpty) }
+        }
+    }
+
     func testFatDifferentialFailsWithParentMissingNamingTheParent() throws {
         XCTAssertThrowsError(try VHDChain.open(path: try fixturesDirectory() + "/fat-differential.vhd", writable: false)) {
             guard case VHDError.parentMissing(_, let name, let uid) = $0 else { return XCTFail("\($0)") }
