@@ -14,6 +14,10 @@ public let requestMagic: UInt32 = 0x2560_9513
 public let simpleReplyMagic: UInt32 = 0x6744_6698
 /// `NBD_STRUCTURED_REPLY_MAGIC`
 public let structuredReplyMagic: UInt32 = 0x668E_33EF
+/// `NBD_EXTENDED_REQUEST_MAGIC` (the extended headers extension)
+public let extendedRequestMagic: UInt32 = 0x21E4_1C71
+/// `NBD_EXTENDED_REPLY_MAGIC` (the extended headers extension)
+public let extendedReplyMagic: UInt32 = 0x6E8A_278C
 
 /// Named limits.
 public enum Limits {
@@ -151,6 +155,8 @@ public struct OptionReplyType: RawRepresentable, Hashable, Sendable, CustomStrin
     public static let errBlockSizeReqd = OptionReplyType(rawValue: err | 8)
     /// `NBD_REP_ERR_TOO_BIG`
     public static let errTooBig = OptionReplyType(rawValue: err | 9)
+    /// `NBD_REP_ERR_EXT_HEADER_REQD`
+    public static let errExtHeaderReqd = OptionReplyType(rawValue: err | 10)
 
     public var description: String {
         switch self {
@@ -167,6 +173,7 @@ public struct OptionReplyType: RawRepresentable, Hashable, Sendable, CustomStrin
         case .errShutdown: return "NBD_REP_ERR_SHUTDOWN"
         case .errBlockSizeReqd: return "NBD_REP_ERR_BLOCK_SIZE_REQD"
         case .errTooBig: return "NBD_REP_ERR_TOO_BIG"
+        case .errExtHeaderReqd: return "NBD_REP_ERR_EXT_HEADER_REQD"
         default: return "unknown reply type (0x\(String(rawValue, radix: 16)))"
         }
     }
@@ -236,6 +243,8 @@ public struct CommandFlags: OptionSet, Sendable {
     public static let reqOne = CommandFlags(rawValue: 1 << 3)
     /// `NBD_CMD_FLAG_FAST_ZERO`
     public static let fastZero = CommandFlags(rawValue: 1 << 4)
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN` (extended headers): *length* is that of a payload.
+    public static let payloadLen = CommandFlags(rawValue: 1 << 5)
 }
 
 /// The spec's error values, `NBD_E*`.
@@ -286,6 +295,8 @@ public struct ReplyType: RawRepresentable, Hashable, Sendable, CustomStringConve
     public static let offsetHole = ReplyType(rawValue: 2)
     /// `NBD_REPLY_TYPE_BLOCK_STATUS`
     public static let blockStatus = ReplyType(rawValue: 5)
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` (extended headers: 64-bit extents)
+    public static let blockStatusExt = ReplyType(rawValue: 6)
     /// `NBD_REPLY_TYPE_ERROR`
     public static let error = ReplyType(rawValue: 1 << 15 | 1)
     /// `NBD_REPLY_TYPE_ERROR_OFFSET`
@@ -296,6 +307,7 @@ public struct ReplyType: RawRepresentable, Hashable, Sendable, CustomStringConve
         case .offsetData: return "NBD_REPLY_TYPE_OFFSET_DATA"
         case .offsetHole: return "NBD_REPLY_TYPE_OFFSET_HOLE"
         case .blockStatus: return "NBD_REPLY_TYPE_BLOCK_STATUS"
+        case .blockStatusExt: return "NBD_REPLY_TYPE_BLOCK_STATUS_EXT"
         case .error: return "NBD_REPLY_TYPE_ERROR"
         case .errorOffset: return "NBD_REPLY_TYPE_ERROR_OFFSET"
         default: return "unknown reply type (\(rawValue))"

@@ -78,6 +78,8 @@ public struct HandshakeStateMachine: Sendable {
     var optionCount = 0
     /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
     public private(set) var structuredReplies = false
+    /// `NBD_OPT_EXTENDED_HEADERS` was acknowledged (implies structured replies).
+    public private(set) var extendedHeaders = false
     /// Contexts chosen by the last `NBD_OPT_SET_META_CONTEXT`, and for which export.
     var metaContexts: [MetaContext] = []
     var metaContextExport: String?
@@ -104,6 +106,7 @@ public struct HandshakeStateMachine: Sendable {
         // NBD spec: anything negotiated in plaintext is forgotten after STARTTLS.
         optionCount = 0
         structuredReplies = false
+        extendedHeaders = false
         metaContexts = []
         metaContextExport = nil
     }
@@ -130,6 +133,8 @@ public struct HandshakeStateMachine: Sendable {
             if tlsPolicy == .off { return [.send(.error(opt, .errPolicy, "TLS is disabled on this server"))] }
             return [.startTLS]
         case .exportName:
+            // The extension: a client that negotiated extended headers must use GO.
+            if extendedHeaders { return close("NBD_OPT_EXPORT_NAME after NBD_OPT_EXTENDED_HEADERS") }
             guard let name = String(validatingUTF8: req.data.map { CChar(bitPattern: $0) } + [0]),
                   req.data.count <= Limits.maxStringLength
             else { return close("export name is not a valid string") }
@@ -155,7 +160,8 @@ public struct HandshakeStateMachine: Sendable {
                 return [.send(.error(opt, .errUnknown, f.message))]
             case .success(let e):
                 var out: [HandshakeAction] = [
-                    .send(.infoExport(opt, size: e.size, flags: e.transmissionFlags(structuredReplies: structuredReplies))),
+                    .send(.infoExport(opt, size: e.size,
+                                      flags: e.transmissionFlags(structuredReplies: structuredReplies || extendedHeaders))),
                     .send(.infoBlockSize(opt, minimum: Limits.minimumBlockSize, preferred: Limits.preferredBlockSize,
                                          maximum: Limits.maxPayload)),
                 ]
@@ -169,7 +175,14 @@ public struct HandshakeStateMachine: Sendable {
             }
         case .structuredReply:
             guard req.data.isEmpty else { return [.send(.error(opt, .errInvalid, "STRUCTURED_REPLY takes no data"))] }
+            if extendedHeaders {
+                return [.send(.error(opt, .errExtHeaderReqd, "extended headers are already negotiated and take precedence"))]
+            }
             structuredReplies = true
+            return [.send(OptionReply(option: opt, type: .ack))]
+        case .extendedHeaders:
+            guard req.data.isEmpty else { return [.send(.error(opt, .errInvalid, "EXTENDED_HEADERS takes no data"))] }
+            extendedHeaders = true
             return [.send(OptionReply(option: opt, type: .ack))]
         case .listMetaContext, .setMetaContext:
             return metaContext(req, resolver: resolver)
@@ -181,7 +194,8 @@ public struct HandshakeStateMachine: Sendable {
     /// Contexts survive into transmission only for the export they were chosen for.
     func transmissionState(_ e: ExportDescription) -> TransmissionState {
         let contexts = metaContextExport == e.name ? metaContexts : []
-        return TransmissionState(export: e, structuredReplies: structuredReplies, metaContexts: contexts)
+        return TransmissionState(export: e, structuredReplies: structuredReplies, extendedHeaders: extendedHeaders,
+                                 metaContexts: contexts)
     }
 
     mutating func metaContext(_ req: OptionRequest, resolver: ExportResolver) -> [HandshakeAction] {
@@ -192,8 +206,8 @@ public struct HandshakeStateMachine: Sendable {
         } catch {
             return [.send(.error(opt, .errInvalid, "\(error)"))]
         }
-        guard structuredReplies else {
-            return [.send(.error(opt, .errInvalid, "negotiate NBD_OPT_STRUCTURED_REPLY first"))]
+        guard structuredReplies || extendedHeaders else {
+            return [.send(.error(opt, .errInvalid, "negotiate NBD_OPT_STRUCTURED_REPLY or NBD_OPT_EXTENDED_HEADERS first"))]
         }
         let export: ExportDescription
         switch resolver.describe(exportName: mr.exportName) {

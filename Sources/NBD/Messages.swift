@@ -9,6 +9,8 @@ public enum NBDProtocolError: Error, Equatable, Sendable, CustomStringConvertibl
     case clientNotFixedNewstyle
     case tooManyOptions
     case malformedOption(Option, reason: String)
+    /// Extended headers: a payload over the maximum (the spec asks for a hard disconnect).
+    case payloadTooLarge(UInt64)
 
     public var description: String {
         switch self {
@@ -19,6 +21,7 @@ public enum NBDProtocolError: Error, Equatable, Sendable, CustomStringConvertibl
         case .clientNotFixedNewstyle: return "client does not speak fixed newstyle"
         case .tooManyOptions: return "too many options"
         case .malformedOption(let o, let r): return "malformed \(o): \(r)"
+        case .payloadTooLarge(let n): return "request payload of \(n) bytes exceeds the maximum"
         }
     }
 }
@@ -158,11 +161,13 @@ public struct Request: Sendable {
     public var command: Command
     public var cookie: UInt64
     public var offset: UInt64
-    public var length: UInt32
-    /// WRITE payload; empty for other commands and for writes we refuse unread.
+    /// Payload length of a WRITE, effect length otherwise (64 bits with extended headers).
+    public var length: UInt64
+    /// The payload: a WRITE's data, or whatever an extended request sent with
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN`; empty otherwise and for writes we refuse unread.
     public var payload: ByteBuffer
 
-    public init(flags: CommandFlags, command: Command, cookie: UInt64, offset: UInt64, length: UInt32,
+    public init(flags: CommandFlags, command: Command, cookie: UInt64, offset: UInt64, length: UInt64,
                 payload: ByteBuffer = ByteBuffer()) {
         self.flags = flags
         self.command = command
@@ -172,8 +177,13 @@ public struct Request: Sendable {
         self.payload = payload
     }
 
-    public func encode(into buf: inout ByteBuffer) {
-        buf.writeMultipleIntegers(requestMagic, flags.rawValue, command.rawValue, cookie, offset, length)
+    /// The compact 28-byte header, or with `extended` the 32-byte one (the client side, for tests).
+    public func encode(into buf: inout ByteBuffer, extended: Bool = false) {
+        if extended {
+            buf.writeMultipleIntegers(extendedRequestMagic, flags.rawValue, command.rawValue, cookie, offset, length)
+        } else {
+            buf.writeMultipleIntegers(requestMagic, flags.rawValue, command.rawValue, cookie, offset, UInt32(truncatingIfNeeded: length))
+        }
         var p = payload
         buf.writeBuffer(&p)
     }
@@ -199,6 +209,9 @@ public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
     /// since clients match no reply to a request they are still sending.
     var oversized: Request?
 
+    /// Extended headers were negotiated: requests have 32-byte headers and 64-bit lengths.
+    public var extended = false
+
     public mutating func decode(buffer: inout ByteBuffer) throws -> DecodedRequest? {
         while skipRemaining > 0 {
             guard buffer.readableBytes > 0 else { return nil }
@@ -210,26 +223,43 @@ public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
             oversized = nil
             return .oversizedWrite(o)
         }
-        guard let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
-            at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
-        else { return nil }
-        guard magic == requestMagic else { throw NBDProtocolError.badRequestMagic(magic) }
-        var req = Request(flags: CommandFlags(rawValue: flags), command: Command(rawValue: type), cookie: cookie,
+        let headerLength: Int
+        let req: Request
+        if extended {
+            guard let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
+                at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt64).self)
+            else { return nil }
+            guard magic == extendedRequestMagic else { throw NBDProtocolError.badRequestMagic(magic) }
+            headerLength = 32
+            req = Request(flags: CommandFlags(rawValue: flags), command: Command(rawValue: type), cookie: cookie,
                           offset: offset, length: length)
-        if req.command == .write {
-            if length > maxPayload {
-                buffer.moveReaderIndex(forwardBy: 28)
-                skipRemaining = Int(length)
-                oversized = req
-                return try decode(buffer: &buffer)
-            }
-            guard buffer.readableBytes >= 28 + Int(length) else { return nil }
-            buffer.moveReaderIndex(forwardBy: 28)
-            req.payload = buffer.readSlice(length: Int(length))!
+        } else {
+            guard let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
+                at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
+            else { return nil }
+            guard magic == requestMagic else { throw NBDProtocolError.badRequestMagic(magic) }
+            headerLength = 28
+            req = Request(flags: CommandFlags(rawValue: flags), command: Command(rawValue: type), cookie: cookie,
+                          offset: offset, length: UInt64(length))
+        }
+        // Compact requests carry a payload only on WRITE; extended ones when they say so.
+        let hasPayload = extended ? req.flags.contains(.payloadLen) : req.command == .write
+        guard hasPayload else {
+            buffer.moveReaderIndex(forwardBy: headerLength)
             return .request(req)
         }
-        buffer.moveReaderIndex(forwardBy: 28)
-        return .request(req)
+        if req.length > UInt64(maxPayload) {
+            guard !extended else { throw NBDProtocolError.payloadTooLarge(req.length) }
+            buffer.moveReaderIndex(forwardBy: headerLength)
+            skipRemaining = Int(req.length)
+            oversized = req
+            return try decode(buffer: &buffer)
+        }
+        guard buffer.readableBytes >= headerLength + Int(req.length) else { return nil }
+        buffer.moveReaderIndex(forwardBy: headerLength)
+        var whole = req
+        whole.payload = buffer.readSlice(length: Int(req.length))!
+        return .request(whole)
     }
 
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodedRequest? {
@@ -271,45 +301,78 @@ extension OptionReply {
     }
 }
 
-/// A structured reply chunk header (20 bytes); the payload follows.
-public func encodeStructuredReplyHeader(flags: UInt16, type: ReplyType, cookie: UInt64, length: UInt32,
-                                        into buf: inout ByteBuffer) {
-    buf.writeMultipleIntegers(structuredReplyMagic, flags, type.rawValue, cookie, length)
+/// How reply chunks are framed: structured (20-byte header) or, after
+/// `NBD_OPT_EXTENDED_HEADERS`, extended (32-byte header carrying the request's offset and a
+/// 64-bit length).
+public enum ChunkFraming: Sendable, Equatable {
+    case structured
+    case extended(requestOffset: UInt64)
+
+    /// Header bytes before a chunk's payload.
+    public var headerLength: Int {
+        switch self {
+        case .structured: return 20
+        case .extended: return 32
+        }
+    }
+}
+
+/// A reply chunk header; the payload follows.
+public func encodeChunkHeader(_ framing: ChunkFraming = .structured, flags: UInt16, type: ReplyType, cookie: UInt64,
+                              length: UInt32, into buf: inout ByteBuffer) {
+    switch framing {
+    case .structured:
+        buf.writeMultipleIntegers(structuredReplyMagic, flags, type.rawValue, cookie, length)
+    case .extended(let requestOffset):
+        buf.writeMultipleIntegers(extendedReplyMagic, flags, type.rawValue, cookie, requestOffset, UInt64(length))
+    }
 }
 
 /// `NBD_REPLY_TYPE_OFFSET_HOLE`
-public func encodeHoleChunk(cookie: UInt64, offset: UInt64, length: UInt32, done: Bool, into buf: inout ByteBuffer) {
-    encodeStructuredReplyHeader(flags: done ? replyFlagDone : 0, type: .offsetHole, cookie: cookie, length: 12, into: &buf)
+public func encodeHoleChunk(_ framing: ChunkFraming = .structured, cookie: UInt64, offset: UInt64, length: UInt32, done: Bool,
+                            into buf: inout ByteBuffer) {
+    encodeChunkHeader(framing, flags: done ? replyFlagDone : 0, type: .offsetHole, cookie: cookie, length: 12, into: &buf)
     buf.writeMultipleIntegers(offset, length)
 }
 
 /// `NBD_REPLY_TYPE_OFFSET_DATA` header; `length` bytes of data must follow.
-public func encodeDataChunkHeader(cookie: UInt64, offset: UInt64, length: UInt32, done: Bool, into buf: inout ByteBuffer) {
-    encodeStructuredReplyHeader(flags: done ? replyFlagDone : 0, type: .offsetData, cookie: cookie, length: 8 + length, into: &buf)
+public func encodeDataChunkHeader(_ framing: ChunkFraming = .structured, cookie: UInt64, offset: UInt64, length: UInt32,
+                                  done: Bool, into buf: inout ByteBuffer) {
+    encodeChunkHeader(framing, flags: done ? replyFlagDone : 0, type: .offsetData, cookie: cookie, length: 8 + length, into: &buf)
     buf.writeInteger(offset)
 }
 
 /// `NBD_REPLY_TYPE_ERROR` with a message, always the last chunk.
-public func encodeErrorChunk(cookie: UInt64, error: ErrorValue, message: String, into buf: inout ByteBuffer) {
+public func encodeErrorChunk(_ framing: ChunkFraming = .structured, cookie: UInt64, error: ErrorValue, message: String,
+                             into buf: inout ByteBuffer) {
     let msg = Array(message.utf8.prefix(Limits.maxStringLength))
-    encodeStructuredReplyHeader(flags: replyFlagDone, type: .error, cookie: cookie, length: 6 + UInt32(msg.count), into: &buf)
+    encodeChunkHeader(framing, flags: replyFlagDone, type: .error, cookie: cookie, length: 6 + UInt32(msg.count), into: &buf)
     buf.writeInteger(error.rawValue)
     buf.writeInteger(UInt16(msg.count))
     buf.writeBytes(msg)
 }
 
 /// `NBD_REPLY_TYPE_NONE` with the done flag: a successful reply with no payload.
-public func encodeDoneChunk(cookie: UInt64, into buf: inout ByteBuffer) {
-    encodeStructuredReplyHeader(flags: replyFlagDone, type: .none, cookie: cookie, length: 0, into: &buf)
+public func encodeDoneChunk(_ framing: ChunkFraming = .structured, cookie: UInt64, into buf: inout ByteBuffer) {
+    encodeChunkHeader(framing, flags: replyFlagDone, type: .none, cookie: cookie, length: 0, into: &buf)
 }
 
-/// `NBD_REPLY_TYPE_BLOCK_STATUS` for one context.
-public func encodeBlockStatusChunk(cookie: UInt64, contextID: UInt32, extents: [(length: UInt32, flags: UInt32)], done: Bool,
-                                   into buf: inout ByteBuffer) {
-    encodeStructuredReplyHeader(flags: done ? replyFlagDone : 0, type: .blockStatus, cookie: cookie,
-                                length: 4 + 8 * UInt32(extents.count), into: &buf)
-    buf.writeInteger(contextID)
-    for e in extents { buf.writeMultipleIntegers(e.length, e.flags) }
+/// A block status chunk for one context: `NBD_REPLY_TYPE_BLOCK_STATUS` (32-bit extents) or,
+/// with extended headers, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` (a count, then 64-bit extents).
+public func encodeBlockStatusChunk(_ framing: ChunkFraming = .structured, cookie: UInt64, contextID: UInt32,
+                                   extents: [(length: UInt64, flags: UInt32)], done: Bool, into buf: inout ByteBuffer) {
+    let flags = done ? replyFlagDone : 0
+    switch framing {
+    case .structured:
+        encodeChunkHeader(framing, flags: flags, type: .blockStatus, cookie: cookie, length: 4 + 8 * UInt32(extents.count), into: &buf)
+        buf.writeInteger(contextID)
+        for e in extents { buf.writeMultipleIntegers(UInt32(e.length), e.flags) }
+    case .extended:
+        encodeChunkHeader(framing, flags: flags, type: .blockStatusExt, cookie: cookie, length: 8 + 16 * UInt32(extents.count),
+                          into: &buf)
+        buf.writeMultipleIntegers(contextID, UInt32(extents.count))
+        for e in extents { buf.writeMultipleIntegers(e.length, UInt64(e.flags)) }
+    }
 }
 
 /// A simple reply header; read data follows it.

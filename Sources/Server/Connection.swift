@@ -18,6 +18,12 @@ import TLS
 import Glibc
 #endif
 
+/// Where a request's reply goes and how it is framed (nil: simple replies only).
+struct ReplyTo {
+    let cookie: UInt64
+    let framing: ChunkFraming?
+}
+
 final class Connection: @unchecked Sendable {
     enum Phase {
         case clientFlags
@@ -289,6 +295,7 @@ final class Connection: @unchecked Sendable {
             return
         }
         transmission = ts
+        requestDecoder.extended = ts.extendedHeaders
         phase = .transmission
         handshakeTimer?.cancel()
         handshakeTimer = nil
@@ -302,7 +309,7 @@ final class Connection: @unchecked Sendable {
             t.resume()
             idleTimer = t
         }
-        logger.info("export \(vdi) attached (\(export.readOnly ? "read-only" : "read-write"), \(export.size) bytes, \(ts.structuredReplies ? "structured replies" : "simple replies")\(ts.metaContexts.isEmpty ? "" : ", contexts " + ts.metaContexts.map(\.name).joined(separator: ",")))")
+        logger.info("export \(vdi) attached (\(export.readOnly ? "read-only" : "read-write"), \(export.size) bytes, \(ts.extendedHeaders ? "extended headers" : ts.structuredReplies ? "structured replies" : "simple replies")\(ts.metaContexts.isEmpty ? "" : ", contexts " + ts.metaContexts.map(\.name).joined(separator: ",")))")
     }
 
     // MARK: transmission
@@ -313,13 +320,15 @@ final class Connection: @unchecked Sendable {
         switch decoded {
         case .oversizedWrite(let r):
             logger.info("cookie \(r.cookie): \(r.command) of \(r.length) bytes exceeds the maximum: NBD_EINVAL")
-            reply(error: .einval, cookie: r.cookie)
+            reply(error: .einval, to: ReplyTo(cookie: r.cookie, framing: ts.framing(requestOffset: r.offset)))
             return
         case .request(let r):
             switch RequestValidator.validate(r, ts) {
             case .failure(let e):
                 logger.info("cookie \(r.cookie): \(r.command) offset \(r.offset) length \(r.length) refused: \(e)")
-                reply(error: e, cookie: r.cookie)
+                // NBD spec: with structured replies a READ never gets a simple reply.
+                let to = ReplyTo(cookie: r.cookie, framing: ts.framing(requestOffset: r.offset))
+                reply(error: e, to: to, message: r.command == .read && to.framing != nil ? "\(e)" : nil)
             case .success(let v):
                 execute(v, handle: h)
             }
@@ -327,28 +336,29 @@ final class Connection: @unchecked Sendable {
     }
 
     func execute(_ v: ValidatedRequest, handle h: VDIHandle) {
-        let structured = transmission?.structuredReplies ?? false
+        guard let ts = transmission else { return }
+        func to(_ cookie: UInt64, _ offset: UInt64) -> ReplyTo { ReplyTo(cookie: cookie, framing: ts.framing(requestOffset: offset)) }
         switch v {
         case .disconnect:
             disconnectRequested = true
             pauseReading()
             if inFlight == 0 { close(reason: "client sent NBD_CMD_DISC") }
         case .read(let cookie, let offset, let length, let df):
+            let r = to(cookie, offset)
             // Fast path: small reads whose data is all in the page cache are answered right
             // here, without two queue hops. preadv2(RWF_NOWAIT) never waits for the disk;
             // anything else (a miss, an error) goes the normal way on the I/O queue.
             if length <= Self.inlineReadLimit,
-               let reply = try? Replies.read(h, cookie: cookie, offset: offset, length: length, structured: structured, df: df,
-                                             cachedOnly: true) {
+               let reply = try? Replies.read(h, r, offset: offset, length: length, df: df, cachedOnly: true) {
                 send(reply)
                 return
             }
-            run(cookie: cookie, bytes: Int(length), what: "read at \(offset)+\(length)", chunked: structured) {
-                try Replies.read(h, cookie: cookie, offset: offset, length: length, structured: structured, df: df)
+            run(r, bytes: Int(length), what: "read at \(offset)+\(length)", chunked: r.framing != nil) {
+                try Replies.read(h, r, offset: offset, length: length, df: df)
             }
         case .write(let cookie, let offset, let payload, let fua):
             // No thread waits while the change log syncs: the write resumes after it.
-            runAsync(cookie: cookie, bytes: payload.readableBytes, what: "write at \(offset)+\(payload.readableBytes)") {
+            runAsync(to(cookie, offset), bytes: payload.readableBytes, what: "write at \(offset)+\(payload.readableBytes)") {
                 [server] finish in
                 h.write(length: payload.readableBytes, at: offset, on: server.ioQueue,
                         withBytes: { body in try payload.withUnsafeReadableBytes(body) }) { error in
@@ -360,28 +370,29 @@ final class Connection: @unchecked Sendable {
                 }
             }
         case .flush(let cookie):
-            run(cookie: cookie, bytes: 0, what: "flush") {
+            run(to(cookie, 0), bytes: 0, what: "flush") {
                 try h.flush()
                 return nil
             }
         case .trim(let cookie, let offset, let length, let fua):
-            run(cookie: cookie, bytes: 0, what: "trim at \(offset)+\(length)") {
-                try h.writeZeroes(offset: offset, length: UInt64(length), punch: true, fastOnly: false)
+            run(to(cookie, offset), bytes: 0, what: "trim at \(offset)+\(length)") {
+                try h.writeZeroes(offset: offset, length: length, punch: true, fastOnly: false)
                 if fua { try h.flush() }
                 return nil
             }
         case .writeZeroes(let cookie, let offset, let length, let fua, let noHole, let fastZero):
-            run(cookie: cookie, bytes: 0, what: "write zeroes at \(offset)+\(length)", fastZero: fastZero) {
-                try h.writeZeroes(offset: offset, length: UInt64(length), punch: !noHole, fastOnly: fastZero)
+            run(to(cookie, offset), bytes: 0, what: "write zeroes at \(offset)+\(length)", fastZero: fastZero) {
+                try h.writeZeroes(offset: offset, length: length, punch: !noHole, fastOnly: fastZero)
                 if fua { try h.flush() }
                 return nil
             }
         case .cache(let cookie, let offset, let length):
             // Every read goes to the page cache already; CACHE only checks the range.
-            run(cookie: cookie, bytes: 0, what: "cache at \(offset)+\(length)") { nil }
+            run(to(cookie, offset), bytes: 0, what: "cache at \(offset)+\(length)") { nil }
         case .blockStatus(let cookie, let offset, let length, let reqOne, let contexts):
-            run(cookie: cookie, bytes: 0, what: "block status at \(offset)+\(length)", chunked: true) {
-                try Replies.blockStatus(h, cookie: cookie, offset: offset, length: length, reqOne: reqOne, contexts: contexts) {
+            let r = to(cookie, offset)
+            run(r, bytes: 0, what: "block status at \(offset)+\(length)", chunked: true) {
+                try Replies.blockStatus(h, r, offset: offset, length: length, reqOne: reqOne, contexts: contexts) {
                     try self.server.sr.changedBlocks(from: $0, to: h.uuid)
                 }
             }
@@ -390,45 +401,39 @@ final class Connection: @unchecked Sendable {
 
     /// Runs `body` on the I/O queue, then sends its reply (or a plain OK/error) from the
     /// connection queue. `chunked`: errors go back as a structured error chunk.
-    func run(cookie: UInt64, bytes: Int, what: String, chunked: Bool = false, fastZero: Bool = false,
+    func run(_ to: ReplyTo, bytes: Int, what: String, chunked: Bool = false, fastZero: Bool = false,
              _ body: @escaping () throws -> ByteBuffer?) {
-        runAsync(cookie: cookie, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero) { finish in
+        runAsync(to, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero) { finish in
             do { finish(.success(try body())) } catch { finish(.failure(error)) }
         }
     }
 
     /// `run` for a body that finishes later, on any thread, by calling `finish` once.
-    func runAsync(cookie: UInt64, bytes: Int, what: String, chunked: Bool = false, fastZero: Bool = false,
+    func runAsync(_ to: ReplyTo, bytes: Int, what: String, chunked: Bool = false, fastZero: Bool = false,
                   _ body: @escaping (_ finish: @escaping (Result<ByteBuffer?, Error>) -> Void) -> Void) {
         begin(bytes: bytes)
         server.ioQueue.async { [self] in
             body { [self] result in
-                queue.async { [self] in complete(result, cookie: cookie, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero) }
+                queue.async { [self] in complete(result, to: to, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero) }
             }
         }
     }
 
     /// Sends a request's reply (or error) on the connection queue.
-    func complete(_ result: Result<ByteBuffer?, Error>, cookie: UInt64, bytes: Int, what: String, chunked: Bool, fastZero: Bool) {
+    func complete(_ result: Result<ByteBuffer?, Error>, to: ReplyTo, bytes: Int, what: String, chunked: Bool, fastZero: Bool) {
         switch result {
         case .failure(let f):
             var e = nbdError(for: f)
             // NBD spec: ENOTSUP only answers a FAST_ZERO request.
             if e == .enotsup && !fastZero { e = .einval }
-            if e == .enotsup { logger.debug("cookie \(cookie): \(what): \(f)") } else {
-                logger.error("cookie \(cookie): \(what) failed: \(f)")
+            if e == .enotsup { logger.debug("cookie \(to.cookie): \(what): \(f)") } else {
+                logger.error("cookie \(to.cookie): \(what) failed: \(f)")
             }
-            if chunked {
-                var b = ByteBuffer()
-                encodeErrorChunk(cookie: cookie, error: e, message: "\(f)", into: &b)
-                send(b)
-            } else {
-                reply(error: e, cookie: cookie)
-            }
+            reply(error: e, to: to, message: chunked ? "\(f)" : nil)
         case .success(let r?):
             send(r)
         case .success(nil):
-            reply(error: nil, cookie: cookie)
+            reply(error: nil, to: to)
         }
         end(bytes: bytes)
     }
@@ -452,9 +457,20 @@ final class Connection: @unchecked Sendable {
         if readSuspended { resumeReading() }
     }
 
-    func reply(error: ErrorValue?, cookie: UInt64) {
+    /// A reply without data: simple, unless extended headers make every reply a chunk, or a
+    /// `message` asks for a structured error chunk (READ and BLOCK_STATUS errors).
+    func reply(error: ErrorValue?, to: ReplyTo, message: String? = nil) {
         var b = ByteBuffer()
-        encodeSimpleReply(error: error, cookie: cookie, into: &b)
+        switch (to.framing, error) {
+        case (.extended?, nil):
+            encodeDoneChunk(to.framing!, cookie: to.cookie, into: &b)
+        case (.extended?, let e?):
+            encodeErrorChunk(to.framing!, cookie: to.cookie, error: e, message: message ?? "", into: &b)
+        case (.structured?, let e?) where message != nil:
+            encodeErrorChunk(.structured, cookie: to.cookie, error: e, message: message!, into: &b)
+        default:
+            encodeSimpleReply(error: error, cookie: to.cookie, into: &b)
+        }
         send(b)
     }
 

@@ -10,18 +10,19 @@ enum Replies {
     /// chunks (unless DF forbids splitting) so clients like nbdcopy skip them. One pass over
     /// the chain reads the data and finds the holes; the common all-data reply is built in
     /// place, anything else is rebuilt from the bytes read.
-    static func read(_ h: VDIHandle, cookie: UInt64, offset: UInt64, length: UInt32, structured: Bool, df: Bool,
+    static func read(_ h: VDIHandle, _ to: ReplyTo, offset: UInt64, length: UInt32, df: Bool,
                      cachedOnly: Bool = false) throws -> ByteBuffer
     {
         var buf = ByteBuffer()
-        guard structured else {
+        guard let framing = to.framing else {
             buf.reserveCapacity(16 + Int(length))
-            encodeSimpleReply(error: nil, cookie: cookie, into: &buf)
+            encodeSimpleReply(error: nil, cookie: to.cookie, into: &buf)
             try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
             return buf
         }
-        buf.reserveCapacity(dataChunkOverhead + Int(length))
-        encodeDataChunkHeader(cookie: cookie, offset: offset, length: length, done: true, into: &buf)
+        let overhead = framing.headerLength + 8
+        buf.reserveCapacity(overhead + Int(length))
+        encodeDataChunkHeader(framing, cookie: to.cookie, offset: offset, length: length, done: true, into: &buf)
         var holes: [Range<Int>] = []
         if df {
             try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
@@ -30,26 +31,25 @@ enum Replies {
         }
         if holes.isEmpty { return buf }
         // Split into data and hole chunks, in order.
-        let data = buf.getSlice(at: dataChunkOverhead, length: Int(length))!
+        let data = buf.getSlice(at: overhead, length: Int(length))!
         var out = ByteBuffer()
-        out.reserveCapacity(Int(length) - holes.reduce(0) { $0 + $1.count } + (2 * holes.count + 1) * dataChunkOverhead)
+        out.reserveCapacity(Int(length) - holes.reduce(0) { $0 + $1.count } + (2 * holes.count + 1) * overhead)
         var pos = 0
         func dataChunk(upTo end: Int, done: Bool) {
-            encodeDataChunkHeader(cookie: cookie, offset: offset + UInt64(pos), length: UInt32(end - pos), done: done, into: &out)
+            encodeDataChunkHeader(framing, cookie: to.cookie, offset: offset + UInt64(pos), length: UInt32(end - pos), done: done,
+                                  into: &out)
             out.writeImmutableBuffer(data.getSlice(at: pos, length: end - pos)!)
         }
         for (i, hole) in holes.enumerated() {
             if hole.lowerBound > pos { dataChunk(upTo: hole.lowerBound, done: false) }
             let last = i == holes.count - 1 && hole.upperBound == Int(length)
-            encodeHoleChunk(cookie: cookie, offset: offset + UInt64(hole.lowerBound), length: UInt32(hole.count), done: last, into: &out)
+            encodeHoleChunk(framing, cookie: to.cookie, offset: offset + UInt64(hole.lowerBound), length: UInt32(hole.count),
+                            done: last, into: &out)
             pos = hole.upperBound
         }
         if pos < Int(length) { dataChunk(upTo: Int(length), done: true) }
         return out
     }
-
-    /// Bytes before a data chunk's payload: the structured reply header and the offset.
-    static let dataChunkOverhead = 28
 
     static func readInto(_ buf: inout ByteBuffer, _ h: VDIHandle, offset: UInt64, length: Int, cachedOnly: Bool = false,
                          holes: UnsafeMutablePointer<[Range<Int>]>? = nil) throws {
@@ -84,45 +84,52 @@ enum Replies {
     }
 
     /// Runs of changed (1) and unchanged (0) 64 KiB blocks over the range, from an MSB-first bitmap.
-    static func dirtyExtents(_ msb: [UInt8], offset: UInt64, length: UInt64) -> [(length: UInt32, flags: UInt32)] {
+    static func dirtyExtents(_ msb: [UInt8], offset: UInt64, length: UInt64) -> [(length: UInt64, flags: UInt32)] {
         let bs: UInt64 = 64 * 1024
-        var out: [(length: UInt32, flags: UInt32)] = []
+        var out: [(length: UInt64, flags: UInt32)] = []
         var pos = offset
         while pos < offset + length {
             let i = Int(pos / bs)
             let dirty: UInt32 = i / 8 < msb.count && msb[i / 8] & (0x80 >> UInt8(i % 8)) != 0 ? 1 : 0
             let n = min(bs - pos % bs, offset + length - pos)
-            if let last = out.last, last.flags == dirty, UInt64(last.length) + n <= UInt64(UInt32.max) {
-                out[out.count - 1].length += UInt32(n)
+            if let last = out.last, last.flags == dirty {
+                out[out.count - 1].length += n
             } else {
-                out.append((UInt32(n), dirty))
+                out.append((n, dirty))
             }
             pos += n
         }
         return out
     }
 
+    /// The most one BLOCK_STATUS reply describes; a client asks again past its end (the
+    /// spec lets a server answer a shorter range than requested).
+    static let maxBlockStatusSpan: UInt64 = 4 << 30
+
     /// A BLOCK_STATUS reply: one chunk per negotiated context.
-    static func blockStatus(_ h: VDIHandle, cookie: UInt64, offset: UInt64, length: UInt32, reqOne: Bool,
+    static func blockStatus(_ h: VDIHandle, _ to: ReplyTo, offset: UInt64, length requested: UInt64, reqOne: Bool,
                             contexts: [MetaContext], changedSince: (String) throws -> [UInt8]) throws -> ByteBuffer {
+        let framing = to.framing ?? .structured
+        let length = min(requested, maxBlockStatusSpan - 1)
         var buf = ByteBuffer()
         for (i, ctx) in contexts.enumerated() {
-            var extents: [(length: UInt32, flags: UInt32)] = []
+            var extents: [(length: UInt64, flags: UInt32)] = []
             switch ctx.name {
             case baseAllocationContext:
-                for run in try h.allocationRuns(offset: offset, length: UInt64(length)) {
+                for run in try h.allocationRuns(offset: offset, length: length) {
                     let flags: AllocationState = run.allocated ? [] : [.hole, .zero]
-                    extents.append((UInt32(run.length), flags.rawValue))
+                    extents.append((run.length, flags.rawValue))
                 }
             case let name where name.hasPrefix(dirtyBitmapPrefix):
                 // qemu's dirty bitmap context: flag 1 (dirty) on blocks changed since that snapshot.
                 let bits = try changedSince(String(name.dropFirst(dirtyBitmapPrefix.count)))
-                extents = dirtyExtents(bits, offset: offset, length: UInt64(length))
+                extents = dirtyExtents(bits, offset: offset, length: length)
             default:
                 extents.append((length, 0))
             }
             if reqOne { extents = Array(extents.prefix(1)) }
-            encodeBlockStatusChunk(cookie: cookie, contextID: ctx.id, extents: extents, done: i == contexts.count - 1, into: &buf)
+            encodeBlockStatusChunk(framing, cookie: to.cookie, contextID: ctx.id, extents: extents, done: i == contexts.count - 1,
+                                   into: &buf)
         }
         return buf
     }

@@ -62,6 +62,58 @@ final class DecoderTests: XCTestCase {
         XCTAssertThrowsError(try d.decode(buffer: &b))
     }
 
+    func testExtendedRequestsHave32ByteHeadersAndPayloadsOnlyWithPayloadLen() throws {
+        var d = RequestDecoder()
+        d.extended = true
+        var b = ByteBuffer()
+        Request(flags: [.payloadLen, .fua], command: .write, cookie: 5, offset: 4096, length: 3, payload: ByteBuffer(bytes: [7, 8, 9]))
+            .encode(into: &b, extended: true)
+        // A 64-bit effect length: zero 5 TiB in one request.
+        Request(flags: [], command: .writeZeroes, cookie: 6, offset: 0, length: 5 << 40).encode(into: &b, extended: true)
+        // A payload on a command that takes none is consumed, so the next request stays framed.
+        Request(flags: [.payloadLen], command: .trim, cookie: 7, offset: 0, length: 2, payload: ByteBuffer(bytes: [1, 1]))
+            .encode(into: &b, extended: true)
+        Request(flags: [], command: .flush, cookie: 8, offset: 0, length: 0).encode(into: &b, extended: true)
+        XCTAssertEqual(b.readableBytes, 32 * 4 + 3 + 2)
+        guard case .request(let w)? = try d.decode(buffer: &b) else { return XCTFail() }
+        XCTAssertEqual([w.cookie, w.offset, w.length], [5, 4096, 3])
+        XCTAssertEqual(w.payload.getBytes(at: w.payload.readerIndex, length: 3), [7, 8, 9])
+        guard case .request(let z)? = try d.decode(buffer: &b) else { return XCTFail() }
+        XCTAssertEqual(z.length, 5 << 40)
+        XCTAssertEqual(z.payload.readableBytes, 0)
+        guard case .request(let t)? = try d.decode(buffer: &b) else { return XCTFail() }
+        XCTAssertEqual(t.payload.readableBytes, 2)
+        guard case .request(let f)? = try d.decode(buffer: &b) else { return XCTFail() }
+        XCTAssertEqual(f.command, .flush)
+    }
+
+    func testExtendedModeRefusesCompactMagicAndOversizedPayloads() {
+        var d = RequestDecoder(maxPayload: 8)
+        d.extended = true
+        var compact = ByteBuffer()
+        Request(flags: [], command: .flush, cookie: 1, offset: 0, length: 0).encode(into: &compact)
+        compact.writeRepeatingByte(0, count: 4)
+        XCTAssertThrowsError(try d.decode(buffer: &compact)) { XCTAssertEqual($0 as? NBDProtocolError, .badRequestMagic(requestMagic)) }
+        var big = ByteBuffer()
+        Request(flags: [.payloadLen], command: .write, cookie: 1, offset: 0, length: 9).encode(into: &big, extended: true)
+        XCTAssertThrowsError(try d.decode(buffer: &big)) { XCTAssertEqual($0 as? NBDProtocolError, .payloadTooLarge(9)) }
+    }
+
+    func testExtendedReplyGoldenBytes() {
+        var b = ByteBuffer()
+        encodeDoneChunk(.extended(requestOffset: 0x10), cookie: 0x0102, into: &b)
+        XCTAssertEqual(b.readBytes(length: b.readableBytes)!,
+                       [0x6E, 0x8A, 0x27, 0x8C, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0])
+        b = ByteBuffer()
+        encodeBlockStatusChunk(.extended(requestOffset: 0), cookie: 1, contextID: 3, extents: [(5 << 32, 3)], done: true, into: &b)
+        XCTAssertEqual(b.getInteger(at: 6, as: UInt16.self), ReplyType.blockStatusExt.rawValue)
+        XCTAssertEqual(b.getInteger(at: 24, as: UInt64.self), 8 + 16)
+        XCTAssertEqual(b.getInteger(at: 32, as: UInt32.self), 3)
+        XCTAssertEqual(b.getInteger(at: 36, as: UInt32.self), 1, "descriptor count")
+        XCTAssertEqual(b.getInteger(at: 40, as: UInt64.self), 5 << 32)
+        XCTAssertEqual(b.getInteger(at: 48, as: UInt64.self), 3)
+    }
+
     func testSimpleReplyGoldenBytes() {
         var b = ByteBuffer()
         encodeSimpleReply(error: .einval, cookie: 0x0102, into: &b)

@@ -183,6 +183,33 @@ final class HandshakeTests: XCTestCase {
         XCTAssertTrue(ts.flags.contains(.sendDF))
     }
 
+    func testExtendedHeadersAckThenStructuredReplyIsExtHeaderReqdAndGoCarriesThem() {
+        var m = haggling()
+        XCTAssertEqual(m.receive(option: OptionRequest(option: .extendedHeaders, data: [1]), resolver: resolver),
+                       [.send(.error(.extendedHeaders, .errInvalid, "EXTENDED_HEADERS takes no data"))])
+        XCTAssertEqual(m.receive(option: OptionRequest(option: .extendedHeaders, data: []), resolver: resolver),
+                       [.send(OptionReply(option: .extendedHeaders, type: .ack))])
+        guard case .send(let r) = m.receive(option: OptionRequest(option: .structuredReply, data: []), resolver: resolver).first
+        else { return XCTFail() }
+        XCTAssertEqual(r.type, .errExtHeaderReqd)
+        // Meta contexts need no STRUCTURED_REPLY once extended headers are on.
+        let a = m.receive(option: OptionRequest(option: .setMetaContext, data: metaData("/u?token=t", [baseAllocationContext])),
+                          resolver: resolver)
+        XCTAssertEqual(a.count, 2)
+        guard case .enterTransmission(let ts) = m.receive(option: OptionRequest(option: .go, data: infoData("/u?token=t")),
+                                                          resolver: resolver).last else { return XCTFail() }
+        XCTAssertTrue(ts.extendedHeaders)
+        XCTAssertTrue(ts.structuredReplies)
+        XCTAssertEqual(ts.metaContexts.count, 1)
+    }
+
+    func testExportNameAfterExtendedHeadersCloses() {
+        var m = haggling()
+        _ = m.receive(option: OptionRequest(option: .extendedHeaders, data: []), resolver: resolver)
+        guard case .close = m.receive(option: OptionRequest(option: .exportName, data: Array("/u?token=t".utf8)), resolver: resolver).first
+        else { return XCTFail() }
+    }
+
     func testMetaContextsForAnotherExportAreDropped() {
         var m = haggling()
         _ = m.receive(option: OptionRequest(option: .structuredReply, data: []), resolver: resolver)

@@ -28,7 +28,7 @@ final class ValidationTests: XCTestCase {
     }
 
     func testOversizedReadIsEINVAL() {
-        XCTAssertEqual(err(Request(flags: [], command: .read, cookie: 1, offset: 0, length: Limits.maxPayload + 1), rw), .einval)
+        XCTAssertEqual(err(Request(flags: [], command: .read, cookie: 1, offset: 0, length: UInt64(Limits.maxPayload) + 1), rw), .einval)
     }
 
     func testUnknownCommandIsEINVAL() {
@@ -60,12 +60,38 @@ final class ValidationTests: XCTestCase {
     }
 
     func testOversizedReadWithDFIsEOVERFLOW() {
-        XCTAssertEqual(err(Request(flags: [.df], command: .read, cookie: 1, offset: 0, length: Limits.maxPayload + 1), structured), .eoverflow)
+        XCTAssertEqual(err(Request(flags: [.df], command: .read, cookie: 1, offset: 0, length: UInt64(Limits.maxPayload) + 1), structured), .eoverflow)
     }
 
     func testBlockStatusWithoutContextIsEINVAL() {
         XCTAssertEqual(err(Request(flags: [], command: .blockStatus, cookie: 1, offset: 0, length: 512), rw), .einval)
         XCTAssertNil(err(Request(flags: [.reqOne], command: .blockStatus, cookie: 1, offset: 0, length: 512), structured))
+    }
+
+    var extended: TransmissionState { TransmissionState(export: rw.export, extendedHeaders: true) }
+
+    func testExtendedHeadersImplyStructuredRepliesAndFrameRepliesWithTheOffset() {
+        XCTAssertTrue(extended.structuredReplies)
+        XCTAssertTrue(extended.flags.contains(.sendDF))
+        XCTAssertEqual(extended.framing(requestOffset: 42), .extended(requestOffset: 42))
+        XCTAssertNil(rw.framing(requestOffset: 42))
+    }
+
+    func testExtendedWriteNeedsPayloadLenAndOtherCommandsRefuseIt() {
+        XCTAssertEqual(err(Request(flags: [], command: .write, cookie: 1, offset: 0, length: 1), extended), .einval)
+        XCTAssertNil(err(Request(flags: [.payloadLen], command: .write, cookie: 1, offset: 0, length: 1), extended))
+        XCTAssertEqual(err(Request(flags: [.payloadLen], command: .trim, cookie: 1, offset: 0, length: 1), extended), .einval)
+        XCTAssertEqual(err(Request(flags: [.payloadLen], command: .write, cookie: 1, offset: 0, length: 1), rw), .einval,
+                       "PAYLOAD_LEN is unknown without extended headers")
+    }
+
+    func testExtendedEffectLengthsAreSixtyFourBit() {
+        let big = TransmissionState(export: ExportDescription(name: "x", size: 8 << 40, readOnly: false), extendedHeaders: true)
+        guard case .success(.writeZeroes(_, _, let l, _, _, _)) = RequestValidator.validate(
+            Request(flags: [], command: .writeZeroes, cookie: 1, offset: 0, length: 5 << 40), big) else { return XCTFail() }
+        XCTAssertEqual(l, 5 << 40)
+        XCTAssertEqual(err(Request(flags: [], command: .read, cookie: 1, offset: 0, length: 5 << 40), big), .einval)
+        XCTAssertEqual(err(Request(flags: [], command: .trim, cookie: 1, offset: 1, length: 8 << 40), big), .einval)
     }
 
     func testTrimAndZeroOnReadOnlyAreEPERM() {
