@@ -128,6 +128,22 @@ public final class NBDServer: @unchecked Sendable {
     public var connectionCount: Int { queue.sync { connections.count } }
 }
 
+/// Bounds how much freed memory glibc keeps. By default glibc gives each thread that
+/// allocates its own arena (Dispatch spreads work over many threads) and, after the first
+/// large free, raises its mmap and trim thresholds so that freed request buffers stay in
+/// the heaps for good: 100-180 MiB of RSS after a few fio runs. Two arenas, buffers over
+/// 4 MiB mapped and unmapped, and at most 16 MiB free at the top of a heap keep it under
+/// 40 MiB with no measurable cost to 1 MiB or 4 KiB throughput. Called once at start-up.
+public func limitAllocatorRetention() {
+    _ = c_mallopt(-8, 2)  // M_ARENA_MAX
+    _ = c_mallopt(-3, 4 << 20)  // M_MMAP_THRESHOLD (a fixed value also stops the adjustment)
+    _ = c_mallopt(-1, 16 << 20)  // M_TRIM_THRESHOLD
+}
+
+/// glibc's mallopt (not exported by the Glibc module).
+@_silgen_name("mallopt")
+func c_mallopt(_ param: Int32, _ value: Int32) -> Int32
+
 /// glibc's malloc_trim (not exported by the Glibc module).
 @_silgen_name("malloc_trim")
 func c_malloc_trim(_ pad: Int) -> Int32

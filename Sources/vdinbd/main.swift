@@ -105,6 +105,7 @@ struct VDINBD: ParsableCommand {
                 throw ValidationError("TLS: \(error)")
             }
         }
+        limitAllocatorRetention()
         let server = NBDServer(config: config, sr: repo, logger: logger)
         do {
             try server.start()
