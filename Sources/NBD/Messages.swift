@@ -223,25 +223,17 @@ public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
             oversized = nil
             return .oversizedWrite(o)
         }
-        let headerLength: Int
-        let req: Request
-        if extended {
-            guard let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
-                at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt64).self)
-            else { return nil }
-            guard magic == extendedRequestMagic else { throw NBDProtocolError.badRequestMagic(magic) }
-            headerLength = 32
-            req = Request(flags: CommandFlags(rawValue: flags), command: Command(rawValue: type), cookie: cookie,
+        // Compact: 28 bytes ending in a 32-bit length; extended: 32, ending in a 64-bit one.
+        let headerLength = extended ? 32 : 28
+        guard buffer.readableBytes >= headerLength,
+              let (magic, flags, type, cookie, offset) = buffer.getMultipleIntegers(
+                  at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64).self)
+        else { return nil }
+        guard magic == (extended ? extendedRequestMagic : requestMagic) else { throw NBDProtocolError.badRequestMagic(magic) }
+        let length = extended ? buffer.getInteger(at: buffer.readerIndex + 24, as: UInt64.self)!
+            : UInt64(buffer.getInteger(at: buffer.readerIndex + 24, as: UInt32.self)!)
+        let req = Request(flags: CommandFlags(rawValue: flags), command: Command(rawValue: type), cookie: cookie,
                           offset: offset, length: length)
-        } else {
-            guard let (magic, flags, type, cookie, offset, length) = buffer.getMultipleIntegers(
-                at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
-            else { return nil }
-            guard magic == requestMagic else { throw NBDProtocolError.badRequestMagic(magic) }
-            headerLength = 28
-            req = Request(flags: CommandFlags(rawValue: flags), command: Command(rawValue: type), cookie: cookie,
-                          offset: offset, length: UInt64(length))
-        }
         // Compact requests carry a payload only on WRITE; extended ones when they say so.
         let hasPayload = extended ? req.flags.contains(.payloadLen) : req.command == .write
         guard hasPayload else {
