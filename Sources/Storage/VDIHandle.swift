@@ -58,30 +58,51 @@ public final class VDIHandle: @unchecked Sendable {
     public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws {
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
-        try track(offset: offset, length: UInt64(buf.count))
-        try chain.write(buf, at: offset)
+        guard let log = cbt, log.markDirty(offset: offset, length: UInt64(buf.count)) else {
+            return try chain.write(buf, at: offset)
+        }
+        try chain.write(buf, at: offset, beforeVisible: commitOnce(log))
     }
 
-    /// The server's write. The same as `write`, except that when the change log must sync
-    /// first, no thread waits for it: the data is written on `queue` once the log's batch
-    /// is durable. `withBytes` lends the payload; `done` gets the outcome.
+    /// The server's write. The same as `write`, except that a write into space the leaf
+    /// already holds does not hold a thread while the change log syncs: it waits on the log
+    /// and its data is written on `queue` once the batch is durable. (A write that allocates
+    /// runs at once: its log sync overlaps the block's copy-up and gates only the BAT.)
+    /// `withBytes` lends the payload; `done` gets the outcome.
     public func write(length: Int, at offset: UInt64, on queue: DispatchQueue,
                       withBytes: @escaping @Sendable (_ body: (UnsafeRawBufferPointer) throws -> Void) throws -> Void,
                       done: @escaping @Sendable (Error?) -> Void) {
         pthread_rwlock_rdlock(&gate)
         if let log = cbt, log.markDirty(offset: offset, length: UInt64(length)) {
-            pthread_rwlock_unlock(&gate)
-            log.commitAsync { error in
-                if let error { return done(error) }
-                queue.async { self.writeTracked(by: log, at: offset, length: length, withBytes: withBytes, done: done) }
+            if !chain.leafLacksAll(offset: offset, length: UInt64(length)) {
+                pthread_rwlock_unlock(&gate)
+                log.commitAsync { error in
+                    if let error { return done(error) }
+                    queue.async { self.writeTracked(by: log, at: offset, length: length, withBytes: withBytes, done: done) }
+                }
+                return
             }
-            return
+            defer { pthread_rwlock_unlock(&gate) }
+            do {
+                try withBytes { try chain.write($0, at: offset, beforeVisible: commitOnce(log)) }
+            } catch { return done(error) }
+            return done(nil)
         }
         defer { pthread_rwlock_unlock(&gate) }
         do {
             try withBytes { try chain.write($0, at: offset) }
         } catch { return done(error) }
         done(nil)
+    }
+
+    /// A `beforeVisible` gate that commits the log once, however many pieces the write has.
+    func commitOnce(_ log: ChangeLog) -> () throws(VHDError) -> Void {
+        var committed = false
+        return { () throws(VHDError) in
+            if committed { return }
+            do { try log.commit() } catch { throw VHDError.notPublished(reason: "\(error)") }
+            committed = true
+        }
     }
 
     /// Writes data whose bits `log` made durable. If a snapshot swapped the log meanwhile,

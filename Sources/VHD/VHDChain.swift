@@ -247,13 +247,20 @@ public final class VHDChain: @unchecked Sendable {
 
     // MARK: writes
 
-    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws(VHDError) {
+    /// Writes through the leaf. `beforeVisible`, if given, runs before any byte of the write
+    /// can be read back: before a write into space the leaf already holds, or, for a block
+    /// being allocated, after its data is filled and synced but before the BAT points at it,
+    /// so whatever the caller must make durable first (a change log) overlaps the copy-up.
+    /// If it throws, nothing of that piece becomes visible.
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64,
+                      beforeVisible: (() throws(VHDError) -> Void)? = nil) throws(VHDError) {
         let length = UInt64(data.count)
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw .outOfRange(offset: offset, length: length, virtualSize: virtualSize)
         }
         guard leaf.writable else { throw .readOnly(path: leaf.path) }
         if leaf.diskType == .fixed {
+            try beforeVisible?()
             try leaf.file.writeAll(data, toAbsoluteOffset: offset)
             return
         }
@@ -265,21 +272,35 @@ public final class VHDChain: @unchecked Sendable {
             let inBlock = Int(pos % bs)
             let n = min(Int(bs) - inBlock, data.count - done)
             try writePiece(blockIndex: blockIndex, inBlock: inBlock,
-                           data: UnsafeRawBufferPointer(rebasing: data[done..<(done + n)]))
+                           data: UnsafeRawBufferPointer(rebasing: data[done..<(done + n)]), beforeVisible: beforeVisible)
             done += n
         }
     }
 
-    public func write(_ bytes: [UInt8], at offset: UInt64) throws(VHDError) {
-        try typed(leaf.path) { try bytes.withUnsafeBytes { b in try write(b, at: offset) } }
+    /// True when the leaf holds none of the blocks `[offset, offset+length)` touches: a write
+    /// there allocates, and its `beforeVisible` runs only at the end.
+    public func leafLacksAll(offset: UInt64, length: UInt64) -> Bool {
+        guard length > 0, leaf.diskType != .fixed else { return false }
+        let bs = UInt64(blockSize)
+        for bi in Int(offset / bs)...Int((offset + length - 1) / bs) {
+            guard case .absent? = try? leaf.blockState(bi) else { return false }
+        }
+        return true
     }
 
-    func writePiece(blockIndex: Int, inBlock: Int, data: UnsafeRawBufferPointer) throws(VHDError) {
+    public func write(_ bytes: [UInt8], at offset: UInt64, beforeVisible: (() throws(VHDError) -> Void)? = nil) throws(VHDError) {
+        try typed(leaf.path) { try bytes.withUnsafeBytes { b in try write(b, at: offset, beforeVisible: beforeVisible) } }
+    }
+
+    func writePiece(blockIndex: Int, inBlock: Int, data: UnsafeRawBufferPointer,
+                    beforeVisible: (() throws(VHDError) -> Void)? = nil) throws(VHDError) {
         let f = leaf
         switch try f.blockState(blockIndex) {
         case .full(let dataOffset):
+            try beforeVisible?()
             try f.file.writeAll(data, toAbsoluteOffset: dataOffset + UInt64(inBlock))
         case .partial(let dataOffset, _):
+            try beforeVisible?()
             try f.file.writeAll(data, toAbsoluteOffset: dataOffset + UInt64(inBlock))
             let sectors = (inBlock / 512)..<((inBlock + data.count + 511) / 512)
             // A partially covered sector that was absent must first be filled from below.
@@ -304,12 +325,13 @@ public final class VHDChain: @unchecked Sendable {
         case .absent:
             switch try f.reserve(blockIndex: blockIndex) {
             case .allocated:
-                try writePiece(blockIndex: blockIndex, inBlock: inBlock, data: data)
+                try writePiece(blockIndex: blockIndex, inBlock: inBlock, data: data, beforeVisible: beforeVisible)
             case .reserved(let dataOffset, let stale):
                 do {
                     try fill(blockIndex: blockIndex, dataOffset: dataOffset, stale: stale, inBlock: inBlock, data: data)
                     try f.writeFullBitmap(dataOffset: dataOffset)
                     try f.barrier()
+                    try beforeVisible?()
                     try f.commit(blockIndex: blockIndex, dataOffset: dataOffset)
                 } catch {
                     f.abandon(blockIndex: blockIndex)

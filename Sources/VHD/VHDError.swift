@@ -30,6 +30,9 @@ public enum VHDError: Error, Equatable, CustomStringConvertible, Sendable {
     case wouldBlock
     /// Zeroing this range would mean writing zeros (asked to fail fast instead).
     case zeroingNotFast
+    /// The caller's condition for letting a write become visible failed (a change log that
+    /// could not be made durable, say); nothing of the write is visible.
+    case notPublished(reason: String)
     /// An operating-system error, with the path it happened on.
     case io(path: String, errno: Errno)
 
@@ -52,6 +55,7 @@ public enum VHDError: Error, Equatable, CustomStringConvertible, Sendable {
         case .readOnly(let p): return "\(p) is read-only"
         case .wouldBlock: return "the data is not in the page cache"
         case .zeroingNotFast: return "zeroing this range is not faster than writing zeros"
+        case .notPublished(let r): return "write not made visible: \(r)"
         case .io(let p, let e): return "\(p): \(e)"
         }
     }

@@ -148,6 +148,30 @@ final class ChainTests: XCTestCase {
         XCTAssertEqual(try VHDChain(layers: [g]).read(at: 8192, count: 4096), [UInt8](repeating: 7, count: 4096))
     }
 
+    /// The visibility gate (a change log's sync): for a block being allocated it runs after
+    /// the data and the barrier and before the BAT; for space the leaf holds, before the data.
+    /// If it fails, nothing of the write is visible.
+    func testBeforeVisibleRunsBeforeTheBATOrTheInPlaceDataAndItsFailurePublishesNothing() throws {
+        let m = newImage(size: 4 << 20)
+        let c = try VHDChain(layers: [try VHDFile(file: m, writable: true)])
+        let batOffset: UInt64 = 1536
+        m.writeLog = []
+        var seen: [(writes: Int, syncs: Int)] = []
+        try c.write([UInt8](repeating: 1, count: 4096), at: 8192, beforeVisible: { seen.append((m.writeLog.count, m.syncCount)) })
+        XCTAssertEqual(seen.count, 1)
+        XCTAssertEqual(seen[0].writes, 3, "footer, data and bitmap written before the gate")
+        XCTAssertEqual(m.writeLog.last?.offset, batOffset, "the BAT after it")
+        m.writeLog = []
+        try c.write([UInt8](repeating: 2, count: 512), at: 0, beforeVisible: { XCTAssertEqual(m.writeLog.count, 0) })
+        XCTAssertEqual(m.writeLog.count, 1)
+        // A failing gate: an allocation stays invisible, an in-place write does not happen.
+        let refuse = { () throws(VHDError) in throw VHDError.notPublished(reason: "log") }
+        XCTAssertThrowsError(try c.write([UInt8](repeating: 3, count: 4096), at: 3 << 20, beforeVisible: refuse))
+        XCTAssertEqual(try c.read(at: 3 << 20, count: 4096), [UInt8](repeating: 0, count: 4096))
+        XCTAssertThrowsError(try c.write([UInt8](repeating: 4, count: 512), at: 0, beforeVisible: refuse))
+        XCTAssertEqual(try c.read(at: 0, count: 512), [UInt8](repeating: 2, count: 512))
+    }
+
     func testConcurrentWritersToOneUnallocatedBlockBothLand() throws {
         let p = dir + "/c.vhd"
         try VHDCreate.createDynamic(path: p, size: 4 << 20)
