@@ -46,8 +46,15 @@ public final class ChangeLog: @unchecked Sendable {
     /// What is known to be on stable storage; a write whose bits are all here need not wait.
     var durable: [UInt8]
     var waiters: [(CBTError?) -> Void] = []
-    var committing = false
-    let committer = DispatchQueue(label: "vdinbd.cbt.commit")
+    /// Batches being synced. A second batch may start while the first syncs: its bytes are
+    /// written after the first's (both under `lock`), so its sync covers both, and its
+    /// waiters wait for about one device flush instead of the rest of one plus their own.
+    var committers = 0
+    static let maxCommitters = 2
+    /// A sync that failed: the log can no longer promise anything, so every later commit
+    /// fails too (the writes waiting on it get EIO) instead of trusting a later sync.
+    var failed: CBTError?
+    let committer = DispatchQueue(label: "vdinbd.cbt.commit", attributes: .concurrent)
 
     public static func bitmapLength(size: UInt64) -> Int { Int((size + blockSize - 1) / blockSize + 7) / 8 }
 
@@ -255,8 +262,8 @@ public final class ChangeLog: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         waiters.append(w)
-        if committing { return false }
-        committing = true
+        if committers >= ChangeLog.maxCommitters { return false }
+        committers += 1
         return true
     }
 
@@ -265,27 +272,30 @@ public final class ChangeLog: @unchecked Sendable {
         while true {
             lock.lock()
             if waiters.isEmpty {
-                committing = false
+                committers -= 1
                 lock.unlock()
                 return
             }
             let batch = waiters
             waiters = []
             let range = dirtyBytes
-            let slice = range.map { Array(bitmap[$0]) }
             dirtyBytes = nil
+            var failure = failed
+            if failure == nil, let r = range {
+                // Written under the lock, so batches reach the file in the order they were taken.
+                do { try writeAll(Array(bitmap[r]), at: ChangeLog.headerSize + r.lowerBound) } catch { failure = error }
+            }
+            let slice = range.map { Array(bitmap[$0]) }
             lock.unlock()
-            var failure: CBTError?
-            do {
-                if let r = range, let s = slice { try writeAll(s, at: ChangeLog.headerSize + r.lowerBound) }
-                try sync()
-            } catch { failure = error }
+            if failure == nil {
+                do { try sync() } catch { failure = error }
+            }
             lock.lock()
             if failure == nil, let r = range, let s = slice {
                 for (k, b) in s.enumerated() { durable[r.lowerBound + k] |= b }
-            } else if let r = range {
-                // Put the range back so the next batch writes it again.
-                dirtyBytes = dirtyBytes.map { min($0.lowerBound, r.lowerBound)..<max($0.upperBound, r.upperBound) } ?? r
+            } else if let f = failure {
+                failed = f
+                if let r = range { dirtyBytes = dirtyBytes.map { min($0.lowerBound, r.lowerBound)..<max($0.upperBound, r.upperBound) } ?? r }
             }
             lock.unlock()
             for w in batch { w(failure) }
