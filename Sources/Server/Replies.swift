@@ -17,19 +17,15 @@ enum Replies {
         guard let framing = to.framing else {
             buf.reserveCapacity(16 + Int(length))
             encodeSimpleReply(error: nil, cookie: to.cookie, into: &buf)
-            try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
+            _ = try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
             return buf
         }
         let overhead = framing.headerLength + 8
         buf.reserveCapacity(overhead + Int(length))
         encodeDataChunkHeader(framing, cookie: to.cookie, offset: offset, length: length, done: true, into: &buf)
-        var holes: [Range<Int>] = []
-        if df {
-            try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
-        } else {
-            try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly, holes: &holes)
-        }
-        if holes.isEmpty { return buf }
+        let holes = try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
+        // DF: one data chunk, holes and all.
+        if holes.isEmpty || df { return buf }
         // Split into data and hole chunks, in order.
         let data = buf.getSlice(at: overhead, length: Int(length))!
         var out = ByteBuffer()
@@ -51,36 +47,22 @@ enum Replies {
         return out
     }
 
-    static func readInto(_ buf: inout ByteBuffer, _ h: VDIHandle, offset: UInt64, length: Int, cachedOnly: Bool = false,
-                         holes: UnsafeMutablePointer<[Range<Int>]>? = nil) throws {
+    /// Appends `length` bytes read at `offset`; returns the ranges of them no layer holds.
+    static func readInto(_ buf: inout ByteBuffer, _ h: VDIHandle, offset: UInt64, length: Int,
+                         cachedOnly: Bool = false) throws -> [Range<Int>] {
         var failure: Error?
+        var holes: [Range<Int>] = []
         buf.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
             do {
-                let dest = UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length])
-                if let holes {
-                    try h.read(into: dest, at: offset, cachedOnly: cachedOnly, holes: &holes.pointee)
-                } else {
-                    try h.read(into: dest, at: offset, cachedOnly: cachedOnly)
-                }
+                try h.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length]), at: offset, cachedOnly: cachedOnly,
+                           holes: &holes)
             } catch {
                 failure = error
             }
             return length
         }
         if let f = failure { throw f }
-    }
-
-    static func readInto(_ buf: inout ByteBuffer, _ h: VDIHandle, offset: UInt64, length: Int, cachedOnly: Bool = false) throws {
-        var failure: Error?
-        buf.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr in
-            do {
-                try h.read(into: UnsafeMutableRawBufferPointer(rebasing: ptr[0..<length]), at: offset, cachedOnly: cachedOnly)
-            } catch {
-                failure = error
-            }
-            return length
-        }
-        if let f = failure { throw f }
+        return holes
     }
 
     /// Runs of changed (1) and unchanged (0) 64 KiB blocks over the range, from an MSB-first bitmap.

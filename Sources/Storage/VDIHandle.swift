@@ -34,13 +34,8 @@ public final class VDIHandle: @unchecked Sendable {
     /// With `cachedOnly`, never waits: not for the disk (`.wouldBlock`), nor for a snapshot
     /// holding the gate.
     public func read(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false) throws(VHDError) {
-        if cachedOnly {
-            guard pthread_rwlock_tryrdlock(&gate) == 0 else { throw .wouldBlock }
-        } else {
-            pthread_rwlock_rdlock(&gate)
-        }
-        defer { pthread_rwlock_unlock(&gate) }
-        try chain.read(into: buf, at: offset, cachedOnly: cachedOnly)
+        var holes: [Range<Int>] = []
+        try read(into: buf, at: offset, cachedOnly: cachedOnly, holes: &holes)
     }
 
     /// `read`, also listing the ranges of `buf` no layer holds (see `VHDChain.read(holes:)`).
@@ -132,16 +127,10 @@ public final class VDIHandle: @unchecked Sendable {
     }
 
     /// Runs of allocated (some layer holds data) and unallocated space.
-    public func allocationRuns(offset: UInt64, length: UInt64, cachedOnly: Bool = false) throws(VHDError)
-        -> [(allocated: Bool, length: UInt64)]
-    {
-        if cachedOnly {
-            guard pthread_rwlock_tryrdlock(&gate) == 0 else { throw .wouldBlock }
-        } else {
-            pthread_rwlock_rdlock(&gate)
-        }
+    public func allocationRuns(offset: UInt64, length: UInt64) throws(VHDError) -> [(allocated: Bool, length: UInt64)] {
+        pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
-        return try chain.allocationRuns(offset: offset, length: length, cachedOnly: cachedOnly)
+        return try chain.allocationRuns(offset: offset, length: length)
     }
 
     public func flush() throws(VHDError) {

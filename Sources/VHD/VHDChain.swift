@@ -216,19 +216,17 @@ public final class VHDChain: @unchecked Sendable {
     }
 
     /// Whether any layer from `layer` down holds data for this block.
-    func anyLayerHolds(blockIndex: Int, from layer: Int, cachedOnly: Bool = false) throws(VHDError) -> Bool {
+    func anyLayerHolds(blockIndex: Int, from layer: Int) throws(VHDError) -> Bool {
         for l in layers[layer...] {
             if UInt64(blockIndex) * UInt64(blockSize) >= l.virtualSize { continue }
-            if case .absent = try l.blockState(blockIndex, cachedOnly: cachedOnly) { continue }
+            if case .absent = try l.blockState(blockIndex) { continue }
             return true
         }
         return false
     }
 
     /// Allocation status of `[offset, offset+length)` as runs: true where some layer holds data.
-    public func allocationRuns(offset: UInt64, length: UInt64, cachedOnly: Bool = false) throws(VHDError)
-        -> [(allocated: Bool, length: UInt64)]
-    {
+    public func allocationRuns(offset: UInt64, length: UInt64) throws(VHDError) -> [(allocated: Bool, length: UInt64)] {
         var out: [(Bool, UInt64)] = []
         func add(_ a: Bool, _ n: UInt64) {
             if let last = out.last, last.0 == a { out[out.count - 1].1 += n } else { out.append((a, n)) }
@@ -239,7 +237,7 @@ public final class VHDChain: @unchecked Sendable {
         while pos < end {
             let bi = Int(pos / bs)
             let n = min(bs - pos % bs, end - pos)
-            add(try anyLayerHolds(blockIndex: bi, from: 0, cachedOnly: cachedOnly), n)
+            add(try anyLayerHolds(blockIndex: bi, from: 0), n)
             pos += n
         }
         return out
