@@ -98,16 +98,11 @@ public final class ChangeLog: @unchecked Sendable {
             let hn = try h.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
             guard hn == headerSize else { throw CBTError.damaged(path: path, reason: "short read") }
             let consistentRaw = h[32..<36].withUnsafeBytes { Int32(littleEndian: $0.loadUnaligned(as: Int32.self)) }
-            let size = h[40..<48].withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
             guard consistentRaw == 0 || consistentRaw == 1 else {
                 throw CBTError.damaged(path: path, reason: "consistent flag is \(consistentRaw)")
             }
-            guard size > 0, size <= 1 << 44 else { throw CBTError.damaged(path: path, reason: "size \(size) out of range") }
-            let expected = headerSize + bitmapLength(size: size)
-            guard Int(length) == expected else {
-                throw CBTError.damaged(path: path, reason: "file is \(length) bytes, a log of size \(size) has \(expected)")
-            }
-            var bitmap = [UInt8](repeating: 0, count: expected - headerSize)
+            let size = try h.withUnsafeBytes { raw throws(CBTError) in try checkedSize(header: raw, fileLength: Int(length), path: path) }
+            var bitmap = [UInt8](repeating: 0, count: bitmapLength(size: size))
             let bn = try bitmap.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: Int64(headerSize), into: $0) }
             guard bn == bitmap.count else { throw CBTError.damaged(path: path, reason: "short read") }
             return ChangeLog(path: path, fd: fd, parent: uuid(h[0..<16]), child: uuid(h[16..<32]), consistent: consistentRaw == 1,
@@ -123,7 +118,8 @@ public final class ChangeLog: @unchecked Sendable {
 
     /// Grows a closed log to cover `size` bytes: the old bits, new clear bits past them and
     /// the new size, written to a side file that is synced and renamed over the log, so a
-    /// crash leaves the old log or the new one. Never shrinks.
+    /// crash leaves the old log or the new one (the caller syncs the directory, as for every
+    /// other rename in the SR). Never shrinks.
     public static func grow(path: String, to size: UInt64) throws(CBTError) {
         let old = try open(path: path)
         guard size > old.size else { return }
@@ -150,8 +146,6 @@ public final class ChangeLog: @unchecked Sendable {
             unlink(side)
             throw .io(path: path, errno: e)
         }
-        let dir = Glibc.open((path as NSString).deletingLastPathComponent, O_RDONLY | O_DIRECTORY)
-        if dir >= 0 { fsync(dir); Glibc.close(dir) }
     }
 
     /// Reads a log's parent and ORs its bits (LSB first) into `acc`, straight from a
@@ -172,13 +166,20 @@ public final class ChangeLog: @unchecked Sendable {
         }
         defer { munmap(map, length) }
         let raw = UnsafeRawBufferPointer(start: map, count: length)
-        let size = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 40, as: UInt64.self))
-        let n = size > 0 && size <= 1 << 44 ? bitmapLength(size: size) : -1
-        guard n >= 0, length == headerSize + n else {
-            throw .damaged(path: path, reason: "file is \(length) bytes, a log of size \(size) has \(headerSize + max(n, 0))")
-        }
+        _ = try checkedSize(header: raw, fileLength: length, path: path)
         ChangedBlocks.or(UnsafeRawBufferPointer(rebasing: raw[headerSize...]), into: &acc)
         return uuid(ArraySlice(raw[0..<16]))
+    }
+
+    /// The size field of a log's header, checked against the file's length.
+    static func checkedSize(header raw: UnsafeRawBufferPointer, fileLength: Int, path: String) throws(CBTError) -> UInt64 {
+        let size = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 40, as: UInt64.self))
+        guard size > 0, size <= 1 << 44 else { throw .damaged(path: path, reason: "size \(size) out of range") }
+        let expected = headerSize + bitmapLength(size: size)
+        guard fileLength == expected else {
+            throw .damaged(path: path, reason: "file is \(fileLength) bytes, a log of size \(size) has \(expected)")
+        }
+        return size
     }
 
     static func uuid(_ b: ArraySlice<UInt8>) -> UUID? {

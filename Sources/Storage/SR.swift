@@ -311,6 +311,7 @@ public final class SR: @unchecked Sendable {
             do { try ChangeLog.grow(path: cbtLogPath(u), to: size) } catch {
                 throw StorageError.vdiIOError(uuid: u, detail: "growing the change log: \(error)")
             }
+            try syncDirectory()
         }
         do {
             let f = try VHDFile.open(path: vhdPath(u), writable: true)
