@@ -137,13 +137,17 @@ public final class SR: @unchecked Sendable {
         }
     }
 
-    public func create(_ p: CreateParams) throws -> VDIRecord {
-        guard p.virtualSize > 0, p.virtualSize <= VHDCreate.maxVirtualSize else {
-            throw StorageError.valueNotSupported(field: "virtual_size", value: String(p.virtualSize),
-                                                 reason: "must be between 1 byte and 2040 GiB")
+    /// A requested disk size as the VHD will hold it: 1 byte to 2040 GiB, rounded up to
+    /// whole sectors as XenServer does.
+    static func diskSize(_ requested: UInt64, field: String) throws -> UInt64 {
+        guard requested > 0, requested <= VHDCreate.maxVirtualSize else {
+            throw StorageError.valueNotSupported(field: field, value: String(requested), reason: "must be between 1 byte and 2040 GiB")
         }
-        // VHD sizes are whole sectors; round up as XenServer does.
-        let size = (p.virtualSize + 511) / 512 * 512
+        return (requested + 511) / 512 * 512
+    }
+
+    public func create(_ p: CreateParams) throws -> VDIRecord {
+        let size = try SR.diskSize(p.virtualSize, field: "virtual_size")
         opLock.lock(); defer { opLock.unlock() }
         let uuid = UUID().uuidString.lowercased()
         do {
@@ -295,10 +299,7 @@ public final class SR: @unchecked Sendable {
             throw StorageError.operationNotAllowed(reason: "VDI \(u) is a snapshot; only a VDI's current state can be resized")
         }
         if r.readOnly { throw StorageError.vdiReadonly(uuid: u) }
-        guard requested > 0, requested <= VHDCreate.maxVirtualSize else {
-            throw StorageError.valueNotSupported(field: "size", value: String(requested), reason: "must be between 1 byte and 2040 GiB")
-        }
-        let size = (requested + 511) / 512 * 512
+        let size = try SR.diskSize(requested, field: "size")
         guard size >= r.virtualSize else {
             throw StorageError.valueNotSupported(field: "size", value: String(requested),
                                                  reason: "shrinking is not allowed (the VDI is \(r.virtualSize) bytes)")

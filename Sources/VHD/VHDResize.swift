@@ -22,11 +22,25 @@ extension VHDFile {
                                 reason: "shrinking is not supported (the disk holds \(footer.currentSize) bytes)")
         }
         try VHDCreate.validate(size: newSize, path: path)
-        guard var h = header else {
+        guard let h = header else {
             throw .invalidField(structure: "footer", field: "diskType", value: UInt64(DiskType.fixed.rawValue),
                                 reason: "a fixed disk cannot be grown in place")
         }
         if newSize == footer.currentSize { return }
+        try growTable(header: h, toCover: newSize)
+        var f = footer
+        f.currentSize = newSize
+        // The spec keeps the creation-time size in Original Size, but libvhdi (vhdiinfo,
+        // pyvhdi) takes the disk's size from that field: keep both equal, as at creation.
+        f.originalSize = newSize
+        f.diskGeometry = DiskGeometry(forSize: newSize)
+        try rewriteFooter(f)
+        try file.synchronize()
+    }
+
+    /// Steps 1 and 2: BAT entries for every block of `newSize`, then the header.
+    func growTable(header h: DynamicDiskHeader, toCover newSize: UInt64) throws(VHDError) {
+        var h = h
         lock.lock()
         defer { lock.unlock() }
         let needed = Int((newSize + UInt64(h.blockSize) - 1) / UInt64(h.blockSize))
@@ -54,16 +68,5 @@ extension VHDFile {
             bitmaps += [SectorBitmap?](repeating: nil, count: needed - bitmaps.count)
             bitmapKinds += [UInt8](repeating: 0, count: needed - bitmapKinds.count)
         }
-        var f = footer
-        f.currentSize = newSize
-        // The spec keeps the creation-time size in Original Size, but libvhdi (vhdiinfo,
-        // pyvhdi) takes the disk's size from that field: keep both equal, as at creation.
-        f.originalSize = newSize
-        f.diskGeometry = DiskGeometry(forSize: newSize)
-        let bytes = f.serialize()
-        try file.write(bytes, at: nextFreeOffset)
-        try file.write(bytes, at: 0)
-        try file.synchronize()
-        footer = f
     }
 }
