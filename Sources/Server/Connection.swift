@@ -477,11 +477,13 @@ final class Connection: @unchecked Sendable {
     // MARK: writing
 
     /// Replies that complete in one burst go out together: the flush runs once per turn of
-    /// the queue, and small replies are merged so a burst costs one write (one TLS record).
+    /// the queue, and a burst costs one write (one sendmsg of them all, or one TLS record).
     var flushScheduled = false
     /// The first outbound buffer was partly refused (EAGAIN): GnuTLS wants it retried unchanged.
     var retryingWrite = false
     static let coalesceLimit = 256 * 1024
+    /// Replies handed to one sendmsg (well under IOV_MAX).
+    static let gatherLimit = 64
     /// Reads up to this size may be served from the page cache on the connection queue.
     static let inlineReadLimit: UInt32 = 64 * 1024
 
@@ -501,6 +503,27 @@ final class Connection: @unchecked Sendable {
             continueTLSHandshake(session)
             return
         }
+        // Plain sockets take the queued replies in one sendmsg, without copying them.
+        while !outbound.isEmpty, let r = transport.writeGathered(outbound.prefix(Self.gatherLimit)) {
+            switch r {
+            case .wrote(var n):
+                while let first = outbound.first, n >= first.readableBytes {
+                    n -= first.readableBytes
+                    outbound.removeFirst()
+                }
+                if n > 0 { outbound[0].moveReaderIndex(forwardBy: n) }
+            case .wouldBlock:
+                if writeSuspended, let ws = writeSource {
+                    writeSuspended = false
+                    ws.resume()
+                }
+                return
+            case .failed(let why):
+                close(reason: "write failed: \(why)")
+                return
+            }
+        }
+        // TLS: small replies are merged into one buffer, so a burst is one record.
         while var first = outbound.first {
             if !retryingWrite && outbound.count > 1 && first.readableBytes < Self.coalesceLimit {
                 var merged = 1

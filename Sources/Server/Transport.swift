@@ -1,4 +1,5 @@
 import Foundation
+import NIOCore
 import TLS
 #if canImport(Glibc)
 import Glibc
@@ -22,6 +23,9 @@ enum TransportWrite {
 protocol Transport: AnyObject {
     func read(into buffer: UnsafeMutableRawBufferPointer) -> TransportRead
     func write(_ buffer: UnsafeRawBufferPointer) -> TransportWrite
+    /// Writes several buffers with one call and no copy (sendmsg); nil if this transport
+    /// cannot (TLS, where merged buffers make one record instead).
+    func writeGathered(_ buffers: ArraySlice<ByteBuffer>) -> TransportWrite?
     /// Decrypted bytes already waiting (a TLS record read in full); the socket may then not signal.
     var hasBufferedInput: Bool { get }
 }
@@ -51,6 +55,27 @@ final class PlainTransport: Transport {
         }
     }
 
+    func writeGathered(_ buffers: ArraySlice<ByteBuffer>) -> TransportWrite? {
+        var iov: [iovec] = []
+        iov.reserveCapacity(buffers.count)
+        // The pointers stay valid: `buffers` is borrowed unchanged for the whole call.
+        for b in buffers {
+            b.withUnsafeReadableBytes { iov.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count)) }
+        }
+        return iov.withUnsafeMutableBufferPointer { v in
+            var msg = msghdr()
+            msg.msg_iov = v.baseAddress
+            msg.msg_iovlen = v.count
+            while true {
+                let n = sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
+                if n >= 0 { return .wrote(n) }
+                if errno == EINTR { continue }
+                if errno == EAGAIN || errno == EWOULDBLOCK { return .wouldBlock }
+                return .failed(String(cString: strerror(errno)))
+            }
+        }
+    }
+
     var hasBufferedInput: Bool { false }
 }
 
@@ -76,6 +101,8 @@ final class TLSTransport: Transport {
             return .failed("\(error)")
         }
     }
+
+    func writeGathered(_ buffers: ArraySlice<ByteBuffer>) -> TransportWrite? { nil }
 
     var hasBufferedInput: Bool { session.pendingBytes > 0 }
 }
