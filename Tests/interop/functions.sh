@@ -56,3 +56,7 @@ uri() {
 export_name() { vdictl vdi-get-nbd-info "uuid=$1" | sed -n 's/^exportname: //p'; }
 
 fail() { echo "FAIL: $*" >&2; echo "--- server log" >&2; tail -20 "$TMP/server.log" >&2; exit 1; }
+
+# PRODUCER | has PATTERN: grep that reads all its input. `grep -q` stops at the first
+# match, and under pipefail the producer's SIGPIPE would then fail the pipeline.
+has() { grep "$@" >/dev/null; }

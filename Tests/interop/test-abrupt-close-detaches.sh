@@ -16,6 +16,6 @@ for _ in $(seq 1 50); do
     grep -q VDI_IN_USE "$TMP/err" || { cat "$TMP/err"; fail "unexpected error"; }
     sleep 0.1
 done
-vdictl vdi-list | grep -q "$u" && fail "VDI still there (left attached)"
+vdictl vdi-list | has "$u" && fail "VDI still there (left attached)"
 v=$(vdictl vdi-create name-label=t2 virtual-size=1MiB)
 nbdsh -u "$(uri "$v")" -c 'assert h.pread(512, 0) == bytes(512)'

@@ -37,7 +37,7 @@ PY
     kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
     wait "$writer" 2>/dev/null || true
     restart
-    vdictl vdi-param-list "uuid=$u" | grep -q "cbt-enabled: true" || fail "CBT disabled after kill -9 (round $round)"
+    vdictl vdi-param-list "uuid=$u" | has "cbt-enabled: true" || fail "CBT disabled after kill -9 (round $round)"
     b=$(vdictl vdi-snapshot "uuid=$u")
     bits=$(vdictl vdi-list-changed-blocks "vdi-from=$a" "vdi-to=$b")
     $PY - "$(uri "$a")" "$(uri "$b")" "$bits" <<'PY' || fail "round $round: a changed block is missing from the bitmap"

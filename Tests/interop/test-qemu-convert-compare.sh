@@ -16,5 +16,5 @@ qemu-img convert -n -f raw -O raw "$TMP/src.raw" "$J"
 qemu-img compare -f raw "$TMP/src.raw" "$J" || fail "qemu-img compare"
 qemu-io -f raw -c "write -P 0x5a 1M 64k" -c "discard 30M 1M" -c "write -z 0 4k" -c "write -P 0x11 40M 4k" "$J" >/dev/null
 out=$(qemu-io -f raw -c "read -P 0x5a 1M 64k" -c "read -P 0 30M 1M" -c "read -P 0 0 4k" -c "read -P 0x11 40M 4k" "$J")
-echo "$out" | grep -q "Pattern verification failed" && { echo "$out"; fail "pattern mismatch"; }
+echo "$out" | has "Pattern verification failed" && { echo "$out"; fail "pattern mismatch"; }
 [ "$(echo "$out" | grep -c '^read')" = 4 ] || { echo "$out"; fail "not all reads done"; }

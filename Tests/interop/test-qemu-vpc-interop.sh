@@ -18,5 +18,5 @@ qemu-io -f vpc -c "write -P 0xab 0 1M" -c "write -P 0xcd 5M 4k" -c "write -P 0xe
 qemu-img convert -f vpc -O raw "$TMP/q.vhd" "$TMP/qemu.raw"
 cmp "$TMP/ours.raw" "$TMP/qemu.raw" || fail "our engine reads qemu's writes differently"
 "$V" vhd-snapshot "$TMP/child.vhd" "$TMP/q.vhd"
-vhdiinfo "$TMP/child.vhd" | grep -q "Parent filename.*q.vhd" || fail "vhdiinfo does not see the parent"
+vhdiinfo "$TMP/child.vhd" | has "Parent filename.*q.vhd" || fail "vhdiinfo does not see the parent"
 qemu-img info -f vpc "$TMP/child.vhd" >/dev/null || fail "qemu-img cannot open our child"

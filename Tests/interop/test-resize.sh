@@ -35,7 +35,7 @@ s1=$(vdictl vdi-snapshot "uuid=$u")
 vdictl vdi-resize "uuid=$u" disk-size=3GiB
 [ "$(size_of "$(uri "$u")")" = $((3 << 30)) ] || fail "leaf size after resize"
 [ "$(size_of "$(uri "$s1")")" = $((16 << 20)) ] || fail "the snapshot's size changed"
-vdictl vdi-param-list "uuid=$u" | grep -q "virtual-size: $((3 << 30))" || fail "record size"
+vdictl vdi-param-list "uuid=$u" | has "virtual-size: $((3 << 30))" || fail "record size"
 nbdsh -u "$(uri "$u")" -c '
 h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_ALIGN)
 h.pwrite(b"\xa5" * 70000, (2 << 30) + 12345)
@@ -80,7 +80,7 @@ expect_error() {
     local code=$1; shift
     local out
     if out=$(vdictl "$@" 2>&1); then fail "$* succeeded"; fi
-    echo "$out" | grep -q "$code" || fail "$* gave: $out (want $code)"
+    echo "$out" | has "$code" || fail "$* gave: $out (want $code)"
 }
 expect_error VALUE_NOT_SUPPORTED vdi-resize "uuid=$u" disk-size=1GiB
 expect_error OPERATION_NOT_ALLOWED vdi-resize "uuid=$s1" disk-size=4GiB

@@ -26,4 +26,4 @@ try:
 except nbd.Error as e:
     assert e.errnum == errno.EPERM, e
 ' || fail "snapshot write not refused with EPERM"
-vdictl vdi-param-list "uuid=$s" | grep -q "is-a-snapshot: true" || fail "record does not say snapshot"
+vdictl vdi-param-list "uuid=$s" | has "is-a-snapshot: true" || fail "record does not say snapshot"

@@ -14,6 +14,6 @@ nbdinfo --json "nbds://alice@127.0.0.1:$PORT/$enc?tls-psk-file=$TMP/psk/keys.psk
     | $PY -c 'import json,sys; assert json.load(sys.stdin)["exports"][0]["export-size"] == 4 << 20'
 grep -q "PSK user alice" "$TMP/server.log" || fail "session did not use PSK"
 qemu-img info --object "tls-creds-psk,id=tls0,dir=$TMP/psk,username=alice,endpoint=client" \
-    --image-opts "driver=nbd,host=127.0.0.1,port=$PORT,export=$name,tls-creds=tls0" | grep -q "virtual size: 4 MiB" \
+    --image-opts "driver=nbd,host=127.0.0.1,port=$PORT,export=$name,tls-creds=tls0" | has "virtual size: 4 MiB" \
     || fail "qemu-img with PSK"
 if nbdinfo "nbds://alice@127.0.0.1:$PORT/$enc?tls-psk-file=$TMP/bad/keys.psk" >/dev/null 2>&1; then fail "wrong key accepted"; fi

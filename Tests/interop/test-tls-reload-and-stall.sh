@@ -8,7 +8,7 @@ start_vdinbd --tls on --certs "$CERTS" --tls-hostname first.test --handshake-tim
 u=$(vdictl vdi-create name-label=t virtual-size=1MiB)
 name=$(export_name "$u"); enc=${name/\?/%3F}
 # --tls on: a plain client is served too.
-nbdinfo "nbd://127.0.0.1:$PORT/$enc" | grep -q "without TLS" || fail "plain client refused under --tls on"
+nbdinfo "nbd://127.0.0.1:$PORT/$enc" | has "without TLS" || fail "plain client refused under --tls on"
 vdictl vdi-get-nbd-info "uuid=$u" --json | $PY -c 'import json,sys; assert json.load(sys.stdin)[0]["subject"] == "first.test"'
 # A TLS client stays connected across the reload.
 mkfifo "$TMP/go"

@@ -15,7 +15,7 @@ mkclient() {  # DIR CA-CERT CA-KEY
         --load-ca-privkey "$3" --template "$1/tmpl" --outfile "$1/client-cert.pem" 2>/dev/null
 }
 mkclient "$TMP/good" "$CERTS/ca-cert.pem" "$CERTS/ca-key.pem"
-nbdinfo "nbds://127.0.0.1:$PORT/$enc?tls-certificates=$TMP/good" | grep -q "export-size: 1048576" || fail "good client refused"
+nbdinfo "nbds://127.0.0.1:$PORT/$enc?tls-certificates=$TMP/good" | has "export-size: 1048576" || fail "good client refused"
 # No client certificate at all.
 mkdir -p "$TMP/none"; cp "$CERTS/ca-cert.pem" "$TMP/none/"
 if nbdinfo "nbds://127.0.0.1:$PORT/$enc?tls-certificates=$TMP/none" >/dev/null 2>&1; then fail "client without certificate accepted"; fi

@@ -20,7 +20,7 @@ cmp "$TMP/in.raw" "$TMP/out.raw" || fail "TLS round trip differs"
 # qemu with its x509 credentials object.
 name=$(export_name "$u")
 qemu-img info --object "tls-creds-x509,id=tls0,dir=$CERTS,endpoint=client" \
-    --image-opts "driver=nbd,host=127.0.0.1,port=$PORT,export=$name,tls-creds=tls0" | grep -q "virtual size: 8 MiB" \
+    --image-opts "driver=nbd,host=127.0.0.1,port=$PORT,export=$name,tls-creds=tls0" | has "virtual size: 8 MiB" \
     || fail "qemu-img over TLS"
 # A plain client is refused.
 if nbdinfo "nbd://127.0.0.1:$PORT/${U#*$PORT/}" > "$TMP/plain" 2>&1; then fail "plain client accepted"; fi

@@ -17,4 +17,4 @@ PY
 done
 if "$VDINBD_BIN/vdictl" vhd-read "$FIX/fat-differential.vhd" "$TMP/fat" 2> "$TMP/err"; then fail "missing parent not detected"; fi
 grep -q "parent missing" "$TMP/err" && grep -q "fat-parent.vhd" "$TMP/err" || { cat "$TMP/err"; fail "error does not name the parent"; }
-"$VDINBD_BIN/vdictl" vhd-info "$FIX/fat-differential.vhd" | grep -q "disk type: differencing" || fail "vhd-info"
+"$VDINBD_BIN/vdictl" vhd-info "$FIX/fat-differential.vhd" | has "disk type: differencing" || fail "vhd-info"
