@@ -498,13 +498,25 @@ final class Connection: @unchecked Sendable {
         }
     }
 
+    /// How many queued replies one gathered write takes: up to `gatherLimit` of them and
+    /// `coalesceLimit` bytes, and always at least one.
+    func gatherCount() -> Int {
+        var n = 1, bytes = outbound[0].readableBytes
+        while n < min(outbound.count, Self.gatherLimit), bytes + outbound[n].readableBytes <= Self.coalesceLimit {
+            bytes += outbound[n].readableBytes
+            n += 1
+        }
+        return n
+    }
+
     func flushOutbound() {
         if case .tlsHandshake(let session) = phase {
             continueTLSHandshake(session)
             return
         }
-        // Plain sockets take the queued replies in one sendmsg, without copying them.
-        while !outbound.isEmpty, let r = transport.writeGathered(outbound.prefix(Self.gatherLimit)) {
+        // Plain sockets take queued small replies in one sendmsg, without copying them; a
+        // large reply goes in a call of its own, as with TLS below.
+        while !outbound.isEmpty, let r = transport.writeGathered(outbound.prefix(gatherCount())) {
             switch r {
             case .wrote(var n):
                 while let first = outbound.first, n >= first.readableBytes {
