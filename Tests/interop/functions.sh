@@ -10,6 +10,12 @@ TMP=$(mktemp -d /tmp/vdinbd-interop.XXXXXX)
 SERVER_PID=""
 
 cleanup() {
+    local rc=$?
+    # A test that died outside `fail` (a python assertion, a client error) still shows
+    # what the server saw.
+    if [ "$rc" != 0 ] && [ "$rc" != 77 ] && [ -z "${FAILED:-}" ] && [ -f "$TMP/server.log" ]; then
+        echo "--- server log (exit $rc)" >&2; tail -20 "$TMP/server.log" >&2
+    fi
     if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
     rm -rf "$TMP"
 }
@@ -55,7 +61,7 @@ uri() {
 # export_name UUID: the raw export name.
 export_name() { vdictl vdi-get-nbd-info "uuid=$1" | sed -n 's/^exportname: //p'; }
 
-fail() { echo "FAIL: $*" >&2; echo "--- server log" >&2; tail -20 "$TMP/server.log" >&2; exit 1; }
+fail() { FAILED=1; echo "FAIL: $*" >&2; echo "--- server log" >&2; tail -20 "$TMP/server.log" >&2; exit 1; }
 
 # PRODUCER | has PATTERN: grep that reads all its input. `grep -q` stops at the first
 # match, and under pipefail the producer's SIGPIPE would then fail the pipeline.

@@ -42,8 +42,20 @@ wait "$client" || fail "connected client broke across the reload"
 $PY - "$PORT" <<'PY'
 import socket, struct, sys, time
 port = int(sys.argv[1]); stalled = []
+def greeted():
+    # The server notices the earlier clients' closes asynchronously; until it has, the
+    # connection limit refuses us (closed without a greeting), so try again briefly.
+    for _ in range(50):
+        s = socket.create_connection(("127.0.0.1", port))
+        try:
+            if len(s.recv(18, socket.MSG_WAITALL)) == 18:
+                return s
+        except ConnectionResetError:
+            pass
+        s.close(); time.sleep(0.1)
+    raise SystemExit("no slot for a new client")
 for _ in range(2):
-    s = socket.create_connection(("127.0.0.1", port)); s.recv(18); s.sendall(struct.pack(">I", 1))
+    s = greeted(); s.sendall(struct.pack(">I", 1))
     s.sendall(b"IHAVEOPT" + struct.pack(">II", 5, 0)); s.recv(20)   # STARTTLS acked, then silence
     stalled.append(s)
 time.sleep(3)
