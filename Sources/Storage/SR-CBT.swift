@@ -19,21 +19,23 @@ extension SR {
         if r.onBoot == "reset" { throw StorageError.vdiOnBootModeIncompatible(uuid: r.uuid) }
         if r.cbtEnabled { return }
         let p = cbtLogPath(r.uuid)
-        unlink(p)
-        let log: ChangeLog
-        do { log = try ChangeLog.create(path: p, size: r.virtualSize) } catch {
-            throw StorageError.vdiIOError(uuid: r.uuid, detail: "\(error)")
-        }
-        try syncDirectory()
-        if let h = handle(r.uuid) {
-            try h.exclusivelyCBT { _ in
-                try? log.setConsistent(false)
-                return log
+        try withHandle(r.uuid) { handle in
+            unlink(p)
+            let log: ChangeLog
+            do { log = try ChangeLog.create(path: p, size: r.virtualSize) } catch {
+                throw StorageError.vdiIOError(uuid: r.uuid, detail: "\(error)")
             }
+            try syncDirectory()
+            if let h = handle {
+                try h.exclusivelyCBT { _ in
+                    try? log.setConsistent(false)
+                    return log
+                }
+            }
+            r.cbtEnabled = true
+            r.otherConfig["cbt_disabled_reason"] = nil
+            try save(r)
         }
-        r.cbtEnabled = true
-        r.otherConfig["cbt_disabled_reason"] = nil
-        try save(r)
     }
 
     public func disableCBT(_ uuid: String) throws {
@@ -48,11 +50,13 @@ extension SR {
             throw StorageError.operationNotAllowed(reason: "changed block tracking of a snapshot cannot be disabled")
         }
         if !r.cbtEnabled && reason == nil { return }
-        if let h = handle(r.uuid) { h.exclusivelyCBT { _ in nil } }
-        if reason == nil { unlink(cbtLogPath(r.uuid)) }
-        r.cbtEnabled = false
-        r.otherConfig["cbt_disabled_reason"] = reason
-        try save(r)
+        try withHandle(r.uuid) { handle in
+            handle?.exclusivelyCBT { _ in nil }
+            if reason == nil { unlink(cbtLogPath(r.uuid)) }
+            r.cbtEnabled = false
+            r.otherConfig["cbt_disabled_reason"] = reason
+            try save(r)
+        }
         if let why = reason { logger.error("CBT disabled on VDI \(r.uuid): \(why)") }
     }
 
@@ -60,15 +64,12 @@ extension SR {
         try dbWrite { try r.update($0) }
     }
 
-    func handle(_ uuid: String) -> VDIHandle? {
-        handlesLock.lock(); defer { handlesLock.unlock() }
-        return handles[uuid]
-    }
-
     /// Opens a VDI's log for reading or merging: the attached handle's own when there is one.
     func openLog(_ uuid: String) throws -> ChangeLog {
-        if let h = handle(uuid), let l = h.withCBT({ $0 }) { return l }
-        return try ChangeLog.open(path: cbtLogPath(uuid))
+        try withHandle(uuid) { h in
+            if let h, let l = h.withCBT({ $0 }) { return l }
+            return try ChangeLog.open(path: cbtLogPath(uuid))
+        }
     }
 
     /// Called on attach (handles lock held): opens the log; a damaged one disables CBT and
@@ -150,16 +151,18 @@ extension SR {
         var r = try record(uuid)
         if r.type == "cbt_metadata" { return }
         guard r.isASnapshot, r.cbtEnabled else { throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: "not a snapshot with changed block tracking") }
-        if isAttached(r.uuid) { throw StorageError.vdiInUse(uuid: r.uuid, operation: "data_destroy") }
         let parent = r.parent
-        r.type = "cbt_metadata"
-        r.parent = nil
-        let rr = r
-        try dbWrite { db in
-            try rr.update(db)
-            _ = try TokenRecord.filter(Column("vdi_uuid") == rr.uuid).deleteAll(db)
+        try withHandle(r.uuid) { h in
+            if h != nil { throw StorageError.vdiInUse(uuid: r.uuid, operation: "data_destroy") }
+            r.type = "cbt_metadata"
+            r.parent = nil
+            let rr = r
+            try dbWrite { db in
+                try rr.update(db)
+                _ = try TokenRecord.filter(Column("vdi_uuid") == rr.uuid).deleteAll(db)
+            }
+            unlink(vhdPath(r.uuid))
         }
-        unlink(vhdPath(r.uuid))
         try? syncDirectory()
         collectGarbage(from: parent)
         logger.info("data of snapshot \(r.uuid) destroyed; its change log is kept")
@@ -184,7 +187,7 @@ extension SR {
         for _ in 0..<100_000 {
             let parent: UUID?
             do {
-                if let h = handle(cur), let live = h.withCBT({ $0 }) {
+                if let live = withHandle(cur, { $0?.withCBT({ $0 }) }) {
                     // Attached: its log is in memory and changing.
                     ChangedBlocks.or(live.bits, into: &acc)
                     parent = live.parent

@@ -45,7 +45,9 @@ public final class SR: @unchecked Sendable {
     let opLock = NSLock()
     /// Open handles by VDI uuid.
     var handles: [String: VDIHandle] = [:]
-    let handlesLock = NSLock()
+    /// Held while a handle is looked up, attached, detached or has its files changed under it.
+    /// Recursive: an operation holding it may look up a neighbour's handle (CBT merges).
+    let handlesLock = NSRecursiveLock()
 
     public var endpoints: [NBDEndpoint] = []
     private var tlsIdentity = (pem: "", subject: "")
@@ -213,28 +215,28 @@ public final class SR: @unchecked Sendable {
             }
         }
 
-        handlesLock.lock()
-        let handle = handles[u]
-        handlesLock.unlock()
-        if let h = handle {
-            try h.exclusively { old in
-                try swap(old)
-                old.close()
-                let chain: VHDChain
-                do {
-                    chain = try VHDChain.open(path: leafPath, writable: true)
-                } catch {
-                    throw StorageError.vdiIOError(uuid: u, detail: "reopening after snapshot: \(error)")
+        // No connection attaches or detaches the VDI while its files change under it.
+        try withHandle(u) { handle in
+            if let h = handle {
+                try h.exclusively { old in
+                    try swap(old)
+                    old.close()
+                    let chain: VHDChain
+                    do {
+                        chain = try VHDChain.open(path: leafPath, writable: true)
+                    } catch {
+                        throw StorageError.vdiIOError(uuid: u, detail: "reopening after snapshot: \(error)")
+                    }
+                    if vdi.cbtEnabled {
+                        try snapshotCBT(vdi: u, snapshot: snapUUID, size: vdi.virtualSize, handle: h, writable: chain.writable)
+                    }
+                    return chain
                 }
+            } else {
+                try swap(nil)
                 if vdi.cbtEnabled {
-                    try snapshotCBT(vdi: u, snapshot: snapUUID, size: vdi.virtualSize, handle: h, writable: chain.writable)
+                    try snapshotCBT(vdi: u, snapshot: snapUUID, size: vdi.virtualSize, handle: nil, writable: false)
                 }
-                return chain
-            }
-        } else {
-            try swap(nil)
-            if vdi.cbtEnabled {
-                try snapshotCBT(vdi: u, snapshot: snapUUID, size: vdi.virtualSize, handle: nil, writable: false)
             }
         }
 
@@ -269,18 +271,17 @@ public final class SR: @unchecked Sendable {
         let u = try SR.validUUID(uuid)
         opLock.lock(); defer { opLock.unlock() }
         let r = try record(u)
-        handlesLock.lock()
-        let attached = handles[u] != nil
-        handlesLock.unlock()
-        if attached { throw StorageError.vdiInUse(uuid: u, operation: "destroy") }
-        if r.cbtEnabled {
-            if r.isASnapshot || r.type == "cbt_metadata" { mergeCBTOnDestroy(r) } else { unlink(cbtLogPath(u)) }
+        try withHandle(u) { h in
+            if h != nil { throw StorageError.vdiInUse(uuid: u, operation: "destroy") }
+            if r.cbtEnabled {
+                if r.isASnapshot || r.type == "cbt_metadata" { mergeCBTOnDestroy(r) } else { unlink(cbtLogPath(u)) }
+            }
+            try dbWrite { db in
+                _ = try VDIRecord.deleteOne(db, key: u)
+                _ = try TokenRecord.filter(Column("vdi_uuid") == u).deleteAll(db)
+            }
+            unlink(vhdPath(u))
         }
-        try dbWrite { db in
-            _ = try VDIRecord.deleteOne(db, key: u)
-            _ = try TokenRecord.filter(Column("vdi_uuid") == u).deleteAll(db)
-        }
-        unlink(vhdPath(u))
         try? syncDirectory()
         collectGarbage(from: r.parent)
         logger.info("destroyed VDI \(u)")
@@ -419,8 +420,10 @@ public final class SR: @unchecked Sendable {
 
     /// Opens (or shares) the VDI's chain for I/O.
     public func attach(_ uuid: String) throws -> VDIHandle {
-        let r = try record(uuid)
         handlesLock.lock(); defer { handlesLock.unlock() }
+        // Read under the lock: an operation that changes the record (snapshot, CBT,
+        // destroy) holds it too, so attach sees the record as that operation left it.
+        let r = try record(uuid)
         if let h = handles[r.uuid] {
             h.refCount += 1
             return h
@@ -448,6 +451,13 @@ public final class SR: @unchecked Sendable {
             h.close()
             handles[h.uuid] = nil
         }
+    }
+
+    /// Runs `body` with the VDI's handle (nil when no connection has it attached) while no
+    /// connection can attach or detach it. Lock order: `opLock`, then this, then a handle's gate.
+    func withHandle<T>(_ uuid: String, _ body: (VDIHandle?) throws -> T) rethrows -> T {
+        handlesLock.lock(); defer { handlesLock.unlock() }
+        return try body(handles[uuid])
     }
 
     public func isAttached(_ uuid: String) -> Bool {

@@ -1,4 +1,5 @@
 import SystemPackage
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -36,6 +37,9 @@ extension RandomAccessFile {
 public final class PosixFile: RandomAccessFile, @unchecked Sendable {
     public let path: String
     let fd: FileDescriptor
+    /// Set by the first `close()`: a second one must not close a descriptor number the
+    /// process has since handed to another file or socket.
+    private let closed = Atomic<Bool>(false)
 
     public init(path: String, writable: Bool, create: Bool = false, exclusive: Bool = false) throws(VHDError) {
         self.path = path
@@ -119,7 +123,10 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
         #endif
     }
 
-    public func close() { try? fd.close() }
+    public func close() {
+        if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
+        try? fd.close()
+    }
 }
 
 /// An in-memory `RandomAccessFile`, for tests and for building images in memory.

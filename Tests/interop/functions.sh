@@ -8,18 +8,29 @@ PY=/usr/bin/python3
 export PATH=/usr/bin:/bin:$PATH
 TMP=$(mktemp -d /tmp/vdinbd-interop.XXXXXX)
 SERVER_PID=""
+# Every command the test runs is traced to a file; a failing test prints the last ones.
+exec {BASH_XTRACEFD}>"$TMP/trace"
+set -x
+show_context() {
+    { set +x; } 2>/dev/null
+    echo "--- last commands" >&2; grep -v -e '^+* set +x$' -e '^+* rc=\$?$' -e '^+* rc=[0-9]*$' "$TMP/trace" | tail -8 | cut -c1-300 >&2
+    [ -f "$TMP/server.log" ] && { echo "--- server log" >&2; tail -30 "$TMP/server.log" >&2; }
+    return 0
+}
 
 cleanup() {
-    local rc=$?
+    local rc=$1
     # A test that died outside `fail` (a python assertion, a client error) still shows
     # what the server saw.
-    if [ "$rc" != 0 ] && [ "$rc" != 77 ] && [ -z "${FAILED:-}" ] && [ -f "$TMP/server.log" ]; then
-        echo "--- server log (exit $rc)" >&2; tail -20 "$TMP/server.log" >&2
+    if [ "$rc" != 0 ] && [ "$rc" != 77 ] && [ -z "${FAILED:-}" ]; then
+        echo "FAIL: exit $rc" >&2; show_context
     fi
     if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; fi
     rm -rf "$TMP"
 }
-trap cleanup EXIT
+trap 'rc=$?; { set +x; } 2>/dev/null; cleanup $rc' EXIT
+# Tools/test's timeout sends SIGTERM: say so and show the server's side before cleaning up.
+trap '{ set +x; } 2>/dev/null; FAILED=1; echo "FAIL: timed out (SIGTERM)" >&2; show_context; exit 143' TERM
 
 # requires TOOL...: fail under CI, skip (exit 77) on a developer's machine.
 requires() {
@@ -61,7 +72,7 @@ uri() {
 # export_name UUID: the raw export name.
 export_name() { vdictl vdi-get-nbd-info "uuid=$1" | sed -n 's/^exportname: //p'; }
 
-fail() { FAILED=1; echo "FAIL: $*" >&2; echo "--- server log" >&2; tail -20 "$TMP/server.log" >&2; exit 1; }
+fail() { FAILED=1; echo "FAIL: $*" >&2; show_context; exit 1; }
 
 # PRODUCER | has PATTERN: grep that reads all its input. `grep -q` stops at the first
 # match, and under pipefail the producer's SIGPIPE would then fail the pipeline.
