@@ -80,6 +80,11 @@ extension SR {
             let log = try ChangeLog.open(path: cbtLogPath(r.uuid))
             try log.setConsistent(false)
             h.exclusivelyCBT { _ in log }
+            let uuid = r.uuid
+            h.onLogFailure = { [weak self] failure in
+                guard let sr = self else { return }
+                DispatchQueue.global().async { sr.logSyncFailed(uuid, failure) }
+            }
         } catch {
             var d = r
             d.cbtEnabled = false
@@ -87,6 +92,14 @@ extension SR {
             try? save(d)
             logger.error("CBT disabled on VDI \(r.uuid): \(error)")
         }
+    }
+
+    /// A parked write reached the VHD although its log sync failed: the log no longer
+    /// covers every change, so CBT is disabled and the record says why.
+    func logSyncFailed(_ uuid: String, _ failure: CBTError) {
+        opLock.lock(); defer { opLock.unlock() }
+        guard let r = try? record(uuid), r.cbtEnabled else { return }
+        try? disableCBTLocked(r, reason: "change log sync failed: \(failure)")
     }
 
     /// At start-up: a live VDI whose log is damaged gets CBT disabled with the reason.

@@ -450,6 +450,9 @@ public final class SR: @unchecked Sendable {
             try? h.cbt?.setConsistent(true)
             h.close()
             handles[h.uuid] = nil
+            if h.parked.parkedCount > 0 {
+                logger.info("VDI \(h.uuid) detached; \(h.parked.parkedCount) writes were acknowledged before their change-log sync")
+            }
         }
     }
 

@@ -12,6 +12,12 @@ public final class VDIHandle: @unchecked Sendable {
     var cbt: ChangeLog?
     private var gate = pthread_rwlock_t()
     var refCount = 0
+    /// CBT writes acknowledged before their bits were durable (see ParkedWrites).
+    let parked = ParkedWrites()
+    /// Told (once per failure, on the pumping thread) when the change log could not be
+    /// synced for a parked write: its data was written anyway, so the log on disk is no
+    /// longer a superset of the changes and CBT must be disabled with the reason.
+    var onLogFailure: ((CBTError) -> Void)?
 
     init(uuid: String, chain: VHDChain) {
         self.uuid = uuid
@@ -47,10 +53,40 @@ public final class VDIHandle: @unchecked Sendable {
             pthread_rwlock_rdlock(&gate)
         }
         defer { pthread_rwlock_unlock(&gate) }
+        // Taken before the chain is read: an entry written meanwhile is in both, the same bytes.
+        let over = parked.overlapping(offset, UInt64(buf.count))
         try chain.read(into: buf, at: offset, cachedOnly: cachedOnly, holes: &holes)
+        if !over.isEmpty { Self.lay(over, over: buf, at: offset, holes: &holes) }
+    }
+
+    /// Copies parked data over a read's buffer (oldest first, so the newest wins) and takes
+    /// its ranges out of the holes.
+    static func lay(_ entries: [ParkedWrites.Entry], over buf: UnsafeMutableRawBufferPointer, at offset: UInt64,
+                    holes: inout [Range<Int>]) {
+        let end = offset + UInt64(buf.count)
+        for e in entries {
+            let from = max(offset, e.offset), to = min(end, e.end)
+            guard from < to else { continue }
+            let dst = Int(from - offset), src = Int(from - e.offset), n = Int(to - from)
+            e.data.withUnsafeBytes { d in
+                UnsafeMutableRawBufferPointer(rebasing: buf[dst..<(dst + n)]).copyMemory(
+                    from: UnsafeRawBufferPointer(rebasing: d[src..<(src + n)]))
+            }
+            if !holes.isEmpty {
+                let cut = dst..<(dst + n)
+                holes = holes.flatMap { h -> [Range<Int>] in
+                    guard h.overlaps(cut) else { return [h] }
+                    var rest: [Range<Int>] = []
+                    if h.lowerBound < cut.lowerBound { rest.append(h.lowerBound..<cut.lowerBound) }
+                    if cut.upperBound < h.upperBound { rest.append(cut.upperBound..<h.upperBound) }
+                    return rest
+                }
+            }
+        }
     }
 
     public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        if parked.lastOverlapping(offset, UInt64(buf.count)) != nil { waitParked() }
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
         guard let log = cbt, log.markDirty(offset: offset, length: UInt64(buf.count)) else {
@@ -67,8 +103,37 @@ public final class VDIHandle: @unchecked Sendable {
     public func write(length: Int, at offset: UInt64, on queue: DispatchQueue,
                       withBytes: @escaping @Sendable (_ body: (UnsafeRawBufferPointer) throws -> Void) throws -> Void,
                       done: @escaping @Sendable (Error?) -> Void) {
+        // A write issued after an overlapping parked write was acknowledged lands after it.
+        if let seq = parked.lastOverlapping(offset, UInt64(length)) {
+            parked.after(seq) {
+                queue.async { self.write(length: length, at: offset, on: queue, withBytes: withBytes, done: done) }
+            }
+            return
+        }
         pthread_rwlock_rdlock(&gate)
         if let log = cbt, log.markDirty(offset: offset, length: UInt64(length)) {
+            // The leaf holds the space: park the data and acknowledge now; it is written
+            // once its bits are durable.
+            if chain.leafHoldsAll(offset: offset, length: UInt64(length)) {
+                let seq: UInt64?
+                do {
+                    seq = try parked.park(offset: offset, length: length) { dst in
+                        try withBytes { src in dst.copyMemory(from: src) }
+                    }
+                } catch {
+                    pthread_rwlock_unlock(&gate)
+                    return done(error)
+                }
+                if let seq {
+                    pthread_rwlock_unlock(&gate)
+                    done(nil)
+                    log.commitAsync { failure in
+                        self.parked.markReady(seq, failure: failure)
+                        queue.async { self.pumpParked() }
+                    }
+                    return
+                }
+            }
             if !chain.leafLacksAll(offset: offset, length: UInt64(length)) {
                 pthread_rwlock_unlock(&gate)
                 log.commitAsync { error in
@@ -120,6 +185,7 @@ public final class VDIHandle: @unchecked Sendable {
     }
 
     public func writeZeroes(offset: UInt64, length: UInt64, punch: Bool, fastOnly: Bool) throws {
+        if parked.lastOverlapping(offset, length) != nil { waitParked() }
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
         try track(offset: offset, length: length)
@@ -133,28 +199,63 @@ public final class VDIHandle: @unchecked Sendable {
         return try chain.allocationRuns(offset: offset, length: length)
     }
 
+    /// Parked writes reach the VHD first; a parked write that could not be written is
+    /// reported here, as a write-back error is at fsync.
     public func flush() throws(VHDError) {
+        waitParked()
+        if let failure = parked.takeWriteFailure() { throw failure }
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
         try chain.flush()
     }
 
-    /// Runs `body` with all I/O held off; `body` returns the chain to use from now on.
+    /// Writes parked entries whose bits are durable, in order.
+    func pumpParked() {
+        parked.pump { e throws(VHDError) in try applyParked(e) }
+    }
+
+    func applyParked(_ e: ParkedWrites.Entry) throws(VHDError) {
+        if let failure = e.failure { onLogFailure?(failure) }
+        pthread_rwlock_rdlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        try chain.write(e.data, at: e.offset)
+    }
+
+    /// Blocks until every write parked so far is written to the VHD.
+    func waitParked() {
+        parked.waitAllWritten(makeDurable: { () -> CBTError? in
+            guard let log = withChain({ _ in cbt }) else { return nil }
+            do throws(CBTError) { try log.commit() } catch { return error }
+            return nil
+        }, apply: { e throws(VHDError) in try applyParked(e) })
+    }
+
+    /// Takes the gate exclusively once nothing is parked (parking needs the shared side).
+    private func quiesce() {
+        while true {
+            waitParked()
+            pthread_rwlock_wrlock(&gate)
+            if parked.isEmpty { return }
+            pthread_rwlock_unlock(&gate)
+        }
+    }
+
     /// Runs `body` with all I/O held off (to swap the change log).
     func exclusivelyCBT(_ body: (ChangeLog?) throws -> ChangeLog?) rethrows {
-        pthread_rwlock_wrlock(&gate)
+        quiesce()
         defer { pthread_rwlock_unlock(&gate) }
         cbt = try body(cbt)
     }
 
+    /// Runs `body` with all I/O held off; `body` returns the chain to use from now on.
     func exclusively(_ body: (VHDChain) throws -> VHDChain) rethrows {
-        pthread_rwlock_wrlock(&gate)
+        quiesce()
         defer { pthread_rwlock_unlock(&gate) }
         chain = try body(chain)
     }
 
     func close() {
-        pthread_rwlock_wrlock(&gate)
+        quiesce()
         defer { pthread_rwlock_unlock(&gate) }
         chain.close()
     }

@@ -286,6 +286,28 @@ public final class VHDChain: @unchecked Sendable {
         return true
     }
 
+    /// True if the leaf holds every sector of the range: a write there allocates nothing
+    /// and changes no sector bitmap, so what the chain reports as allocated stays the same.
+    public func leafHoldsAll(offset: UInt64, length: UInt64) -> Bool {
+        guard length > 0 else { return true }
+        if leaf.diskType == .fixed { return true }
+        let bs = UInt64(blockSize)
+        let end = offset + length
+        for bi in Int(offset / bs)...Int((end - 1) / bs) {
+            switch try? leaf.blockState(bi) {
+            case .full?:
+                continue
+            case .partial(_, let bm)?:
+                let blockStart = UInt64(bi) * bs
+                let from = max(offset, blockStart) - blockStart, to = min(end, blockStart + bs) - blockStart
+                for sector in Int(from / 512)...Int((to - 1) / 512) where !bm.isSet(sector) { return false }
+            default:
+                return false
+            }
+        }
+        return true
+    }
+
     public func write(_ bytes: [UInt8], at offset: UInt64, beforeVisible: (() throws(VHDError) -> Void)? = nil) throws(VHDError) {
         try typed(leaf.path) { try bytes.withUnsafeBytes { b in try write(b, at: offset, beforeVisible: beforeVisible) } }
     }
