@@ -82,17 +82,7 @@ final class Box: @unchecked Sendable { var error: Error? }
 
 /// The parking write path end to end on a real SR: CBT on, a fresh log after a snapshot,
 /// many async writes (overlapping, acknowledged before their bits are durable).
-final class ParkedWritePathTests: XCTestCase {
-    var dir: String!
-    var sr: SR!
-
-    override func setUpWithError() throws {
-        dir = NSTemporaryDirectory() + "parked-" + UUID().uuidString
-        sr = try SR(path: dir)
-    }
-
-    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
-
+extension SRTests {
     func testAcknowledgedWritesAreReadBackInOrderAndLoggedAndLandOnDisk() throws {
         let size: UInt64 = 8 << 20
         let r = try sr.create(.init(nameLabel: "d", virtualSize: size))
