@@ -48,6 +48,12 @@ final class ParkedWrites: @unchecked Sendable {
     private var writeFailure: VHDError?
     /// Writes parked since the handle opened (for tests and the log).
     private(set) var parkedCount = 0
+    /// While positive, nothing new is parked: an exclusive section is waiting for the
+    /// parked writes to drain, and must not chase new ones under a steady write load.
+    private var heldOff = 0
+
+    func holdOff() { cond.lock(); heldOff += 1; cond.unlock() }
+    func resume() { cond.lock(); heldOff -= 1; cond.unlock() }
 
     var isEmpty: Bool {
         cond.lock(); defer { cond.unlock() }
@@ -58,7 +64,7 @@ final class ParkedWrites: @unchecked Sendable {
     /// made under the lock, so entries stay in sequence order.
     func park(offset: UInt64, length: Int, copy: (UnsafeMutableRawBufferPointer) throws -> Void) rethrows -> UInt64? {
         cond.lock(); defer { cond.unlock() }
-        guard bytes + length <= Self.byteLimit else { return nil }
+        guard heldOff == 0, bytes + length <= Self.byteLimit else { return nil }
         let data = try [UInt8](unsafeUninitializedCapacity: length) { buf, n in
             try copy(UnsafeMutableRawBufferPointer(buf))
             n = length

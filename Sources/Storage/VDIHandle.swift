@@ -231,7 +231,10 @@ public final class VDIHandle: @unchecked Sendable {
     }
 
     /// Takes the gate exclusively once nothing is parked (parking needs the shared side).
+    /// New writes take the waiting path meanwhile, so the drain ends under any load.
     private func quiesce() {
+        parked.holdOff()
+        defer { parked.resume() }
         while true {
             waitParked()
             pthread_rwlock_wrlock(&gate)

@@ -64,6 +64,14 @@ final class ParkedWritesTests: XCTestCase {
         XCTAssertNil(p.park(offset: 0, length: 1) { _ in XCTFail("copied past the limit") })
     }
 
+    func testNothingParksWhileHeldOff() {
+        let p = ParkedWrites()
+        p.holdOff()
+        XCTAssertNil(p.park(offset: 0, length: 512) { _ in XCTFail("copied while held off") })
+        p.resume()
+        XCTAssertNotNil(p.park(offset: 0, length: 512) { $0.initializeMemory(as: UInt8.self, repeating: 0) })
+    }
+
     func testParkedDataLiesOverAReadAndFillsItsHoles() {
         let p = ParkedWrites()
         _ = park(p, 1024, 7, 1024)
