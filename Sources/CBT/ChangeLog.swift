@@ -12,6 +12,8 @@
 // kill -9 or power loss, and an unclean detach needs no "inconsistent" fallback. Commits
 // are grouped: one write and one fdatasync cover every write whose bits are waiting, and a
 // waiting write holds no thread (`commitAsync`), so a batch is as large as the queue depth.
+// A write already acknowledged (its data parked in memory) commits lazily (`commitLazily`):
+// it rides along with the next batch, or starts one a few milliseconds later.
 
 import Foundation
 import SystemPackage
@@ -46,6 +48,11 @@ public final class ChangeLog: @unchecked Sendable {
     /// What is known to be on stable storage; a write whose bits are all here need not wait.
     var durable: [UInt8]
     var waiters: [(CBTError?) -> Void] = []
+    /// Waiters that can wait a little (their write is already acknowledged): they join the
+    /// next batch anyone starts, or one started `lazyDelay` after the first of them came.
+    var lazyWaiters: [(CBTError?) -> Void] = []
+    var lazyTimerArmed = false
+    static let lazyDelay = DispatchTimeInterval.milliseconds(5)
     /// Batches being synced. A second batch may start while the first syncs: its bytes are
     /// written after the first's (both under `lock`), so its sync covers both, and its
     /// waiters wait for about one device flush instead of the rest of one plus their own.
@@ -258,6 +265,25 @@ public final class ChangeLog: @unchecked Sendable {
         if enqueue(done) { committer.async { self.drain() } }
     }
 
+    /// `commitAsync` for a caller in no hurry (a write already acknowledged, whose data
+    /// waits in memory): fewer, larger batches, so fewer device flushes slow everyone else.
+    public func commitLazily(_ done: @escaping @Sendable (CBTError?) -> Void) {
+        lock.lock()
+        lazyWaiters.append(done)
+        let arm = !lazyTimerArmed
+        lazyTimerArmed = true
+        lock.unlock()
+        guard arm else { return }
+        committer.asyncAfter(deadline: .now() + ChangeLog.lazyDelay) {
+            self.lock.lock()
+            self.lazyTimerArmed = false
+            let start = !self.lazyWaiters.isEmpty && self.committers < ChangeLog.maxCommitters
+            if start { self.committers += 1 }
+            self.lock.unlock()
+            if start { self.drain() }
+        }
+    }
+
     /// Adds a waiter; true if the caller must start a batch.
     func enqueue(_ w: @escaping (CBTError?) -> Void) -> Bool {
         lock.lock()
@@ -272,13 +298,15 @@ public final class ChangeLog: @unchecked Sendable {
     func drain() {
         while true {
             lock.lock()
-            if waiters.isEmpty {
+            if waiters.isEmpty && (lazyWaiters.isEmpty || lazyTimerArmed) {
                 committers -= 1
                 lock.unlock()
                 return
             }
-            let batch = waiters
+            // Lazy waiters ride along: their bits are set, and this sync covers them.
+            let batch = waiters + lazyWaiters
             waiters = []
+            lazyWaiters = []
             let range = dirtyBytes
             dirtyBytes = nil
             var failure = failed

@@ -127,7 +127,7 @@ public final class VDIHandle: @unchecked Sendable {
                 if let seq {
                     pthread_rwlock_unlock(&gate)
                     done(nil)
-                    log.commitAsync { failure in
+                    log.commitLazily { failure in
                         self.parked.markReady(seq, failure: failure)
                         queue.async { self.pumpParked() }
                     }

@@ -70,6 +70,37 @@ final class ChangeLogTests: XCTestCase {
         XCTAssertFalse(log.markDirty(offset: 0, length: 1))
     }
 
+    /// Lazy commits: each waiter is called after its bit is on disk, even when nobody else
+    /// commits (the delay starts a batch); an eager commit meanwhile takes them along.
+    func testLazyCommitsBecomeDurableAloneOrWithAnEagerOne() throws {
+        let p = dir + "/lazy.cbtlog"
+        let log = try ChangeLog.create(path: p, size: 64 << 20)
+        func onDisk(_ bit: Int) -> Bool {
+            let b = Array(try! Data(contentsOf: URL(fileURLWithPath: p)))
+            return b[48 + bit / 8] & UInt8(1 << (bit % 8)) != 0
+        }
+        // Alone: the timer starts the batch.
+        let alone = DispatchSemaphore(value: 0)
+        XCTAssertTrue(log.markDirty(offset: 3 * ChangeLog.blockSize, length: 1))
+        log.commitLazily { error in
+            XCTAssertNil(error)
+            XCTAssertTrue(onDisk(3))
+            alone.signal()
+        }
+        XCTAssertEqual(alone.wait(timeout: .now() + 10), .success)
+        // Many lazy waiters, then an eager commit: when it returns, all their bits are durable.
+        let group = DispatchGroup()
+        for i in 10..<60 {
+            XCTAssertTrue(log.markDirty(offset: UInt64(i) * ChangeLog.blockSize, length: 1))
+            group.enter()
+            log.commitLazily { error in XCTAssertNil(error); group.leave() }
+        }
+        try log.commit()
+        for i in 10..<60 { XCTAssertTrue(onDisk(i)) }
+        XCTAssertFalse(log.markDirty(offset: 59 * ChangeLog.blockSize, length: 1))
+        XCTAssertEqual(group.wait(timeout: .now() + 10), .success)
+    }
+
     /// The one-pass encoder gives exactly Foundation's base64 of the MSB-first bitmap, for
     /// every tail length and a partial last byte.
     func testFastBase64EqualsFoundationsOfTheFinishedBitmap() {
