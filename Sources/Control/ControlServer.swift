@@ -1,4 +1,3 @@
-import Dispatch
 import Foundation
 import Logging
 #if canImport(Glibc)
@@ -6,15 +5,19 @@ import Glibc
 #endif
 
 /// JSON-RPC 2.0 over a Unix stream socket, one JSON object per line each way.
-/// Requests run one at a time on one queue: admin operations are few and must not race.
+/// Requests run one at a time on one thread of its own: admin operations are few and must
+/// not race. The thread waits with poll(2) rather than Dispatch sources: every client that
+/// exits hangs up its socket, and libdispatch's epoll backend can leave a stale
+/// registration behind for a hung-up descriptor, so a later socket given the same number
+/// would never signal (a `vdictl` call that waits forever).
 public final class ControlServer: @unchecked Sendable {
     let api: ControlAPI
     let path: String
     let logger: Logger
-    let queue = DispatchQueue(label: "vdinbd.control")
     var listenFD: Int32 = -1
-    var source: DispatchSourceRead?
-    var clients: [Int32: DispatchSourceRead] = [:]
+    /// A pipe whose read end wakes the thread to stop.
+    var wakeFDs: [Int32] = [-1, -1]
+    /// Bytes read from each client and not yet a whole line (the thread's own).
     var buffers: [Int32: Data] = [:]
     /// Longest request line accepted.
     static let maxLine = 1 << 20
@@ -27,38 +30,54 @@ public final class ControlServer: @unchecked Sendable {
 
     public func start(listenFD fd: Int32) {
         listenFD = fd
-        let s = DispatchSource.makeReadSource(fileDescriptor: fd, queue: queue)
-        s.setEventHandler { [weak self] in self?.acceptAll() }
-        s.setCancelHandler { Glibc.close(fd) }
-        s.resume()
-        source = s
+        _ = pipe(&wakeFDs)
+        for f in wakeFDs { _ = fcntl(f, F_SETFD, FD_CLOEXEC) }
+        let t = Thread { [self] in run() }
+        t.name = "vdinbd.control"
+        t.start()
         logger.info("control socket at \(path)")
     }
 
-    /// Removes the socket at once; the sources are cancelled on the control queue (which
-    /// may be busy with a long request: shutdown must not wait for it).
+    /// Removes the socket at once and tells the thread to close everything; it does so
+    /// after the request it may be running (shutdown must not wait for a long one).
     public func stop() {
         unlink(path)
-        queue.async { [self] in
-            source?.cancel()
-            for (_, c) in clients { c.cancel() }
-            clients = [:]
+        var b: UInt8 = 1
+        _ = write(wakeFDs[1], &b, 1)
+    }
+
+    func run() {
+        while true {
+            let clients = Array(buffers.keys)
+            var fds = [pollfd(fd: wakeFDs[0], events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0)]
+            fds += clients.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+            if poll(&fds, nfds_t(fds.count), -1) < 0 {
+                if errno == EINTR { continue }
+                logger.error("control socket poll: \(String(cString: strerror(errno)))")
+                return
+            }
+            if fds[0].revents != 0 {
+                for c in clients { Glibc.close(c) }
+                buffers = [:]
+                Glibc.close(listenFD)
+                return
+            }
+            if fds[1].revents != 0 { acceptAll() }
+            for (i, c) in clients.enumerated() where fds[i + 2].revents != 0 { readable(c) }
         }
     }
 
     func acceptAll() {
         while true {
             let fd = accept(listenFD, nil, nil)
-            if fd < 0 { return }
+            if fd < 0 {
+                if errno == EINTR || errno == ECONNABORTED { continue }
+                return
+            }
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-            let flags = fcntl(fd, F_GETFL)
-            _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
-            let s = DispatchSource.makeReadSource(fileDescriptor: fd, queue: queue)
-            s.setEventHandler { [weak self] in self?.readable(fd) }
-            s.setCancelHandler { Glibc.close(fd) }
-            clients[fd] = s
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             buffers[fd] = Data()
-            s.resume()
         }
     }
 
@@ -70,19 +89,27 @@ public final class ControlServer: @unchecked Sendable {
                 buffers[fd, default: Data()].append(contentsOf: chunk[0..<n])
                 continue
             }
-            if n < 0 && (errno == EAGAIN || errno == EINTR) { break }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && errno == EAGAIN { break }
+            // EOF or an error: answer what is complete, then close.
+            serveLines(fd)
             drop(fd)
             return
         }
+        serveLines(fd)
+        if let d = buffers[fd], d.count > Self.maxLine {
+            respond(fd, RPCResponse(result: nil, error: .invalidRequest("request line longer than \(Self.maxLine) bytes"), id: nil))
+            drop(fd)
+        }
+    }
+
+    /// Answers every whole line buffered for `fd`.
+    func serveLines(_ fd: Int32) {
         while let data = buffers[fd], let nl = data.firstIndex(of: 0x0A) {
             let line = data[data.startIndex..<nl]
             buffers[fd] = Data(data[(nl + 1)...])
             if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
             respond(fd, api.handle(line: Data(line)))
-        }
-        if let d = buffers[fd], d.count > Self.maxLine {
-            respond(fd, RPCResponse(result: nil, error: .invalidRequest("request line longer than \(Self.maxLine) bytes"), id: nil))
-            drop(fd)
         }
     }
 
@@ -128,9 +155,8 @@ public final class ControlServer: @unchecked Sendable {
     }
 
     func drop(_ fd: Int32) {
-        clients[fd]?.cancel()
-        clients[fd] = nil
-        buffers[fd] = nil
+        guard buffers.removeValue(forKey: fd) != nil else { return }
+        Glibc.close(fd)
     }
 }
 

@@ -630,14 +630,18 @@ final class Connection: @unchecked Sendable {
         }
         if readSuspended, let rs = readSource { rs.resume(); readSuspended = false }
         if writeSuspended, let ws = writeSource { ws.resume(); writeSuspended = false }
+        // The socket is shut down only once both sources are gone (`sourceCancelled`): a
+        // shutdown now would make epoll report a hang-up while they are still registered,
+        // and libdispatch's epoll backend can then leave a stale registration behind for
+        // this descriptor number, so a later socket given the same number never signals.
         readSource?.cancel()
         writeSource?.cancel()
-        shutdown(fd, Int32(SHUT_RDWR))
     }
 
     func sourceCancelled() {
         sourcesLeft -= 1
         if sourcesLeft == 0 {
+            shutdown(fd, Int32(SHUT_RDWR))
             Glibc.close(fd)
             readSource = nil
             writeSource = nil
