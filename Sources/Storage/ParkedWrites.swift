@@ -16,6 +16,7 @@
 
 import CBT
 import Foundation
+import Synchronization
 import VHD
 
 final class ParkedWrites: @unchecked Sendable {
@@ -37,6 +38,9 @@ final class ParkedWrites: @unchecked Sendable {
     /// Parked entries in arrival order: `entries[head...]`.
     private var entries: [Entry] = []
     private var head = 0
+    /// `entries.count - head`, readable without the lock: every read and write of the VDI
+    /// asks whether anything is parked, and almost always nothing is.
+    private let pending = Atomic<Int>(0)
     private var bytes = 0
     private var nextSeq: UInt64 = 1
     /// Every entry with a lower sequence number has been written.
@@ -55,10 +59,7 @@ final class ParkedWrites: @unchecked Sendable {
     func holdOff() { cond.lock(); heldOff += 1; cond.unlock() }
     func resume() { cond.lock(); heldOff -= 1; cond.unlock() }
 
-    var isEmpty: Bool {
-        cond.lock(); defer { cond.unlock() }
-        return head == entries.count
-    }
+    var isEmpty: Bool { pending.load(ordering: .acquiring) == 0 }
 
     /// Parks a copy of the write's data; nil if the byte limit would be passed. The copy is
     /// made under the lock, so entries stay in sequence order.
@@ -73,12 +74,14 @@ final class ParkedWrites: @unchecked Sendable {
         let seq = nextSeq
         nextSeq += 1
         entries.append(Entry(seq: seq, offset: offset, data: data))
+        pending.add(1, ordering: .releasing)
         parkedCount += 1
         return seq
     }
 
     /// The sequence number of the last parked entry overlapping the range, if any.
     func lastOverlapping(_ offset: UInt64, _ length: UInt64) -> UInt64? {
+        if pending.load(ordering: .acquiring) == 0 { return nil }
         cond.lock(); defer { cond.unlock() }
         guard head < entries.count else { return nil }
         for e in entries[head...].reversed() where e.overlaps(offset, length) { return e.seq }
@@ -95,6 +98,7 @@ final class ParkedWrites: @unchecked Sendable {
 
     /// The parked entries overlapping a range, oldest first (for reads to lay over the chain's bytes).
     func overlapping(_ offset: UInt64, _ length: UInt64) -> [Entry] {
+        if pending.load(ordering: .acquiring) == 0 { return [] }
         cond.lock(); defer { cond.unlock() }
         guard head < entries.count else { return [] }
         return entries[head...].filter { $0.overlaps(offset, length) }
@@ -122,6 +126,7 @@ final class ParkedWrites: @unchecked Sendable {
             cond.lock()
             if let failure, writeFailure == nil { writeFailure = failure }
             head += 1
+            pending.subtract(1, ordering: .releasing)
             bytes -= e.data.count
             appliedBelow = e.seq + 1
             if head > 64 && head * 2 > entries.count {

@@ -224,7 +224,7 @@ public final class VDIHandle: @unchecked Sendable {
     /// Blocks until every write parked so far is written to the VHD.
     func waitParked() {
         parked.waitAllWritten(makeDurable: { () -> CBTError? in
-            guard let log = withChain({ _ in cbt }) else { return nil }
+            guard let log = withCBT({ $0 }) else { return nil }
             do throws(CBTError) { try log.commit() } catch { return error }
             return nil
         }, apply: { e throws(VHDError) in try applyParked(e) })
