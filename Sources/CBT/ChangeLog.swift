@@ -277,8 +277,7 @@ public final class ChangeLog: @unchecked Sendable {
         committer.asyncAfter(deadline: .now() + ChangeLog.lazyDelay) {
             self.lock.lock()
             self.lazyTimerArmed = false
-            let start = !self.lazyWaiters.isEmpty && self.committers < ChangeLog.maxCommitters
-            if start { self.committers += 1 }
+            let start = !self.lazyWaiters.isEmpty && self.claimCommitter()
             self.lock.unlock()
             if start { self.drain() }
         }
@@ -289,6 +288,11 @@ public final class ChangeLog: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         waiters.append(w)
+        return claimCommitter()
+    }
+
+    /// With `lock` held: true (and counted) if another batch may start now.
+    func claimCommitter() -> Bool {
         if committers >= ChangeLog.maxCommitters { return false }
         committers += 1
         return true
