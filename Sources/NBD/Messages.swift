@@ -198,6 +198,15 @@ public enum DecodedRequest: Sendable {
 
 /// Decodes requests. A WRITE comes out whole, with its payload; a WRITE over the maximum
 /// payload is drained without being buffered and then reported, so the stream stays framed.
+///
+/// Payloads never alias the input buffer: once a header is in, its payload is gathered into
+/// a buffer of its own, sized exactly, and the input is consumed as the payload's bytes
+/// arrive. So the caller's buffer holds at most a partial header between calls, compacting
+/// it costs a few bytes however many writes are in flight, and a caller may read a large
+/// payload from the socket straight into its place (`receivePayload`) with no copy through
+/// the input buffer. (A slice would share the input's storage: every later compaction of
+/// that buffer would copy all input queued behind the write, so the cost per request would
+/// grow with the backlog.)
 public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
     public typealias InboundOut = DecodedRequest
     public var maxPayload: UInt32
@@ -209,8 +218,34 @@ public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
     /// since clients match no reply to a request they are still sending.
     var oversized: Request?
 
+    /// The request whose payload is being gathered: its header is consumed, and
+    /// `payload.readableBytes < length` until it is whole.
+    var gathering: Request?
+
     /// Extended headers were negotiated: requests have 32-byte headers and 64-bit lengths.
     public var extended = false
+
+    /// Bytes the request being gathered still needs (0 when none is).
+    public var payloadBytesNeeded: Int {
+        guard let g = gathering else { return 0 }
+        return Int(g.length) - g.payload.readableBytes
+    }
+
+    /// The size of the payload being gathered (its buffer is allocated whole), 0 when none is.
+    public var payloadBytesHeld: Int { gathering.map { Int($0.length) } ?? 0 }
+
+    /// Lets the caller write payload bytes straight into the request being gathered (a
+    /// socket read into place). `body` gets the missing part and returns how many bytes it
+    /// wrote there; the next `decode` returns the request once it is whole.
+    public mutating func receivePayload(_ body: (UnsafeMutableRawBufferPointer) -> Int) {
+        guard var g = gathering else { return }
+        gathering = nil  // keeps the payload's storage uniquely referenced while it is written
+        let need = Int(g.length) - g.payload.readableBytes
+        g.payload.writeWithUnsafeMutableBytes(minimumWritableBytes: need) { ptr in
+            min(need, max(0, body(UnsafeMutableRawBufferPointer(rebasing: ptr[0..<need]))))
+        }
+        gathering = g
+    }
 
     public mutating func decode(buffer: inout ByteBuffer) throws -> DecodedRequest? {
         while skipRemaining > 0 {
@@ -223,35 +258,65 @@ public struct RequestDecoder: NIOSingleStepByteToMessageDecoder {
             oversized = nil
             return .oversizedWrite(o)
         }
+        if gathering == nil {
+            switch try decodeHeader(buffer: &buffer) {
+            case .needMore: return nil
+            case .decoded(let r): return r
+            case .skipping: return try decode(buffer: &buffer)
+            case .gathering: break
+            }
+        }
+        // The payload: taken out while it is written, so its storage is never shared and
+        // the write appends in place.
+        guard var g = gathering else { return nil }
+        gathering = nil
+        let need = Int(g.length) - g.payload.readableBytes
+        let n = min(need, buffer.readableBytes)
+        if n > 0 {
+            buffer.readWithUnsafeReadableBytes { src in
+                g.payload.writeBytes(UnsafeRawBufferPointer(rebasing: src[0..<n]))
+                return n
+            }
+        }
+        if n == need { return .request(g) }
+        gathering = g
+        return nil
+    }
+
+    private enum HeaderStep {
+        case needMore
+        case decoded(DecodedRequest)
+        /// An oversized write's payload is to be drained, then reported.
+        case skipping
+        /// A payload follows: `gathering` holds the request.
+        case gathering
+    }
+
+    private mutating func decodeHeader(buffer: inout ByteBuffer) throws -> HeaderStep {
         // Compact: 28 bytes ending in a 32-bit length; extended: 32, ending in a 64-bit one.
         let headerLength = extended ? 32 : 28
         guard buffer.readableBytes >= headerLength,
               let (magic, flags, type, cookie, offset) = buffer.getMultipleIntegers(
                   at: buffer.readerIndex, as: (UInt32, UInt16, UInt16, UInt64, UInt64).self)
-        else { return nil }
+        else { return .needMore }
         guard magic == (extended ? extendedRequestMagic : requestMagic) else { throw NBDProtocolError.badRequestMagic(magic) }
         let length = extended ? buffer.getInteger(at: buffer.readerIndex + 24, as: UInt64.self)!
             : UInt64(buffer.getInteger(at: buffer.readerIndex + 24, as: UInt32.self)!)
         let req = Request(flags: CommandFlags(rawValue: flags), command: Command(rawValue: type), cookie: cookie,
                           offset: offset, length: length)
+        buffer.moveReaderIndex(forwardBy: headerLength)
         // Compact requests carry a payload only on WRITE; extended ones when they say so.
         let hasPayload = extended ? req.flags.contains(.payloadLen) : req.command == .write
-        guard hasPayload else {
-            buffer.moveReaderIndex(forwardBy: headerLength)
-            return .request(req)
-        }
+        guard hasPayload else { return .decoded(.request(req)) }
         if req.length > UInt64(maxPayload) {
             guard !extended else { throw NBDProtocolError.payloadTooLarge(req.length) }
-            buffer.moveReaderIndex(forwardBy: headerLength)
             skipRemaining = Int(req.length)
             oversized = req
-            return try decode(buffer: &buffer)
+            return .skipping
         }
-        guard buffer.readableBytes >= headerLength + Int(req.length) else { return nil }
-        buffer.moveReaderIndex(forwardBy: headerLength)
-        var whole = req
-        whole.payload = buffer.readSlice(length: Int(req.length))!
-        return .request(whole)
+        gathering = req
+        gathering!.payload = ByteBufferAllocator().buffer(capacity: Int(req.length))
+        return .gathering
     }
 
     public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodedRequest? {

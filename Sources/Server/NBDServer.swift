@@ -15,8 +15,17 @@ public struct ServerConfig: Sendable {
     public var handshakeTimeout: DispatchTimeInterval = .seconds(30)
     /// Close a connection with nothing in flight after this long without a request (nil: never).
     public var idleTimeout: DispatchTimeInterval?
-    public var maxInFlightRequests = 64
-    public var maxInFlightBytes = 128 * 1024 * 1024
+    public var limits = Limits()
+    /// What one connection may have outstanding; past any of them no new request is taken
+    /// and the client waits in TCP (the bound this gives is in `Connection-Input`).
+    public struct Limits: Sendable {
+        public var maxInFlightRequests = 256
+        public var maxInFlightBytes = 128 * 1024 * 1024
+        /// Replies made but not yet taken by the socket: a client that sends without
+        /// reading is held by TCP, not by our memory.
+        public var maxQueuedReplyBytes = 4 * 1024 * 1024
+        public init() {}
+    }
     /// Needed unless `tlsPolicy` is `.off`.
     public var tlsCredentials: ServerCredentials?
     public init() {}

@@ -25,9 +25,12 @@ protocol Transport: AnyObject {
     func write(_ buffer: UnsafeRawBufferPointer) -> TransportWrite
     /// Writes several buffers with one call and no copy (sendmsg); nil if this transport
     /// cannot (TLS, where merged buffers make one record instead).
-    func writeGathered(_ buffers: ArraySlice<ByteBuffer>) -> TransportWrite?
+    func writeGathered<C: Collection<ByteBuffer>>(_ buffers: C) -> TransportWrite?
     /// Decrypted bytes already waiting (a TLS record read in full); the socket may then not signal.
     var hasBufferedInput: Bool { get }
+    /// Sends what the transport itself still holds (TLS records gathered for one send):
+    /// `.wrote(0)` once nothing is left, `.wouldBlock` to retry when writable.
+    func flushPending() -> TransportWrite
 }
 
 final class PlainTransport: Transport {
@@ -55,7 +58,7 @@ final class PlainTransport: Transport {
         }
     }
 
-    func writeGathered(_ buffers: ArraySlice<ByteBuffer>) -> TransportWrite? {
+    func writeGathered<C: Collection<ByteBuffer>>(_ buffers: C) -> TransportWrite? {
         var iov: [iovec] = []
         iov.reserveCapacity(buffers.count)
         // The pointers stay valid: `buffers` is borrowed unchanged for the whole call.
@@ -77,6 +80,8 @@ final class PlainTransport: Transport {
     }
 
     var hasBufferedInput: Bool { false }
+
+    func flushPending() -> TransportWrite { .wrote(0) }
 }
 
 /// TLS over the same socket, after STARTTLS.
@@ -102,7 +107,15 @@ final class TLSTransport: Transport {
         }
     }
 
-    func writeGathered(_ buffers: ArraySlice<ByteBuffer>) -> TransportWrite? { nil }
+    func writeGathered<C: Collection<ByteBuffer>>(_ buffers: C) -> TransportWrite? { nil }
 
     var hasBufferedInput: Bool { session.pendingBytes > 0 }
+
+    func flushPending() -> TransportWrite {
+        do {
+            return try session.flushOutput() ? .wrote(0) : .wouldBlock
+        } catch {
+            return .failed("\(error)")
+        }
+    }
 }

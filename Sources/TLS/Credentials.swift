@@ -14,8 +14,12 @@ public final class ServerCredentials: @unchecked Sendable {
     /// The first DNS subject alternative name of the server certificate.
     public let subject: String
 
-    /// The default priority: TLS 1.3 and 1.2 (ECDHE with AES-GCM among the 1.2 suites).
-    public static let defaultPriority = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+    /// The default priority: TLS 1.3 and 1.2, AEAD ciphers only, and the server's order
+    /// decides: AES-128-GCM first. Clients built on GnuTLS or OpenSSL ask for AES-256-GCM
+    /// first; the 128-bit key is the suite TLS 1.3 makes mandatory, and with AES-NI it
+    /// costs both ends about a fifth less per byte (bulk reads over TLS are what backups do).
+    public static let defaultPriority =
+        "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM:+AES-256-GCM:+CHACHA20-POLY1305:+AES-128-CCM:+AES-256-CCM:%SERVER_PRECEDENCE"
     /// What a PSK file adds to the priority (the key exchanges qemu and nbdkit use).
     static let pskPriority = ":+ECDHE-PSK:+DHE-PSK:+PSK"
 

@@ -15,6 +15,8 @@ public struct GnuTLSError: Error, Equatable, Sendable, CustomStringConvertible {
     public static let again: Int32 = -28
     /// `GNUTLS_E_INTERRUPTED`
     public static let interrupted: Int32 = -52
+    /// GNUTLS_E_PUSH_ERROR
+    public static let pushError: Int32 = -53
 }
 
 @inline(__always)

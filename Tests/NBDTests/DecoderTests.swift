@@ -31,17 +31,70 @@ final class DecoderTests: XCTestCase {
         XCTAssertThrowsError(try d.decode(buffer: &b))
     }
 
-    func testRequestDecoderWaitsForWholeWritePayload() throws {
+    func testRequestDecoderGathersAWritePayloadAsItArrives() throws {
         var b = ByteBuffer()
         Request(flags: [.fua], command: .write, cookie: 9, offset: 512, length: 4, payload: ByteBuffer(bytes: [1, 2, 3, 4])).encode(into: &b)
         var partial = b.getSlice(at: 0, length: 30)!
+        var rest = b.getSlice(at: 30, length: 2)!
         var d = RequestDecoder()
         XCTAssertNil(try d.decode(buffer: &partial))
-        XCTAssertEqual(partial.readableBytes, 30, "consumes nothing until whole")
-        guard case .request(let r)? = try d.decode(buffer: &b) else { return XCTFail() }
+        XCTAssertEqual(partial.readableBytes, 0, "the header and the payload's first bytes are taken at once")
+        XCTAssertEqual(d.payloadBytesNeeded, 2)
+        guard case .request(let r)? = try d.decode(buffer: &rest) else { return XCTFail() }
         XCTAssertEqual(r.cookie, 9)
         XCTAssertEqual(r.flags, [.fua])
-        XCTAssertEqual(r.payload.readableBytes, 4)
+        XCTAssertEqual(r.payload.getBytes(at: r.payload.readerIndex, length: 4), [1, 2, 3, 4])
+        XCTAssertEqual(d.payloadBytesNeeded, 0)
+    }
+
+    func testWritePayloadsOwnTheirStorageAndLeaveTheInputEmpty() throws {
+        // Many writes in one input buffer: each payload is a buffer of its own, so the input
+        // can be compacted or reused while the writes are still in flight.
+        var b = ByteBuffer()
+        for i in 0..<100 {
+            Request(flags: [], command: .write, cookie: UInt64(i), offset: 0, length: 1024,
+                    payload: ByteBuffer(bytes: [UInt8](repeating: UInt8(i), count: 1024))).encode(into: &b)
+        }
+        Request(flags: [], command: .flush, cookie: 100, offset: 0, length: 0).encode(into: &b)
+        b.writeBytes([0x25, 0x60])  // a partial header stays behind
+        // The input's storage stays alive below, so nothing else can be allocated inside it.
+        let (inputStart, inputEnd) = b.withUnsafeReadableBytes {
+            (UInt(bitPattern: $0.baseAddress), UInt(bitPattern: $0.baseAddress) + UInt($0.count))
+        }
+        var d = RequestDecoder()
+        var payloads: [ByteBuffer] = []
+        while case .request(let r)? = try d.decode(buffer: &b), r.command == .write { payloads.append(r.payload) }
+        XCTAssertEqual(payloads.count, 100)
+        XCTAssertEqual(b.readableBytes, 2)
+        b.discardReadBytes()
+        b.writeRepeatingByte(0xEE, count: 64 * 1024)
+        for (i, p) in payloads.enumerated() {
+            XCTAssertEqual(p.getBytes(at: p.readerIndex, length: 1024), [UInt8](repeating: UInt8(i), count: 1024))
+            let at = p.withUnsafeReadableBytes { UInt(bitPattern: $0.baseAddress) }
+            XCTAssertFalse(at >= inputStart && at < inputEnd, "payload \(i) aliases the input buffer")
+        }
+    }
+
+    func testReceivePayloadWritesStraightIntoTheGatheredRequest() throws {
+        var b = ByteBuffer()
+        let data = (0..<300).map { UInt8($0 % 251) }
+        Request(flags: [], command: .write, cookie: 3, offset: 0, length: 300, payload: ByteBuffer(bytes: data)).encode(into: &b)
+        var head = b.getSlice(at: 0, length: 28 + 100)!
+        var d = RequestDecoder()
+        XCTAssertNil(try d.decode(buffer: &head))
+        XCTAssertEqual(d.payloadBytesNeeded, 200)
+        // A read that returns less than asked, then the rest.
+        for part in [data[100..<150], data[150..<300]] {
+            d.receivePayload { window in
+                XCTAssertEqual(window.count, 300 - part.startIndex)
+                window.copyBytes(from: part)
+                return part.count
+            }
+        }
+        XCTAssertEqual(d.payloadBytesNeeded, 0)
+        var empty = ByteBuffer()
+        guard case .request(let r)? = try d.decode(buffer: &empty) else { return XCTFail("not released once whole") }
+        XCTAssertEqual(r.payload.getBytes(at: r.payload.readerIndex, length: 300), data)
     }
 
     func testOversizedWriteIsReportedAndItsPayloadDrained() throws {

@@ -1,0 +1,131 @@
+// Writing replies: one writer per connection, so chunks never interleave; queued replies
+// leave in as few calls as the transport allows.
+
+import DequeModule
+import Dispatch
+import NIOCore
+
+extension Connection {
+    static let coalesceLimit = 256 * 1024
+    /// Replies handed to one sendmsg (under IOV_MAX, 1024): a flood of small replies
+    /// leaves in few calls.
+    static let gatherLimit = 512
+    /// Reads up to this size may be served from the page cache on the connection queue.
+    static let inlineReadLimit: UInt32 = 64 * 1024
+
+    func send(_ buf: ByteBuffer) {
+        guard !isClosed else { return }
+        outboundBytes += buf.readableBytes
+        outbound.append(buf)
+        guard !flushScheduled, writeSuspended else { return }
+        flushScheduled = true
+        queue.async { [self] in
+            flushScheduled = false
+            if writeSuspended { flushOutbound() }
+        }
+    }
+
+    /// How many queued replies one gathered write takes: up to `gatherLimit` of them and
+    /// `coalesceLimit` bytes, and always at least one.
+    func gatherCount() -> Int {
+        var n = 1, bytes = outbound[0].readableBytes
+        while n < min(outbound.count, Self.gatherLimit), bytes + outbound[n].readableBytes <= Self.coalesceLimit {
+            bytes += outbound[n].readableBytes
+            n += 1
+        }
+        return n
+    }
+
+    func flushOutbound() {
+        if case .tlsHandshake(let session) = phase {
+            continueTLSHandshake(session)
+            return
+        }
+        // Intake may have stopped for the queued replies: restart it once they drain.
+        let wasFull = outboundBytes >= limits.maxQueuedReplyBytes
+        defer {
+            if wasFull && outboundBytes < limits.maxQueuedReplyBytes && !isClosed { resumeIntake() }
+        }
+        // Plain sockets take queued small replies in one sendmsg, without copying them; a
+        // large reply goes in a call of its own, as with TLS below.
+        while !outbound.isEmpty, let r = transport.writeGathered(outbound.prefix(gatherCount())) {
+            switch r {
+            case .wrote(var n):
+                outboundBytes -= n
+                while let first = outbound.first, n >= first.readableBytes {
+                    n -= first.readableBytes
+                    outbound.removeFirst()
+                }
+                if n > 0 { outbound[0].moveReaderIndex(forwardBy: n) }
+            case .wouldBlock:
+                armWriteSource()
+                return
+            case .failed(let why):
+                close(reason: "write failed: \(why)")
+                return
+            }
+        }
+        // TLS: small replies are merged into one buffer, so a burst is one record.
+        while var first = outbound.first {
+            if !retryingWrite && outbound.count > 1 && first.readableBytes < Self.coalesceLimit {
+                var merged = 1
+                while merged < outbound.count, first.readableBytes + outbound[merged].readableBytes <= Self.coalesceLimit {
+                    var next = outbound[merged]
+                    first.writeBuffer(&next)
+                    merged += 1
+                }
+                if merged > 1 {
+                    outbound.removeSubrange(1..<merged)
+                    outbound[0] = first
+                }
+            }
+            var wouldBlock = false
+            var failed: String?
+            while first.readableBytes > 0 {
+                let r = first.withUnsafeReadableBytes { transport.write($0) }
+                switch r {
+                case .wrote(let n):
+                    first.moveReaderIndex(forwardBy: n)
+                    outboundBytes -= n
+                case .wouldBlock: wouldBlock = true
+                case .failed(let why): failed = why
+                }
+                if wouldBlock || failed != nil { break }
+            }
+            if let why = failed {
+                close(reason: "write failed: \(why)")
+                return
+            }
+            if wouldBlock {
+                retryingWrite = true
+                outbound[0] = first
+                armWriteSource()
+                return
+            }
+            retryingWrite = false
+            outbound.removeFirst()
+        }
+        // TLS records gathered for one send: out before the writer rests.
+        switch transport.flushPending() {
+        case .wrote: break
+        case .wouldBlock:
+            armWriteSource()
+            return
+        case .failed(let why):
+            close(reason: "write failed: \(why)")
+            return
+        }
+        if !writeSuspended, let ws = writeSource {
+            writeSuspended = true
+            ws.suspend()
+        }
+        if isClosed { finishClose() }
+    }
+
+    /// The socket refused more: write again when it is writable.
+    func armWriteSource() {
+        guard writeSuspended, let ws = writeSource else { return }
+        writeSuspended = false
+        ws.resume()
+    }
+}

@@ -1,0 +1,253 @@
+// Running transmission requests: validated once, executed on the I/O queue, answered on
+// the connection queue.
+
+import DequeModule
+import Dispatch
+import Foundation
+import NBD
+import NIOCore
+import Storage
+
+extension Connection {
+    func handle(_ decoded: DecodedRequest) {
+        guard let ts = transmission, let h = handle else { return }
+        lastRequest = .now()
+        switch decoded {
+        case .oversizedWrite(let r):
+            logger.info("cookie \(r.cookie): \(r.command) of \(r.length) bytes exceeds the maximum: NBD_EINVAL")
+            reply(error: .einval, to: ReplyTo(cookie: r.cookie, framing: ts.framing(requestOffset: r.offset)))
+            return
+        case .request(let r):
+            switch RequestValidator.validate(r, ts) {
+            case .failure(let e):
+                logger.info("cookie \(r.cookie): \(r.command) offset \(r.offset) length \(r.length) refused: \(e)")
+                // NBD spec: with structured replies a READ never gets a simple reply.
+                let to = ReplyTo(cookie: r.cookie, framing: ts.framing(requestOffset: r.offset))
+                reply(error: e, to: to, message: r.command == .read && to.framing != nil ? "\(e)" : nil)
+            case .success(let v):
+                execute(v, handle: h)
+            }
+        }
+    }
+
+    func execute(_ v: ValidatedRequest, handle h: VDIHandle) {
+        guard let ts = transmission else { return }
+        func to(_ cookie: UInt64, _ offset: UInt64) -> ReplyTo { ReplyTo(cookie: cookie, framing: ts.framing(requestOffset: offset)) }
+        switch v {
+        case .disconnect:
+            disconnectRequested = true
+            pauseReading()
+            if inFlight == 0 { close(reason: "client sent NBD_CMD_DISC") }
+        case .read(let cookie, let offset, let length, let df):
+            let r = to(cookie, offset)
+            // Fast path: small reads whose data is all in the page cache are answered right
+            // here, without two queue hops. preadv2(RWF_NOWAIT) never waits for the disk;
+            // anything else (a miss, an error) goes the normal way on the I/O queue.
+            if length <= Self.inlineReadLimit,
+               let reply = try? Replies.read(h, r, offset: offset, length: length, df: df, cachedOnly: true) {
+                send(reply)
+                return
+            }
+            run(r, bytes: Int(length), what: Work("read", offset, UInt64(length)), chunked: r.framing != nil) {
+                try Replies.read(h, r, offset: offset, length: length, df: df)
+            }
+        case .write(let cookie, let offset, let payload, let fua):
+            // No thread waits while the change log syncs: the write resumes after it.
+            runAsync(to(cookie, offset), bytes: payload.readableBytes, what: Work("write", offset, UInt64(payload.readableBytes))) {
+                [ioQueue] finish in
+                h.write(length: payload.readableBytes, at: offset, on: ioQueue,
+                        withBytes: { body in try payload.withUnsafeReadableBytes(body) }) { error in
+                    if let error { return finish(.failure(error)) }
+                    if fua {
+                        do { try h.flush() } catch { return finish(.failure(error)) }
+                    }
+                    finish(.success(nil))
+                }
+            }
+        case .flush(let cookie):
+            run(to(cookie, 0), bytes: 0, what: Work("flush", 0, 0)) {
+                try h.flush()
+                return nil
+            }
+        case .trim(let cookie, let offset, let length, let fua):
+            run(to(cookie, offset), bytes: 0, what: Work("trim", offset, length)) {
+                try h.writeZeroes(offset: offset, length: length, punch: true, fastOnly: false)
+                if fua { try h.flush() }
+                return nil
+            }
+        case .writeZeroes(let cookie, let offset, let length, let fua, let noHole, let fastZero):
+            run(to(cookie, offset), bytes: 0, what: Work("write zeroes", offset, length), fastZero: fastZero) {
+                try h.writeZeroes(offset: offset, length: length, punch: !noHole, fastOnly: fastZero)
+                if fua { try h.flush() }
+                return nil
+            }
+        case .cache(let cookie, let offset, let length):
+            // Every read goes to the page cache already; CACHE only checks the range.
+            run(to(cookie, offset), bytes: 0, what: Work("cache", offset, length)) { nil }
+        case .blockStatus(let cookie, let offset, let length, let reqOne, let contexts):
+            let r = to(cookie, offset)
+            run(r, bytes: 0, what: Work("block status", offset, length), chunked: true) {
+                try Replies.blockStatus(h, r, offset: offset, length: length, reqOne: reqOne, contexts: contexts) {
+                    try self.server.sr.changedBlocks(from: $0, to: h.uuid)
+                }
+            }
+        }
+    }
+
+    /// Runs `body` on the I/O queue, then sends its reply (or a plain OK/error) from the
+    /// connection queue. `chunked`: errors go back as a structured error chunk.
+    func run(_ to: ReplyTo, bytes: Int, what: Work, chunked: Bool = false, fastZero: Bool = false,
+             _ body: @escaping () throws -> ByteBuffer?) {
+        runAsync(to, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero) { finish in
+            do { finish(.success(try body())) } catch { finish(.failure(error)) }
+        }
+    }
+
+    /// `run` for a body that finishes later, on any thread, by calling `finish` once.
+    func runAsync(_ to: ReplyTo, bytes: Int, what: Work, chunked: Bool = false, fastZero: Bool = false,
+                  _ body: @escaping (_ finish: @escaping (Result<ByteBuffer?, Error>) -> Void) -> Void) {
+        begin(bytes: bytes)
+        runners.submit(on: ioQueue) { [self] in
+            body { [self] result in
+                completions.add(on: queue) { [self] in
+                    complete(result, to: to, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero)
+                }
+            }
+        }
+    }
+
+    /// Sends a request's reply (or error) on the connection queue.
+    func complete(_ result: Result<ByteBuffer?, Error>, to: ReplyTo, bytes: Int, what: Work, chunked: Bool, fastZero: Bool) {
+        switch result {
+        case .failure(let f):
+            var e = nbdError(for: f)
+            // NBD spec: ENOTSUP only answers a FAST_ZERO request.
+            if e == .enotsup && !fastZero { e = .einval }
+            if e == .enotsup { logger.debug("cookie \(to.cookie): \(what): \(f)") } else {
+                logger.error("cookie \(to.cookie): \(what) failed: \(f)")
+            }
+            reply(error: e, to: to, message: chunked ? "\(f)" : nil)
+        case .success(let r?):
+            send(r)
+        case .success(nil):
+            reply(error: nil, to: to)
+        }
+        end(bytes: bytes)
+    }
+
+    func begin(bytes: Int) {
+        inFlight += 1
+        inFlightBytes += bytes
+    }
+
+    func end(bytes: Int) {
+        inFlight -= 1
+        inFlightBytes -= bytes
+        if isClosed {
+            if inFlight == 0 { finishClose() }
+            return
+        }
+        if disconnectRequested {
+            if inFlight == 0 { close(reason: "client disconnected") }
+            return
+        }
+        resumeIntake()
+    }
+
+    /// A reply without data: simple, unless extended headers make every reply a chunk, or a
+    /// `message` asks for a structured error chunk (READ and BLOCK_STATUS errors).
+    func reply(error: ErrorValue?, to: ReplyTo, message: String? = nil) {
+        var b = ByteBuffer()
+        switch (to.framing, error) {
+        case (.extended?, nil):
+            encodeDoneChunk(to.framing!, cookie: to.cookie, into: &b)
+        case (.extended?, let e?):
+            encodeErrorChunk(to.framing!, cookie: to.cookie, error: e, message: message ?? "", into: &b)
+        case (.structured?, let e?) where message != nil:
+            encodeErrorChunk(.structured, cookie: to.cookie, error: e, message: message!, into: &b)
+        default:
+            encodeSimpleReply(error: error, cookie: to.cookie, into: &b)
+        }
+        send(b)
+    }
+
+}
+
+/// What a request does, for log lines; formatted only when one is written.
+struct Work: CustomStringConvertible, Sendable {
+    let name: StaticString
+    let offset: UInt64
+    let length: UInt64
+    init(_ name: StaticString, _ offset: UInt64, _ length: UInt64) {
+        self.name = name
+        self.offset = offset
+        self.length = length
+    }
+    var description: String { length == 0 ? "\(name)" : "\(name) at \(offset)+\(length)" }
+}
+
+/// Requests finished on I/O threads, waiting for the connection queue. One queue hop
+/// carries every completion that arrives while it is pending, so a burst of small
+/// requests costs one wake-up of the connection, not one each.
+final class Completions: @unchecked Sendable {
+    private let lock = NSLock()
+    private var pending: [() -> Void] = []
+    private var spare: [() -> Void] = []
+    private var scheduled = false
+
+    func add(on queue: DispatchQueue, _ work: @escaping () -> Void) {
+        lock.lock()
+        pending.append(work)
+        let schedule = !scheduled
+        scheduled = true
+        lock.unlock()
+        if schedule { queue.async { self.drain() } }
+    }
+
+    private func drain() {
+        lock.lock()
+        var batch = spare
+        swap(&batch, &pending)
+        scheduled = false
+        lock.unlock()
+        for work in batch { work() }
+        batch.removeAll(keepingCapacity: true)
+        lock.lock()
+        spare = batch
+        lock.unlock()
+    }
+}
+
+/// Requests waiting for the I/O queue. Up to `width` runners take them in turn, so a
+/// flood of small requests wakes a few threads rather than one per request, while slow
+/// ones (a page-cache miss) still run side by side.
+final class Runners: @unchecked Sendable {
+    private let lock = NSLock()
+    private var jobs = Deque<() -> Void>()
+    private var running = 0
+    let width: Int
+
+    init(width: Int) { self.width = width }
+
+    func submit(on queue: DispatchQueue, _ job: @escaping () -> Void) {
+        lock.lock()
+        jobs.append(job)
+        let start = running < width
+        if start { running += 1 }
+        lock.unlock()
+        if start { queue.async { self.run() } }
+    }
+
+    private func run() {
+        while true {
+            lock.lock()
+            guard let job = jobs.popFirst() else {
+                running -= 1
+                lock.unlock()
+                return
+            }
+            lock.unlock()
+            job()
+        }
+    }
+}
