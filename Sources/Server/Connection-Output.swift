@@ -17,6 +17,37 @@ extension Connection {
         guard !isClosed else { return }
         outboundBytes += buf.readableBytes
         outbound.append(buf)
+        tailTakesSmallReplies = false
+        scheduleFlush()
+    }
+
+    /// The most small replies share one buffer.
+    static let smallRepliesLimit = 64 * 1024
+
+    /// Queues a small reply (a write's, an error): it is encoded straight onto the end of
+    /// the queue's last buffer when that buffer holds only such replies, so a burst of them
+    /// costs no allocation each and leaves as one piece.
+    func sendSmall(_ encode: (inout ByteBuffer) -> Void) {
+        guard !isClosed else { return }
+        // The last buffer is ours alone, unless it is the one GnuTLS must be offered again
+        // unchanged.
+        if tailTakesSmallReplies, let last = outbound.indices.last, !(last == 0 && retryingWrite),
+           outbound[last].readableBytes < Self.smallRepliesLimit {
+            let before = outbound[last].readableBytes
+            encode(&outbound[last])
+            outboundBytes += outbound[last].readableBytes - before
+        } else {
+            var b = ByteBuffer()
+            b.reserveCapacity(1024)
+            encode(&b)
+            outboundBytes += b.readableBytes
+            outbound.append(b)
+            tailTakesSmallReplies = true
+        }
+        scheduleFlush()
+    }
+
+    private func scheduleFlush() {
         guard !flushScheduled, writeSuspended else { return }
         flushScheduled = true
         queue.async { [self] in
@@ -54,7 +85,8 @@ extension Connection {
                 outboundBytes -= n
                 while let first = outbound.first, n >= first.readableBytes {
                     n -= first.readableBytes
-                    outbound.removeFirst()
+                    var sent = outbound.removeFirst()
+                    replyBuffers.give(&sent)
                 }
                 if n > 0 { outbound[0].moveReaderIndex(forwardBy: n) }
             case .wouldBlock:
@@ -104,6 +136,7 @@ extension Connection {
             }
             retryingWrite = false
             outbound.removeFirst()
+            replyBuffers.give(&first)
         }
         // TLS records gathered for one send: out before the writer rests.
         switch transport.flushPending() {

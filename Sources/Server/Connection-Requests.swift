@@ -44,12 +44,12 @@ extension Connection {
             // here, without two queue hops. preadv2(RWF_NOWAIT) never waits for the disk;
             // anything else (a miss, an error) goes the normal way on the I/O queue.
             if length <= Self.inlineReadLimit,
-               let reply = try? Replies.read(h, r, offset: offset, length: length, df: df, cachedOnly: true) {
+               let reply = try? Replies.read(h, r, offset: offset, length: length, df: df, cachedOnly: true, pool: replyBuffers) {
                 send(reply)
                 return
             }
             run(r, bytes: Int(length), what: Work("read", offset, UInt64(length)), chunked: r.framing != nil) {
-                try Replies.read(h, r, offset: offset, length: length, df: df)
+                try Replies.read(h, r, offset: offset, length: length, df: df, pool: self.replyBuffers)
             }
         case .write(let cookie, let offset, let payload, let fua):
             // No thread waits while the change log syncs: the write resumes after it.
@@ -157,7 +157,7 @@ extension Connection {
     /// A reply without data: simple, unless extended headers make every reply a chunk, or a
     /// `message` asks for a structured error chunk (READ and BLOCK_STATUS errors).
     func reply(error: ErrorValue?, to: ReplyTo, message: String? = nil) {
-        var b = ByteBuffer()
+        sendSmall { b in
         switch (to.framing, error) {
         case (.extended?, nil):
             encodeDoneChunk(to.framing!, cookie: to.cookie, into: &b)
@@ -168,7 +168,7 @@ extension Connection {
         default:
             encodeSimpleReply(error: error, cookie: to.cookie, into: &b)
         }
-        send(b)
+        }
     }
 
 }

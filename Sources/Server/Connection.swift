@@ -46,6 +46,7 @@ final class Connection: @unchecked Sendable {
     unowned let server: NBDServer
     /// Read once: an unowned reference costs a checked retain on every use.
     let ioQueue: DispatchQueue
+    let replyBuffers: ReplyBufferPool
     let limits: ServerConfig.Limits
     var logger: Logger
     var transport: Transport
@@ -78,6 +79,8 @@ final class Connection: @unchecked Sendable {
     /// Replies that complete in one burst go out together: the flush runs once per turn of
     /// the queue (see `send`).
     var flushScheduled = false
+    /// The last buffer in `outbound` was made by `sendSmall` and may take more small replies.
+    var tailTakesSmallReplies = false
     /// The first outbound buffer was partly refused (EAGAIN): GnuTLS wants it retried unchanged.
     var retryingWrite = false
     var closeReason = ""
@@ -89,6 +92,7 @@ final class Connection: @unchecked Sendable {
         self.fd = fd
         self.server = server
         self.ioQueue = server.ioQueue
+        self.replyBuffers = server.replyBuffers
         self.limits = server.config.limits
         self.peer = peerName(fd)
         self.queue = DispatchQueue(label: "vdinbd.conn.\(id)")

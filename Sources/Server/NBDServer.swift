@@ -39,6 +39,9 @@ public final class NBDServer: @unchecked Sendable {
     let queue = DispatchQueue(label: "vdinbd.accept")
     /// Disk I/O runs here, never on a connection's queue.
     let ioQueue = DispatchQueue(label: "vdinbd.io", qos: .userInitiated, attributes: .concurrent)
+    /// Buffers of large read replies, shared by every connection.
+    let replyBuffers = ReplyBufferPool()
+    var poolTimer: DispatchSourceTimer?
     var listeners: [(fd: Int32, source: DispatchSourceRead)] = []
     var connections: [Int: Connection] = [:]
     var nextID = 1
@@ -68,6 +71,11 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     public func start() throws {
+        let t = DispatchSource.makeTimerSource(queue: queue)
+        t.schedule(deadline: .now() + 1, repeating: .seconds(1))
+        t.setEventHandler { [replyBuffers] in replyBuffers.trimIfIdle() }
+        t.resume()
+        poolTimer = t
         for l in config.listen {
             let (fd, port) = try listenTCP(host: l.host, port: l.port)
             let src = DispatchSource.makeReadSource(fileDescriptor: fd, queue: queue)

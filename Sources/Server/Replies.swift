@@ -11,17 +11,15 @@ enum Replies {
     /// the chain reads the data and finds the holes; the common all-data reply is built in
     /// place, anything else is rebuilt from the bytes read.
     static func read(_ h: VDIHandle, _ to: ReplyTo, offset: UInt64, length: UInt32, df: Bool,
-                     cachedOnly: Bool = false) throws -> ByteBuffer
+                     cachedOnly: Bool = false, pool: ReplyBufferPool) throws -> ByteBuffer
     {
-        var buf = ByteBuffer()
+        var buf = pool.take(capacity: 32 + 8 + Int(length))
         guard let framing = to.framing else {
-            buf.reserveCapacity(16 + Int(length))
             encodeSimpleReply(error: nil, cookie: to.cookie, into: &buf)
             _ = try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
             return buf
         }
         let overhead = framing.headerLength + 8
-        buf.reserveCapacity(overhead + Int(length))
         encodeDataChunkHeader(framing, cookie: to.cookie, offset: offset, length: length, done: true, into: &buf)
         let holes = try readInto(&buf, h, offset: offset, length: Int(length), cachedOnly: cachedOnly)
         // DF: one data chunk, holes and all.
