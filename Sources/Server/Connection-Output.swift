@@ -16,7 +16,16 @@ extension Connection {
     func send(_ buf: ByteBuffer) {
         guard !isClosed else { return }
         outboundBytes += buf.readableBytes
-        outbound.append(buf)
+        outbound.append(.buffer(buf))
+        tailTakesSmallReplies = false
+        scheduleFlush()
+    }
+
+    /// Queues a reply made of pieces (a mapped read), in order.
+    func send(pieces: [Outgoing]) {
+        guard !isClosed else { return }
+        for p in pieces { outboundBytes += p.readableBytes }
+        outbound.append(contentsOf: pieces)
         tailTakesSmallReplies = false
         scheduleFlush()
     }
@@ -32,16 +41,14 @@ extension Connection {
         // The last buffer is ours alone, unless it is the one GnuTLS must be offered again
         // unchanged.
         if tailTakesSmallReplies, let last = outbound.indices.last, !(last == 0 && retryingWrite),
-           outbound[last].readableBytes < Self.smallRepliesLimit {
-            let before = outbound[last].readableBytes
-            encode(&outbound[last])
-            outboundBytes += outbound[last].readableBytes - before
+           outbound[last].readableBytes < Self.smallRepliesLimit, let added = outbound[last].append(encode) {
+            outboundBytes += added
         } else {
             var b = ByteBuffer()
             b.reserveCapacity(1024)
             encode(&b)
             outboundBytes += b.readableBytes
-            outbound.append(b)
+            outbound.append(.buffer(b))
             tailTakesSmallReplies = true
         }
         scheduleFlush()
@@ -56,11 +63,13 @@ extension Connection {
         }
     }
 
-    /// How many queued replies one gathered write takes: up to `gatherLimit` of them and
-    /// `coalesceLimit` bytes, and always at least one.
+    /// How many queued pieces one gathered write takes: up to `gatherLimit` of them and
+    /// `coalesceLimit` bytes, always at least one, and a large piece with the header
+    /// before it.
     func gatherCount() -> Int {
         var n = 1, bytes = outbound[0].readableBytes
-        while n < min(outbound.count, Self.gatherLimit), bytes + outbound[n].readableBytes <= Self.coalesceLimit {
+        while n < min(outbound.count, Self.gatherLimit),
+              bytes + outbound[n].readableBytes <= Self.coalesceLimit || bytes < 4096 {
             bytes += outbound[n].readableBytes
             n += 1
         }
@@ -86,7 +95,7 @@ extension Connection {
                 while let first = outbound.first, n >= first.readableBytes {
                     n -= first.readableBytes
                     var sent = outbound.removeFirst()
-                    replyBuffers.give(&sent)
+                    sent.recycle(into: replyBuffers)
                 }
                 if n > 0 { outbound[0].moveReaderIndex(forwardBy: n) }
             case .wouldBlock:
@@ -99,15 +108,16 @@ extension Connection {
         }
         // TLS: small replies are merged into one buffer, so a burst is one record.
         while var first = outbound.first {
-            if !retryingWrite && outbound.count > 1 && first.readableBytes < Self.coalesceLimit {
+            if !retryingWrite && outbound.count > 1, case .buffer(var head) = first, head.readableBytes < Self.coalesceLimit {
                 var merged = 1
-                while merged < outbound.count, first.readableBytes + outbound[merged].readableBytes <= Self.coalesceLimit {
-                    var next = outbound[merged]
-                    first.writeBuffer(&next)
+                while merged < outbound.count, case .buffer(var next) = outbound[merged],
+                      head.readableBytes + next.readableBytes <= Self.coalesceLimit {
+                    head.writeBuffer(&next)
                     merged += 1
                 }
                 if merged > 1 {
                     outbound.removeSubrange(1..<merged)
+                    first = .buffer(head)
                     outbound[0] = first
                 }
             }
@@ -136,7 +146,7 @@ extension Connection {
             }
             retryingWrite = false
             outbound.removeFirst()
-            replyBuffers.give(&first)
+            first.recycle(into: replyBuffers)
         }
         // TLS records gathered for one send: out before the writer rests.
         switch transport.flushPending() {

@@ -49,7 +49,12 @@ extension Connection {
                 return
             }
             run(r, bytes: Int(length), what: Work("read", offset, UInt64(length)), chunked: r.framing != nil) {
-                try Replies.read(h, r, offset: offset, length: length, df: df, pool: self.replyBuffers)
+                // Large reads go straight from the files' page cache, without a copy of ours.
+                if length >= Self.mappedReadMinimum,
+                   let pieces = try Replies.readMapped(h, r, offset: offset, length: length, df: df) {
+                    return .pieces(pieces)
+                }
+                return .buffer(try Replies.read(h, r, offset: offset, length: length, df: df, pool: self.replyBuffers))
             }
         case .write(let cookie, let offset, let payload, let fua):
             // No thread waits while the change log syncs: the write resumes after it.
@@ -61,35 +66,35 @@ extension Connection {
                     if fua {
                         do { try h.flush() } catch { return finish(.failure(error)) }
                     }
-                    finish(.success(nil))
+                    finish(.success(.none))
                 }
             }
         case .flush(let cookie):
             run(to(cookie, 0), bytes: 0, what: Work("flush", 0, 0)) {
                 try h.flush()
-                return nil
+                return .none
             }
         case .trim(let cookie, let offset, let length, let fua):
             run(to(cookie, offset), bytes: 0, what: Work("trim", offset, length)) {
                 try h.writeZeroes(offset: offset, length: length, punch: true, fastOnly: false)
                 if fua { try h.flush() }
-                return nil
+                return .none
             }
         case .writeZeroes(let cookie, let offset, let length, let fua, let noHole, let fastZero):
             run(to(cookie, offset), bytes: 0, what: Work("write zeroes", offset, length), fastZero: fastZero) {
                 try h.writeZeroes(offset: offset, length: length, punch: !noHole, fastOnly: fastZero)
                 if fua { try h.flush() }
-                return nil
+                return .none
             }
         case .cache(let cookie, let offset, let length):
             // Every read goes to the page cache already; CACHE only checks the range.
-            run(to(cookie, offset), bytes: 0, what: Work("cache", offset, length)) { nil }
+            run(to(cookie, offset), bytes: 0, what: Work("cache", offset, length)) { .none }
         case .blockStatus(let cookie, let offset, let length, let reqOne, let contexts):
             let r = to(cookie, offset)
             run(r, bytes: 0, what: Work("block status", offset, length), chunked: true) {
-                try Replies.blockStatus(h, r, offset: offset, length: length, reqOne: reqOne, contexts: contexts) {
+                .buffer(try Replies.blockStatus(h, r, offset: offset, length: length, reqOne: reqOne, contexts: contexts) {
                     try self.server.sr.changedBlocks(from: $0, to: h.uuid)
-                }
+                })
             }
         }
     }
@@ -97,7 +102,7 @@ extension Connection {
     /// Runs `body` on the I/O queue, then sends its reply (or a plain OK/error) from the
     /// connection queue. `chunked`: errors go back as a structured error chunk.
     func run(_ to: ReplyTo, bytes: Int, what: Work, chunked: Bool = false, fastZero: Bool = false,
-             _ body: @escaping () throws -> ByteBuffer?) {
+             _ body: @escaping () throws -> Reply) {
         runAsync(to, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero) { finish in
             do { finish(.success(try body())) } catch { finish(.failure(error)) }
         }
@@ -105,7 +110,7 @@ extension Connection {
 
     /// `run` for a body that finishes later, on any thread, by calling `finish` once.
     func runAsync(_ to: ReplyTo, bytes: Int, what: Work, chunked: Bool = false, fastZero: Bool = false,
-                  _ body: @escaping (_ finish: @escaping (Result<ByteBuffer?, Error>) -> Void) -> Void) {
+                  _ body: @escaping (_ finish: @escaping (Result<Reply, Error>) -> Void) -> Void) {
         begin(bytes: bytes)
         runners.submit(on: ioQueue) { [self] in
             body { [self] result in
@@ -116,8 +121,11 @@ extension Connection {
         }
     }
 
+    /// Reads from this size on are sent from the files' page cache (`Replies.readMapped`).
+    static let mappedReadMinimum: UInt32 = 128 * 1024
+
     /// Sends a request's reply (or error) on the connection queue.
-    func complete(_ result: Result<ByteBuffer?, Error>, to: ReplyTo, bytes: Int, what: Work, chunked: Bool, fastZero: Bool) {
+    func complete(_ result: Result<Reply, Error>, to: ReplyTo, bytes: Int, what: Work, chunked: Bool, fastZero: Bool) {
         switch result {
         case .failure(let f):
             var e = nbdError(for: f)
@@ -127,9 +135,11 @@ extension Connection {
                 logger.error("cookie \(to.cookie): \(what) failed: \(f)")
             }
             reply(error: e, to: to, message: chunked ? "\(f)" : nil)
-        case .success(let r?):
+        case .success(.buffer(let r)):
             send(r)
-        case .success(nil):
+        case .success(.pieces(let p)):
+            send(pieces: p)
+        case .success(.none):
             reply(error: nil, to: to)
         }
         end(bytes: bytes)

@@ -53,7 +53,7 @@ final class Connection: @unchecked Sendable {
     var phase: Phase = .clientFlags
     var handshake: HandshakeStateMachine
     var inbound = ByteBuffer()
-    var outbound = Deque<ByteBuffer>()
+    var outbound = Deque<Outgoing>()
     /// Bytes in `outbound`: replies made but not yet taken by the socket.
     var outboundBytes = 0
     var readSource: DispatchSourceRead?

@@ -45,6 +45,60 @@ enum Replies {
         return out
     }
 
+    /// A READ reply sent from the files' page cache: headers in buffers, data as mapped
+    /// file memory, holes as hole chunks (or zeros under DF and simple replies), framed as
+    /// `read` frames them. Nil when the handle cannot map this read.
+    static func readMapped(_ h: VDIHandle, _ to: ReplyTo, offset: UInt64, length: UInt32, df: Bool) throws -> [Outgoing]? {
+        guard let m = try h.readMapped(at: offset, length: Int(length)) else { return nil }
+        var out: [Outgoing] = []
+        out.reserveCapacity(m.pieces.count + 2)
+        func add(_ p: MappedRead.Piece) {
+            switch p {
+            case .bytes(let b): out.append(.mapped(b, keep: m))
+            case .zeros(let n): Outgoing.zeroPieces(n, into: &out)
+            }
+        }
+        var header = ByteBuffer()
+        guard let framing = to.framing else {
+            encodeSimpleReply(error: nil, cookie: to.cookie, into: &header)
+            out.append(.buffer(header))
+            m.pieces.forEach(add)
+            return out
+        }
+        let hasHoles = m.pieces.contains { if case .zeros = $0 { return true } else { return false } }
+        if df || !hasHoles {
+            encodeDataChunkHeader(framing, cookie: to.cookie, offset: offset, length: length, done: true, into: &header)
+            out.append(.buffer(header))
+            m.pieces.forEach(add)
+            return out
+        }
+        // Data runs as data chunks, holes as hole chunks, in order; the last is done.
+        var pos = 0, i = 0
+        while i < m.pieces.count {
+            var h = ByteBuffer()
+            if case .zeros(let n) = m.pieces[i] {
+                encodeHoleChunk(framing, cookie: to.cookie, offset: offset + UInt64(pos), length: UInt32(n),
+                                done: pos + n == Int(length), into: &h)
+                out.append(.buffer(h))
+                pos += n
+                i += 1
+                continue
+            }
+            var j = i, run = 0
+            while j < m.pieces.count, case .bytes(let b) = m.pieces[j] {
+                run += b.count
+                j += 1
+            }
+            encodeDataChunkHeader(framing, cookie: to.cookie, offset: offset + UInt64(pos), length: UInt32(run),
+                                  done: pos + run == Int(length), into: &h)
+            out.append(.buffer(h))
+            m.pieces[i..<j].forEach(add)
+            pos += run
+            i = j
+        }
+        return out
+    }
+
     /// Appends `length` bytes read at `offset`; returns the ranges of them no layer holds.
     static func readInto(_ buf: inout ByteBuffer, _ h: VDIHandle, offset: UInt64, length: Int,
                          cachedOnly: Bool = false) throws -> [Range<Int>] {

@@ -25,7 +25,7 @@ protocol Transport: AnyObject {
     func write(_ buffer: UnsafeRawBufferPointer) -> TransportWrite
     /// Writes several buffers with one call and no copy (sendmsg); nil if this transport
     /// cannot (TLS, where merged buffers make one record instead).
-    func writeGathered<C: Collection<ByteBuffer>>(_ buffers: C) -> TransportWrite?
+    func writeGathered<C: Collection<Outgoing>>(_ buffers: C) -> TransportWrite?
     /// Decrypted bytes already waiting (a TLS record read in full); the socket may then not signal.
     var hasBufferedInput: Bool { get }
     /// Sends what the transport itself still holds (TLS records gathered for one send):
@@ -58,7 +58,7 @@ final class PlainTransport: Transport {
         }
     }
 
-    func writeGathered<C: Collection<ByteBuffer>>(_ buffers: C) -> TransportWrite? {
+    func writeGathered<C: Collection<Outgoing>>(_ buffers: C) -> TransportWrite? {
         var iov: [iovec] = []
         iov.reserveCapacity(buffers.count)
         // The pointers stay valid: `buffers` is borrowed unchanged for the whole call.
@@ -107,7 +107,7 @@ final class TLSTransport: Transport {
         }
     }
 
-    func writeGathered<C: Collection<ByteBuffer>>(_ buffers: C) -> TransportWrite? { nil }
+    func writeGathered<C: Collection<Outgoing>>(_ buffers: C) -> TransportWrite? { nil }
 
     var hasBufferedInput: Bool { session.pendingBytes > 0 }
 

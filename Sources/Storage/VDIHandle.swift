@@ -59,6 +59,31 @@ public final class VDIHandle: @unchecked Sendable {
         if !over.isEmpty { Self.lay(over, over: buf, at: offset, holes: &holes) }
     }
 
+    /// A read served from the files' page cache without copying: the pieces in order,
+    /// data as mapped memory (faulted in, so using it never waits for the disk) and runs of
+    /// zeros no layer holds. Nil when that cannot be done here (a parked write overlaps,
+    /// a file cannot be mapped): read into a buffer instead.
+    public func readMapped(at offset: UInt64, length: Int) throws(VHDError) -> MappedRead? {
+        pthread_rwlock_rdlock(&gate)
+        defer { pthread_rwlock_unlock(&gate) }
+        guard parked.overlapping(offset, UInt64(length)).isEmpty else { return nil }
+        let plan = try chain.plan(offset: offset, length: length)
+        var pieces: [MappedRead.Piece] = []
+        var owners: [RandomAccessFile] = []
+        pieces.reserveCapacity(plan.pieces.count)
+        for p in plan.pieces {
+            switch p {
+            case .zeros(let n):
+                pieces.append(.zeros(n))
+            case .data(let file, let o, let n):
+                guard let m = file.mapped(offset: o, count: n) else { return nil }
+                pieces.append(.bytes(m))
+                if !owners.contains(where: { $0 === file }) { owners.append(file) }
+            }
+        }
+        return MappedRead(pieces: pieces, owners: owners)
+    }
+
     /// Copies parked data over a read's buffer (oldest first, so the newest wins) and takes
     /// its ranges out of the holes.
     static func lay(_ entries: [ParkedWrites.Entry], over buf: UnsafeMutableRawBufferPointer, at offset: UInt64,
@@ -262,4 +287,15 @@ public final class VDIHandle: @unchecked Sendable {
         defer { pthread_rwlock_unlock(&gate) }
         chain.close()
     }
+}
+
+/// The pieces of a read as mapped file memory and zero runs (`VDIHandle.readMapped`).
+/// The memory stays valid while this value (which holds the files) lives.
+public struct MappedRead: @unchecked Sendable {
+    public enum Piece {
+        case bytes(UnsafeRawBufferPointer)
+        case zeros(Int)
+    }
+    public let pieces: [Piece]
+    let owners: [RandomAccessFile]
 }

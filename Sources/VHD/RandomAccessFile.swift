@@ -20,6 +20,14 @@ public protocol RandomAccessFile: AnyObject, Sendable {
     /// Deallocates the range so it reads as zeros; false where the file system cannot.
     func punchHole(offset: UInt64, length: UInt64) -> Bool
     func close()
+    /// The file's bytes `[offset, offset+count)` in memory, faulted in (waiting for the
+    /// disk if need be), valid while the file object lives; nil where the file cannot be
+    /// mapped or the range is not inside it.
+    func mapped(offset: UInt64, count: Int) -> UnsafeRawBufferPointer?
+}
+
+extension RandomAccessFile {
+    public func mapped(offset: UInt64, count: Int) -> UnsafeRawBufferPointer? { nil }
 }
 
 extension RandomAccessFile {
@@ -126,6 +134,52 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
     public func close() {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
         try? fd.close()
+    }
+
+    /// Read-only shared mappings of the file, made on first use and kept until the file
+    /// object goes (closing the descriptor leaves them valid). Each reserves twice the
+    /// file's length then (at least 1 GiB); when the file has grown past the newest, a
+    /// larger one is added and the older ones stay for the pointers already handed out.
+    /// Only bytes inside the file are ever touched (past its end a mapping raises SIGBUS),
+    /// and VHD files never shrink.
+    private struct Mappings {
+        var maps: [(base: UnsafeRawPointer, length: Int)] = []
+        var knownLength: UInt64 = 0
+    }
+    private let mappings = Mutex(Mappings())
+
+    public func mapped(offset: UInt64, count: Int) -> UnsafeRawBufferPointer? {
+        #if os(Linux)
+        let end = offset + UInt64(count)
+        guard count > 0 else { return nil }
+        let base: UnsafeRawPointer? = mappings.withLock { m in
+            if end > m.knownLength {
+                var st = stat()
+                guard fstat(fd.rawValue, &st) == 0 else { return nil }
+                m.knownLength = UInt64(st.st_size)
+                if end > m.knownLength { return nil }
+            }
+            if let last = m.maps.last, UInt64(last.length) >= end { return last.base }
+            let length = max(Int(m.knownLength) * 2, 1 << 30)
+            guard let p = mmap(nil, length, PROT_READ, MAP_SHARED, fd.rawValue, 0), p != MAP_FAILED else { return nil }
+            m.maps.append((UnsafeRawPointer(p), length))
+            return UnsafeRawPointer(p)
+        }
+        guard let base else { return nil }
+        // Fault the pages in now, on this (I/O) thread, so whoever sends from them does not
+        // wait for the disk. MADV_POPULATE_READ (Linux 5.14).
+        let start = Int(offset) & ~4095
+        guard madvise(UnsafeMutableRawPointer(mutating: base + start), Int(end) - start, 22) == 0 else { return nil }
+        return UnsafeRawBufferPointer(start: base + Int(offset), count: count)
+        #else
+        return nil
+        #endif
+    }
+
+    deinit {
+        #if os(Linux)
+        for m in mappings.withLock({ $0.maps }) { munmap(UnsafeMutableRawPointer(mutating: m.base), m.length) }
+        #endif
     }
 }
 

@@ -118,20 +118,35 @@ public final class VHDChain: @unchecked Sendable {
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool, holes: inout HoleList) throws(VHDError) {
-        let length = UInt64(buffer.count)
+        guard let base = buffer.baseAddress else { return }
+        var sink = CopySink(base: base, cachedOnly: cachedOnly, holes: holes)
+        try walk(offset: offset, length: buffer.count, into: &sink)
+        holes = sink.holes
+    }
+
+    /// Where each byte of `[offset, offset+length)` comes from, without reading any: runs of
+    /// file extents (merged where contiguous in one file) and of zeros no layer holds. A
+    /// caller that can send straight from the files (a mapped page cache) skips the copy.
+    public func plan(offset: UInt64, length: Int) throws(VHDError) -> ReadPlan {
+        var sink = ReadPlan()
+        try walk(offset: offset, length: length, into: &sink)
+        return sink
+    }
+
+    /// The one chain walk behind reads and plans: each block's range goes down the layers.
+    func walk<S: ReadSink>(offset: UInt64, length count: Int, into sink: inout S) throws(VHDError) {
+        let length = UInt64(count)
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw .outOfRange(offset: offset, length: length, virtualSize: virtualSize)
         }
         var done = 0
         let bs = UInt64(blockSize)
-        while done < buffer.count {
+        while done < count {
             let pos = offset + UInt64(done)
             let blockIndex = Int(pos / bs)
             let inBlock = Int(pos % bs)
-            let n = min(Int(bs) - inBlock, buffer.count - done)
-            let dest = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
-            try readPiece(layer: 0, blockIndex: blockIndex, range: inBlock..<(inBlock + n), into: dest, cachedOnly: cachedOnly,
-                          holes: &holes)
+            let n = min(Int(bs) - inBlock, count - done)
+            try readPiece(layer: 0, blockIndex: blockIndex, range: inBlock..<(inBlock + n), at: done, into: &sink)
             done += n
         }
     }
@@ -140,14 +155,34 @@ public final class VHDChain: @unchecked Sendable {
     struct HoleList {
         let base: UnsafeMutableRawPointer?
         var ranges: [Range<Int>] = []
-        @inline(__always) mutating func add(_ dest: UnsafeMutableRawBufferPointer) {
-            guard let base, let p = dest.baseAddress, dest.count > 0 else { return }
-            let start = p - base
-            if let last = ranges.last, last.upperBound == start {
-                ranges[ranges.count - 1] = last.lowerBound..<(start + dest.count)
+        @inline(__always) mutating func add(_ pos: Int, _ count: Int) {
+            guard base != nil, count > 0 else { return }
+            if let last = ranges.last, last.upperBound == pos {
+                ranges[ranges.count - 1] = last.lowerBound..<(pos + count)
             } else {
-                ranges.append(start..<(start + dest.count))
+                ranges.append(pos..<(pos + count))
             }
+        }
+    }
+
+    /// Reads into a buffer: data is copied from the files, holes are zeroed and listed.
+    struct CopySink: ReadSink {
+        let base: UnsafeMutableRawPointer
+        let cachedOnly: Bool
+        var holes: HoleList
+
+        mutating func data(_ f: VHDFile, fileOffset: UInt64, at pos: Int, count: Int) throws(VHDError) {
+            let dest = UnsafeMutableRawBufferPointer(start: base + pos, count: count)
+            if cachedOnly {
+                guard try f.file.readIfCached(into: dest, atAbsoluteOffset: fileOffset) else { throw .wouldBlock }
+            } else {
+                try f.file.read(into: dest, atAbsoluteOffset: fileOffset)
+            }
+        }
+
+        mutating func zeros(at pos: Int, count: Int) {
+            (base + pos).initializeMemory(as: UInt8.self, repeating: 0, count: count)
+            holes.add(pos, count)
         }
     }
 
@@ -157,18 +192,18 @@ public final class VHDChain: @unchecked Sendable {
         return out
     }
 
-    /// `range` is a byte range inside the block; `dest` has exactly its length.
+    /// Reads a byte range inside one block from `layer` down (the copy-up of a write).
     func readPiece(layer: Int, blockIndex: Int, range: Range<Int>, into dest: UnsafeMutableRawBufferPointer,
                    cachedOnly: Bool = false) throws(VHDError) {
-        var none = HoleList(base: nil)
-        try readPiece(layer: layer, blockIndex: blockIndex, range: range, into: dest, cachedOnly: cachedOnly, holes: &none)
+        guard let base = dest.baseAddress else { return }
+        var sink = CopySink(base: base, cachedOnly: cachedOnly, holes: HoleList(base: nil))
+        try readPiece(layer: layer, blockIndex: blockIndex, range: range, at: 0, into: &sink)
     }
 
-    func readPiece(layer: Int, blockIndex: Int, range: Range<Int>, into dest: UnsafeMutableRawBufferPointer,
-                   cachedOnly: Bool, holes: inout HoleList) throws(VHDError) {
+    /// `range` is a byte range inside the block, standing at `pos` in the request.
+    func readPiece<S: ReadSink>(layer: Int, blockIndex: Int, range: Range<Int>, at pos: Int, into sink: inout S) throws(VHDError) {
         guard layer < layers.count else {
-            dest.initializeMemory(as: UInt8.self, repeating: 0)
-            holes.add(dest)
+            sink.zeros(at: pos, count: range.count)
             return
         }
         let f = layers[layer]
@@ -177,41 +212,29 @@ public final class VHDChain: @unchecked Sendable {
         if blockStart + UInt64(range.upperBound) > f.virtualSize {
             let limit = f.virtualSize > blockStart + UInt64(range.lowerBound) ? Int(f.virtualSize - blockStart) : range.lowerBound
             if limit > range.lowerBound {
-                try readPiece(layer: layer, blockIndex: blockIndex, range: range.lowerBound..<limit,
-                              into: UnsafeMutableRawBufferPointer(rebasing: dest[0..<(limit - range.lowerBound)]),
-                              cachedOnly: cachedOnly, holes: &holes)
+                try readPiece(layer: layer, blockIndex: blockIndex, range: range.lowerBound..<limit, at: pos, into: &sink)
             }
             try readPiece(layer: layer + 1, blockIndex: blockIndex, range: limit..<range.upperBound,
-                          into: UnsafeMutableRawBufferPointer(rebasing: dest[(limit - range.lowerBound)...]),
-                          cachedOnly: cachedOnly, holes: &holes)
+                          at: pos + (limit - range.lowerBound), into: &sink)
             return
         }
-        switch try f.blockState(blockIndex, cachedOnly: cachedOnly) {
+        switch try f.blockState(blockIndex, cachedOnly: sink.cachedOnly) {
         case .absent:
-            try readPiece(layer: layer + 1, blockIndex: blockIndex, range: range, into: dest, cachedOnly: cachedOnly, holes: &holes)
+            try readPiece(layer: layer + 1, blockIndex: blockIndex, range: range, at: pos, into: &sink)
         case .full(let dataOffset):
-            try readData(f, into: dest, at: dataOffset + UInt64(range.lowerBound), cachedOnly: cachedOnly)
+            try sink.data(f, fileOffset: dataOffset + UInt64(range.lowerBound), at: pos, count: range.count)
         case .partial(let dataOffset, let bitmap):
             let sectors = (range.lowerBound / 512)..<((range.upperBound + 511) / 512)
             for (present, run) in bitmap.runs(in: sectors) {
                 let a = max(run.lowerBound * 512, range.lowerBound)
                 let b = min(run.upperBound * 512, range.upperBound)
-                let sub = UnsafeMutableRawBufferPointer(rebasing: dest[(a - range.lowerBound)..<(b - range.lowerBound)])
+                let at = pos + (a - range.lowerBound)
                 if present {
-                    try readData(f, into: sub, at: dataOffset + UInt64(a), cachedOnly: cachedOnly)
+                    try sink.data(f, fileOffset: dataOffset + UInt64(a), at: at, count: b - a)
                 } else {
-                    try readPiece(layer: layer + 1, blockIndex: blockIndex, range: a..<b, into: sub, cachedOnly: cachedOnly, holes: &holes)
+                    try readPiece(layer: layer + 1, blockIndex: blockIndex, range: a..<b, at: at, into: &sink)
                 }
             }
-        }
-    }
-
-    @inline(__always)
-    func readData(_ f: VHDFile, into dest: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool) throws(VHDError) {
-        if cachedOnly {
-            guard try f.file.readIfCached(into: dest, atAbsoluteOffset: offset) else { throw .wouldBlock }
-        } else {
-            try f.file.read(into: dest, atAbsoluteOffset: offset)
         }
     }
 
