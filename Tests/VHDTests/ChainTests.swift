@@ -4,16 +4,7 @@ import XCTest
 
 /// Programs in the style of ocaml-vhd's patterns: write at the edges of blocks, snapshot,
 /// write again, and compare every read with a flat-array model.
-final class ChainTests: XCTestCase {
-    var dir: String!
-
-    override func setUp() {
-        dir = NSTemporaryDirectory() + "vhdtests-" + UUID().uuidString
-        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-    }
-
-    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
-
+final class ChainTests: TemporaryDirectoryTestCase {
     func pattern(_ n: Int, seed: UInt8) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) } }
 
     func testWritesAtBlockEdgesThroughThreeSnapshotsMatchModel() throws {

@@ -4,16 +4,7 @@ import XCTest
 
 /// A read plan names, piece by piece, the same bytes a read copies: checked over a chain
 /// three snapshots deep with partial blocks, and through the files' mappings.
-final class ReadPlanTests: XCTestCase {
-    var dir: String!
-
-    override func setUp() {
-        dir = NSTemporaryDirectory() + "readplan-" + UUID().uuidString
-        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-    }
-
-    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
-
+final class ReadPlanTests: TemporaryDirectoryTestCase {
     func testPlanNamesTheBytesReadsCopyAndTheSameHoles() throws {
         let size: UInt64 = 12 << 20
         var leaf = dir + "/l0.vhd"

@@ -4,16 +4,7 @@ import XCTest
 
 /// Growing a disk: in place when the BAT's last sector has room, by relocating the BAT
 /// otherwise; data, chains and a crash between the steps all stay readable.
-final class ResizeTests: XCTestCase {
-    var dir: String!
-
-    override func setUp() {
-        dir = NSTemporaryDirectory() + "vhdresize-" + UUID().uuidString
-        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-    }
-
-    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
-
+final class ResizeTests: TemporaryDirectoryTestCase {
     func pattern(_ n: Int, seed: UInt8) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ Int(seed)) } }
 
     func testGrowWithinTheBATSectorKeepsTheTableInPlace() throws {
