@@ -242,7 +242,10 @@ final class Runners: @unchecked Sendable {
     func submit(on queue: DispatchQueue, _ job: @escaping () -> Void) {
         lock.lock()
         jobs.append(job)
-        let start = running < width
+        // Another runner only when the backlog outgrows those running: a stream of quick
+        // requests keeps one busy instead of waking a thread for each, while requests that
+        // wait for the disk pile up and bring more, up to `width`.
+        let start = running < width && (running == 0 || jobs.count > running)
         if start { running += 1 }
         lock.unlock()
         if start { queue.async { self.run() } }
