@@ -79,7 +79,7 @@ let package = Package(
             name: "NBDTests",
             dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOTestUtils", package: "swift-nio")]
         ),
-        .testTarget(name: "StorageTests", dependencies: ["Storage", "VHD"]),
+        .testTarget(name: "StorageTests", dependencies: ["Storage", "VHD", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "ControlTests", dependencies: ["Control", "Storage"]),
     ],
     swiftLanguageModes: [.v5]

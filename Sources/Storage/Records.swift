@@ -1,6 +1,21 @@
 import Foundation
 import GRDB
 
+/// XenAPI's `vdi_type`: what a VDI is for. Stored and sent as its XenAPI name.
+public enum VDIType: String, Codable, Sendable, CaseIterable, DatabaseValueConvertible {
+    case system, user, ephemeral, suspend, crashdump, rrd, metadata, pvs
+    case haStatefile = "ha_statefile"
+    case redoLog = "redo_log"
+    case pvsCache = "pvs_cache"
+    /// A snapshot whose data `VDI.data_destroy` removed; only its change log is left.
+    case cbtMetadata = "cbt_metadata"
+}
+
+/// XenAPI's `on_boot`: whether a VDI keeps its writes across a VM boot.
+public enum OnBoot: String, Codable, Sendable, CaseIterable, DatabaseValueConvertible {
+    case persist, reset
+}
+
 /// One VDI, with the fields of XenAPI's VDI class that apply to this SR.
 /// Hidden base images that snapshots leave behind are rows with `managed == false`.
 public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, PersistableRecord {
@@ -12,14 +27,14 @@ public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, Persista
     public var virtualSize: UInt64
     public var physicalUtilisation: UInt64
     /// `type`: `user` for disks, `cbt_metadata` after data_destroy.
-    public var type: String
+    public var type: VDIType
     public var readOnly: Bool
     public var isASnapshot: Bool
     public var snapshotOf: String?
     public var snapshotTime: Date?
     public var sharable: Bool
     /// `on_boot`: `persist` or `reset`.
-    public var onBoot: String
+    public var onBoot: OnBoot
     public var tags: [String]
     public var otherConfig: [String: String]
     public var smConfig: [String: String]
@@ -42,13 +57,13 @@ public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, Persista
         self.nameDescription = nameDescription
         self.virtualSize = virtualSize
         self.physicalUtilisation = 0
-        self.type = "user"
+        self.type = .user
         self.readOnly = false
         self.isASnapshot = false
         self.snapshotOf = nil
         self.snapshotTime = nil
         self.sharable = false
-        self.onBoot = "persist"
+        self.onBoot = .persist
         self.tags = []
         self.otherConfig = [:]
         self.smConfig = [:]

@@ -13,10 +13,10 @@ extension SR {
     public func enableCBT(_ uuid: String) throws {
         opLock.lock(); defer { opLock.unlock() }
         var r = try record(uuid)
-        if r.isASnapshot || r.type == "cbt_metadata" {
+        if r.isASnapshot || r.type == .cbtMetadata {
             throw StorageError.operationNotAllowed(reason: "changed block tracking cannot be enabled on a snapshot (\(r.uuid))")
         }
-        if r.onBoot == "reset" { throw StorageError.vdiOnBootModeIncompatible(uuid: r.uuid) }
+        if r.onBoot == .reset { throw StorageError.vdiOnBootModeIncompatible(uuid: r.uuid) }
         if r.cbtEnabled { return }
         let p = cbtLogPath(r.uuid)
         try withHandle(r.uuid) { handle in
@@ -46,7 +46,7 @@ extension SR {
     /// Turns CBT off; with a reason (a damaged log) the record says why.
     func disableCBTLocked(_ rec: VDIRecord, reason: String?) throws {
         var r = rec
-        if r.isASnapshot || r.type == "cbt_metadata" {
+        if r.isASnapshot || r.type == .cbtMetadata {
             throw StorageError.operationNotAllowed(reason: "changed block tracking of a snapshot cannot be disabled")
         }
         if !r.cbtEnabled && reason == nil { return }
@@ -162,12 +162,12 @@ extension SR {
     public func dataDestroy(_ uuid: String) throws {
         opLock.lock(); defer { opLock.unlock() }
         var r = try record(uuid)
-        if r.type == "cbt_metadata" { return }
+        if r.type == .cbtMetadata { return }
         guard r.isASnapshot, r.cbtEnabled else { throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: "not a snapshot with changed block tracking") }
         let parent = r.parent
         try withHandle(r.uuid) { h in
             if h != nil { throw StorageError.vdiInUse(uuid: r.uuid, operation: "data_destroy") }
-            r.type = "cbt_metadata"
+            r.type = .cbtMetadata
             r.parent = nil
             let rr = r
             try dbWrite { db in

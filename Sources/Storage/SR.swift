@@ -179,7 +179,7 @@ public final class SR: @unchecked Sendable {
         let u = try SR.validUUID(uuid)
         opLock.lock(); defer { opLock.unlock() }
         var vdi = try record(u)
-        guard vdi.type != "cbt_metadata" else { throw StorageError.vdiIncompatibleType(uuid: u, type: vdi.type) }
+        guard vdi.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: u, type: vdi.type.rawValue) }
         if vdi.cbtEnabled && !isAttached(u) {
             // A damaged log is reported, not handed on to the snapshot.
             do { _ = try ChangeLog.open(path: cbtLogPath(u)) } catch {
@@ -274,7 +274,7 @@ public final class SR: @unchecked Sendable {
         try withHandle(u) { h in
             if h != nil { throw StorageError.vdiInUse(uuid: u, operation: "destroy") }
             if r.cbtEnabled {
-                if r.isASnapshot || r.type == "cbt_metadata" { mergeCBTOnDestroy(r) } else { unlink(cbtLogPath(u)) }
+                if r.isASnapshot || r.type == .cbtMetadata { mergeCBTOnDestroy(r) } else { unlink(cbtLogPath(u)) }
             }
             try dbWrite { db in
                 _ = try VDIRecord.deleteOne(db, key: u)
@@ -295,7 +295,7 @@ public final class SR: @unchecked Sendable {
         let u = try SR.validUUID(uuid)
         opLock.lock(); defer { opLock.unlock() }
         let r = try record(u)
-        if r.type == "cbt_metadata" { throw StorageError.vdiIncompatibleType(uuid: u, type: r.type) }
+        if r.type == .cbtMetadata { throw StorageError.vdiIncompatibleType(uuid: u, type: r.type.rawValue) }
         if r.isASnapshot || !r.managed {
             throw StorageError.operationNotAllowed(reason: "VDI \(u) is a snapshot; only a VDI's current state can be resized")
         }
@@ -347,7 +347,7 @@ public final class SR: @unchecked Sendable {
 
     public func getNBDInfo(_ uuid: String, readOnly: Bool = false, lifetime: TimeInterval? = nil) throws -> [NBDInfoRecord] {
         let r = try record(uuid)
-        guard r.type != "cbt_metadata" else { throw StorageError.vdiIncompatibleType(uuid: r.uuid, type: r.type) }
+        guard r.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: r.uuid, type: r.type.rawValue) }
         var bytes = [UInt8](repeating: 0, count: 24)
         var rng = SystemRandomNumberGenerator()  // getrandom(2): the system CSPRNG
         for i in bytes.indices { bytes[i] = UInt8.random(in: 0...255, using: &rng) }
@@ -412,7 +412,7 @@ public final class SR: @unchecked Sendable {
         else { return .failure(.unknown) }
         if tok.revoked { return .failure(.revoked) }
         if let e = tok.expiresAt, e < Date() { return .failure(.expired) }
-        guard let r = try? record(tok.vdiUUID), r.type != "cbt_metadata" else { return .failure(.vdiGone) }
+        guard let r = try? record(tok.vdiUUID), r.type != .cbtMetadata else { return .failure(.vdiGone) }
         return .success(ExportGrant(vdi: r, readOnly: tok.readOnly || r.readOnly))
     }
 
@@ -530,7 +530,7 @@ public final class SR: @unchecked Sendable {
         }
         // A resize that grew the VHD but crashed before the record: the file is the truth.
         let leaves = try dbRead { try VDIRecord.filter(Column("managed") == true && Column("is_a_snapshot") == false).fetchAll($0) }
-        for var r in leaves where r.type != "cbt_metadata" {
+        for var r in leaves where r.type != .cbtMetadata {
             guard let f = try? VHDFile.open(path: vhdPath(r.uuid), writable: false, policy: .tolerate) else { continue }
             let size = f.virtualSize
             f.close()

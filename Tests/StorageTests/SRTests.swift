@@ -1,4 +1,5 @@
 import Foundation
+import GRDB
 import XCTest
 @testable import Storage
 import VHD
@@ -21,6 +22,24 @@ final class SRTests: XCTestCase {
         XCTAssertTrue(FileManager.default.fileExists(atPath: sr.vhdPath(r.uuid)))
         XCTAssertEqual(VHDCheck.check(path: sr.vhdPath(r.uuid)), [])
         XCTAssertEqual(try sr.allRecords().map(\.uuid), [r.uuid])
+    }
+
+    func testClosedXenAPIEnumsAreStoredByTheirXenAPINames() throws {
+        let db = try DatabaseQueue()
+        try Schema.migrator().migrate(db)
+        var r = VDIRecord(uuid: UUID().uuidString.lowercased(), nameLabel: "d", virtualSize: 512)
+        XCTAssertEqual(r.type, .user)
+        XCTAssertEqual(r.onBoot, .persist)
+        r.type = .cbtMetadata
+        r.onBoot = .reset
+        r.created = Date(timeIntervalSince1970: 1_800_000_000)  // whole seconds: the column keeps milliseconds
+        try db.write { try r.insert($0) }
+        let raw = try db.read { try Row.fetchOne($0, sql: "SELECT type, on_boot FROM vdi")! }
+        XCTAssertEqual(raw["type"] as String, "cbt_metadata")
+        XCTAssertEqual(raw["on_boot"] as String, "reset")
+        XCTAssertEqual(try db.read { try VDIRecord.fetchOne($0) }, r)
+        let json = String(decoding: try JSONEncoder().encode(r), as: UTF8.self)
+        XCTAssertTrue(json.contains(#""type":"cbt_metadata""#), json)
     }
 
     func testCreateRoundsSizeUpToASector() throws {
