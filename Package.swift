@@ -44,7 +44,7 @@ let package = Package(
         .target(
             name: "Server",
             dependencies: [
-                "NBD", "Storage", "VHD", "TLS",
+                "NBD", "Storage", "TLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "DequeModule", package: "swift-collections"),
                 .product(name: "Logging", package: "swift-log"),

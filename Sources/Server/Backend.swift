@@ -2,7 +2,6 @@ import Foundation
 import NBD
 import NIOCore
 import Storage
-import VHD
 
 /// Joins NBD and Storage: resolves export names through the SR's tokens, and remembers
 /// what it granted so entering transmission needs no second lookup. One per connection.
@@ -32,24 +31,16 @@ final class SRExportResolver: ExportResolver {
 /// The meta context namespace qemu uses for dirty bitmaps.
 let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
 
-/// The errno-style narrowing of a backend failure to an NBD error value (one place only).
+/// The narrowing of a disk failure to an NBD error value (one place only). Storage has
+/// already mapped the image's errors into `DiskError`, errno and cause kept.
 func nbdError(for error: Error) -> ErrorValue {
-    switch error {
-    case let v as VHDError:
-        switch v {
-        case .readOnly: return .eperm
-        case .outOfRange: return .einval
-        case .zeroingNotFast: return .enotsup
-        case .io(_, let e):
-            switch e {
-            case .readOnlyFileSystem, .notPermitted: return .eperm
-            case .noSpace, .fileTooLarge: return .enospc
-            case .noMemory: return .enomem
-            default: return .eio
-            }
-        default: return .eio
-        }
-    default:
-        return .eio
+    guard let d = error as? DiskError else { return .eio }
+    switch d.kind {
+    case .readOnly, .notPermitted: return .eperm
+    case .outOfRange: return .einval
+    case .zeroingNotFast: return .enotsup
+    case .noSpace: return .enospc
+    case .noMemory: return .enomem
+    case .wouldBlock, .io: return .eio
     }
 }

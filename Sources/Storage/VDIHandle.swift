@@ -39,14 +39,19 @@ public final class VDIHandle: @unchecked Sendable {
 
     /// With `cachedOnly`, never waits: not for the disk (`.wouldBlock`), nor for a snapshot
     /// holding the gate.
-    public func read(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false) throws(VHDError) {
+    public func read(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false) throws(DiskError) {
         var holes: [Range<Int>] = []
         try read(into: buf, at: offset, cachedOnly: cachedOnly, holes: &holes)
     }
 
     /// `read`, also listing the ranges of `buf` no layer holds (see `VHDChain.read(holes:)`).
     public func read(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false,
-                     holes: inout [Range<Int>]) throws(VHDError) {
+                     holes: inout [Range<Int>]) throws(DiskError) {
+        do throws(VHDError) { try readChain(into: buf, at: offset, cachedOnly: cachedOnly, holes: &holes) } catch { throw DiskError(error) }
+    }
+
+    private func readChain(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool,
+                           holes: inout [Range<Int>]) throws(VHDError) {
         if cachedOnly {
             guard pthread_rwlock_tryrdlock(&gate) == 0 else { throw .wouldBlock }
         } else {
@@ -63,11 +68,12 @@ public final class VDIHandle: @unchecked Sendable {
     /// data as mapped memory (faulted in, so using it never waits for the disk) and runs of
     /// zeros no layer holds. Nil when that cannot be done here (a parked write overlaps,
     /// a file cannot be mapped): read into a buffer instead.
-    public func readMapped(at offset: UInt64, length: Int) throws(VHDError) -> MappedRead? {
+    public func readMapped(at offset: UInt64, length: Int) throws(DiskError) -> MappedRead? {
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
         guard parked.overlapping(offset, UInt64(length)).isEmpty else { return nil }
-        let plan = try chain.plan(offset: offset, length: length)
+        let plan: ReadPlan
+        do throws(VHDError) { plan = try chain.plan(offset: offset, length: length) } catch { throw DiskError(error) }
         var pieces: [MappedRead.Piece] = []
         var owners: [RandomAccessFile] = []
         pieces.reserveCapacity(plan.pieces.count)
@@ -110,14 +116,16 @@ public final class VDIHandle: @unchecked Sendable {
         }
     }
 
-    public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws(DiskError) {
         if parked.lastOverlapping(offset, UInt64(buf.count)) != nil { waitParked() }
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
-        guard let log = cbt, log.markDirty(offset: offset, length: UInt64(buf.count)) else {
-            return try chain.write(buf, at: offset)
-        }
-        try chain.write(buf, at: offset, beforeVisible: commitOnce(log))
+        do throws(VHDError) {
+            guard let log = cbt, log.markDirty(offset: offset, length: UInt64(buf.count)) else {
+                return try chain.write(buf, at: offset)
+            }
+            try chain.write(buf, at: offset, beforeVisible: commitOnce(log))
+        } catch { throw DiskError(error) }
     }
 
     /// The server's write. The same as `write`, except that a write into space the leaf
@@ -127,11 +135,17 @@ public final class VDIHandle: @unchecked Sendable {
     /// `withBytes` lends the payload; `done` gets the outcome.
     public func write(length: Int, at offset: UInt64, on queue: DispatchQueue,
                       withBytes: @escaping @Sendable (_ body: (UnsafeRawBufferPointer) throws -> Void) throws -> Void,
-                      done: @escaping @Sendable (Error?) -> Void) {
+                      done: @escaping @Sendable (DiskError?) -> Void) {
+        submitWrite(length: length, at: offset, on: queue, withBytes: withBytes) { done($0.map { DiskError($0) }) }
+    }
+
+    private func submitWrite(length: Int, at offset: UInt64, on queue: DispatchQueue,
+                             withBytes: @escaping @Sendable (_ body: (UnsafeRawBufferPointer) throws -> Void) throws -> Void,
+                             done: @escaping @Sendable (Error?) -> Void) {
         // A write issued after an overlapping parked write was acknowledged lands after it.
         if let seq = parked.lastOverlapping(offset, UInt64(length)) {
             parked.after(seq) {
-                queue.async { self.write(length: length, at: offset, on: queue, withBytes: withBytes, done: done) }
+                queue.async { self.submitWrite(length: length, at: offset, on: queue, withBytes: withBytes, done: done) }
             }
             return
         }
@@ -209,29 +223,31 @@ public final class VDIHandle: @unchecked Sendable {
         if let log = cbt, log.markDirty(offset: offset, length: length) { try log.commit() }
     }
 
-    public func writeZeroes(offset: UInt64, length: UInt64, punch: Bool, fastOnly: Bool) throws {
+    public func writeZeroes(offset: UInt64, length: UInt64, punch: Bool, fastOnly: Bool) throws(DiskError) {
         if parked.lastOverlapping(offset, length) != nil { waitParked() }
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
-        try track(offset: offset, length: length)
-        try chain.writeZeroes(offset: offset, length: length, punch: punch, fastOnly: fastOnly)
+        do {
+            try track(offset: offset, length: length)
+            try chain.writeZeroes(offset: offset, length: length, punch: punch, fastOnly: fastOnly)
+        } catch { throw DiskError(error) }
     }
 
     /// Runs of allocated (some layer holds data) and unallocated space.
-    public func allocationRuns(offset: UInt64, length: UInt64) throws(VHDError) -> [(allocated: Bool, length: UInt64)] {
+    public func allocationRuns(offset: UInt64, length: UInt64) throws(DiskError) -> [(allocated: Bool, length: UInt64)] {
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
-        return try chain.allocationRuns(offset: offset, length: length)
+        do throws(VHDError) { return try chain.allocationRuns(offset: offset, length: length) } catch { throw DiskError(error) }
     }
 
     /// Parked writes reach the VHD first; a parked write that could not be written is
     /// reported here, as a write-back error is at fsync.
-    public func flush() throws(VHDError) {
+    public func flush() throws(DiskError) {
         waitParked()
-        if let failure = parked.takeWriteFailure() { throw failure }
+        if let failure = parked.takeWriteFailure() { throw DiskError(failure) }
         pthread_rwlock_rdlock(&gate)
         defer { pthread_rwlock_unlock(&gate) }
-        try chain.flush()
+        do throws(VHDError) { try chain.flush() } catch { throw DiskError(error) }
     }
 
     /// Writes parked entries whose bits are durable, in order.

@@ -42,6 +42,26 @@ final class SRTests: XCTestCase {
         XCTAssertTrue(json.contains(#""type":"cbt_metadata""#), json)
     }
 
+    func testDiskErrorsKeepTheErrnoAndTheImagesOwnError() throws {
+        let full = DiskError(VHDError.io(path: "/x.vhd", errno: .noSpace))
+        XCTAssertEqual(full.kind, .noSpace)
+        XCTAssertEqual(full.errno, .noSpace)
+        XCTAssertEqual(full.cause as? VHDError, .io(path: "/x.vhd", errno: .noSpace))
+        XCTAssertEqual(DiskError(VHDError.io(path: "/x", errno: .readOnlyFileSystem)).kind, .notPermitted)
+        XCTAssertEqual(DiskError(VHDError.zeroingNotFast).kind, .zeroingNotFast)
+        XCTAssertEqual(DiskError(VHDError.badChecksum(structure: "footer", expected: 1, found: 2)).kind, .io)
+        XCTAssertEqual(DiskError(DiskError(VHDError.readOnly(path: "p"))).kind, .readOnly, "mapped once")
+        // Through a handle: a read past the end is refused as out of range, the cause kept.
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
+        let h = try sr.attach(r.uuid)
+        defer { sr.detach(h) }
+        var buf = [UInt8](repeating: 0, count: 4096)
+        XCTAssertThrowsError(try buf.withUnsafeMutableBytes { try h.read(into: $0, at: 1 << 20) }) { e in
+            XCTAssertEqual((e as? DiskError)?.kind, .outOfRange)
+            guard case .outOfRange? = (e as? DiskError)?.cause as? VHDError else { return XCTFail("cause lost: \(e)") }
+        }
+    }
+
     func testCreateRoundsSizeUpToASector() throws {
         XCTAssertEqual(try sr.create(.init(nameLabel: "d", virtualSize: 1000)).virtualSize, 1024)
     }
