@@ -155,6 +155,31 @@ public final class ChangeLog: @unchecked Sendable {
         }
     }
 
+    /// A log's parent, from its header alone (48 bytes, checked against the file's length):
+    /// the ancestry of a VDI with many CBT snapshots of a large disk is read without
+    /// reading their bitmaps.
+    public static func parent(path: String) throws(CBTError) -> UUID? {
+        let fd: FileDescriptor
+        do { fd = try FileDescriptor.open(FilePath(path), .readOnly, options: [.closeOnExec]) } catch {
+            throw .damaged(path: path, reason: "cannot open: \((error as? Errno) ?? .ioError)")
+        }
+        defer { try? fd.close() }
+        var h = [UInt8](repeating: 0, count: headerSize)
+        let length: Int
+        do {
+            length = Int(try fd.seek(offset: 0, from: .end))
+            guard length >= headerSize else { throw CBTError.damaged(path: path, reason: "torn header (\(length) bytes)") }
+            let n = try h.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: 0, into: $0) }
+            guard n == headerSize else { throw CBTError.damaged(path: path, reason: "short read") }
+            _ = try h.withUnsafeBytes { raw throws(CBTError) in try checkedSize(header: raw, fileLength: length, path: path) }
+        } catch let e as CBTError {
+            throw e
+        } catch {
+            throw .damaged(path: path, reason: "\((error as? Errno) ?? .ioError)")
+        }
+        return uuid(h[0..<16])
+    }
+
     /// Reads a log's parent and ORs its bits (LSB first) into `acc`, straight from a
     /// mapping of the file: `list_changed_blocks` walks many 4 MiB logs.
     public static func accumulate(path: String, into acc: inout [UInt8]) throws(CBTError) -> UUID? {

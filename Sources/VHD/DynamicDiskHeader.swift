@@ -206,9 +206,12 @@ public struct BlockAllocationTable: Equatable, Sendable {
         guard bytes.count >= count * 4 else {
             throw .truncated(needed: UInt64(count * 4), fileLength: UInt64(bytes.count))
         }
-        var t = BlockAllocationTable(count: count)
-        bytes.withUnsafeBytes { raw in
-            for i in 0..<count { t.entries[i] = UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)) }
+        var t = BlockAllocationTable(count: 0)
+        t.entries = bytes.withUnsafeBytes { raw in
+            [UInt32](unsafeUninitializedCapacity: count) { out, n in
+                for i in 0..<count { out[i] = UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)) }
+                n = count
+            }
         }
         return t
     }

@@ -65,7 +65,6 @@ extension VHDFile {
             try file.synchronize()
             header = h
             bat = table
-            bitmaps += [SectorBitmap?](repeating: nil, count: needed - bitmaps.count)
             bitmapKinds += [UInt8](repeating: 0, count: needed - bitmapKinds.count)
         }
     }

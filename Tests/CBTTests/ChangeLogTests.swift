@@ -25,6 +25,21 @@ final class ChangeLogTests: XCTestCase {
         XCTAssertEqual(bytes[48], 0b0000_1000)
     }
 
+    func testParentIsReadFromTheHeaderAloneAndADamagedHeaderIsRefused() throws {
+        let p = dir + "/p.cbtlog"
+        let parent = UUID()
+        _ = try ChangeLog.create(path: p, size: 1 << 30, parent: parent)
+        XCTAssertEqual(try ChangeLog.parent(path: p), parent)
+        _ = try ChangeLog.create(path: dir + "/root.cbtlog", size: 1 << 20)
+        XCTAssertNil(try ChangeLog.parent(path: dir + "/root.cbtlog"))
+        // A file whose length does not match its header's size is damaged, as `open` says.
+        let h = try FileHandle(forWritingTo: URL(fileURLWithPath: p))
+        try h.truncate(atOffset: 100)
+        try h.close()
+        XCTAssertThrowsError(try ChangeLog.parent(path: p)) { XCTAssertNotNil($0 as? CBTError) }
+        XCTAssertThrowsError(try ChangeLog.parent(path: dir + "/missing.cbtlog"))
+    }
+
     func testRangeCrossingABoundarySetsBothBits() throws {
         let log = try ChangeLog.create(path: dir + "/b.cbtlog", size: 1 << 20)
         _ = log.markDirty(offset: 64 * 1024 - 1, length: 2)
