@@ -48,6 +48,13 @@ public final class SR: @unchecked Sendable {
     /// Held while a handle is looked up, attached, detached or has its files changed under it.
     /// Recursive: an operation holding it may look up a neighbour's handle (CBT merges).
     let handlesLock = NSRecursiveLock()
+    /// How long a VDI's open chain outlives its last connection, so a client that connects
+    /// again (a backup agent opens several in a row) does not reopen and recheck every
+    /// layer. A lingering handle is flushed and its change log marked consistent, as at
+    /// any detach; a control operation on the VDI closes it first, so those see exactly
+    /// an unattached VDI. Zero closes at the last detach.
+    public var attachLingerSeconds: Double = 10
+    private let lingerQueue = DispatchQueue(label: "vdinbd.sr.linger")
 
     public var endpoints: [NBDEndpoint] = []
     private var tlsIdentity = (pem: "", subject: "")
@@ -307,6 +314,7 @@ public final class SR: @unchecked Sendable {
         }
         // Held throughout, so no client attaches while the files change.
         handlesLock.lock(); defer { handlesLock.unlock() }
+        closeLingering(u)
         if handles[u] != nil { throw StorageError.vdiInUse(uuid: u, operation: "resize") }
         if size == r.virtualSize { return r }
         if r.cbtEnabled {
@@ -425,6 +433,11 @@ public final class SR: @unchecked Sendable {
         // destroy) holds it too, so attach sees the record as that operation left it.
         let r = try record(uuid)
         if let h = handles[r.uuid] {
+            // A lingering handle is taken back: its log is in use again.
+            if h.refCount == 0 {
+                try? h.withCBT { try $0?.setConsistent(false) }
+                logger.info("VDI \(r.uuid): its chain was still open (lingering); reused")
+            }
             h.refCount += 1
             return h
         }
@@ -448,23 +461,54 @@ public final class SR: @unchecked Sendable {
             try? h.flush()
             // A clean detach: the log is marked consistent, as blktap does.
             try? h.cbt?.setConsistent(true)
-            h.close()
-            handles[h.uuid] = nil
             if h.parked.parkedCount > 0 {
                 logger.info("VDI \(h.uuid) detached; \(h.parked.parkedCount) writes were acknowledged before their change-log sync")
             }
+            if attachLingerSeconds <= 0 {
+                closeHandle(h)
+            } else {
+                h.lingerGeneration += 1
+                let generation = h.lingerGeneration
+                lingerQueue.asyncAfter(deadline: .now() + attachLingerSeconds) { [weak self, weak h] in
+                    guard let self, let h else { return }
+                    self.handlesLock.lock(); defer { self.handlesLock.unlock() }
+                    if h.refCount == 0, h.lingerGeneration == generation, self.handles[h.uuid] === h { self.closeHandle(h) }
+                }
+            }
         }
+    }
+
+    /// Closes a handle no connection holds (handles lock held).
+    private func closeHandle(_ h: VDIHandle) {
+        precondition(h.refCount == 0)
+        h.close()
+        handles[h.uuid] = nil
+    }
+
+    /// Closes the VDI's handle if it is only lingering (handles lock held or taken here).
+    func closeLingering(_ uuid: String) {
+        handlesLock.lock(); defer { handlesLock.unlock() }
+        if let h = handles[uuid], h.refCount == 0 { closeHandle(h) }
     }
 
     /// Runs `body` with the VDI's handle (nil when no connection has it attached) while no
     /// connection can attach or detach it. Lock order: `opLock`, then this, then a handle's gate.
     func withHandle<T>(_ uuid: String, _ body: (VDIHandle?) throws -> T) rethrows -> T {
         handlesLock.lock(); defer { handlesLock.unlock() }
+        closeLingering(uuid)
         return try body(handles[uuid])
     }
 
+    /// The open handles, for tests and diagnostics.
+    func withHandlesLocked<T>(_ body: ([String: VDIHandle]) -> T) -> T {
+        handlesLock.lock(); defer { handlesLock.unlock() }
+        return body(handles)
+    }
+
+    /// Whether a connection has the VDI attached (a lingering handle is closed first).
     public func isAttached(_ uuid: String) -> Bool {
         handlesLock.lock(); defer { handlesLock.unlock() }
+        closeLingering(uuid)
         return handles[uuid] != nil
     }
 

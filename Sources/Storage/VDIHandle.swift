@@ -12,6 +12,8 @@ public final class VDIHandle: @unchecked Sendable {
     var cbt: ChangeLog?
     private var gate = pthread_rwlock_t()
     var refCount = 0
+    /// Counts detaches to zero, so a linger timer knows it is still the latest.
+    var lingerGeneration = 0
     /// CBT writes acknowledged before their bits were durable (see ParkedWrites).
     let parked = ParkedWrites()
     /// Told (once per failure, on the pumping thread) when the change log could not be

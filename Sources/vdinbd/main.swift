@@ -56,6 +56,9 @@ struct VDINBD: ParsableCommand {
     @ArgumentParser.Option(name: .long, help: "Seconds a connection may sit idle before it is closed (0: never).")
     var idleTimeout: Int = 0
 
+    @ArgumentParser.Option(name: .long, help: "Seconds a VDI's open chain outlives its last connection, so reconnecting is cheap (0: close at once).")
+    var attachLinger: Double = 10
+
     @ArgumentParser.Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -80,6 +83,7 @@ struct VDINBD: ParsableCommand {
         let repo: SR
         do {
             repo = try SR(path: sr, logger: Logger(label: "vdinbd.sr"))
+            repo.attachLingerSeconds = attachLinger
         } catch {
             throw ValidationError("\(error)")
         }

@@ -62,6 +62,31 @@ final class SRTests: XCTestCase {
         }
     }
 
+    func testAChainLingersAfterItsLastDetachWithoutHoldingTheVDI() throws {
+        sr.attachLingerSeconds = 0.3
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
+        let h = try sr.attach(r.uuid)
+        sr.detach(h)
+        XCTAssertFalse(sr.isAttached(r.uuid), "a lingering chain is not an attachment")
+        // isAttached closed the lingering handle: the next attach opens anew.
+        let h2 = try sr.attach(r.uuid)
+        XCTAssertFalse(h2 === h)
+        sr.detach(h2)
+        // Reconnecting within the linger takes the same open chain back.
+        let h3 = try sr.attach(r.uuid)
+        XCTAssertTrue(h3 === h2, "reattached within the linger: the chain is reused")
+        sr.detach(h3)
+        // Control operations see an unattached VDI at once.
+        _ = try sr.resize(r.uuid, size: 2 << 20)
+        let h4 = try sr.attach(r.uuid)
+        XCTAssertEqual(h4.virtualSize, 2 << 20)
+        sr.detach(h4)
+        // After the linger the chain is closed.
+        Thread.sleep(forTimeInterval: 0.8)
+        XCTAssertNil(sr.withHandlesLocked { $0[r.uuid] })
+        try sr.destroy(r.uuid)
+    }
+
     func testCreateRoundsSizeUpToASector() throws {
         XCTAssertEqual(try sr.create(.init(nameLabel: "d", virtualSize: 1000)).virtualSize, 1024)
     }
@@ -81,6 +106,7 @@ final class SRTests: XCTestCase {
     /// snapshot never works on a handle that detach has closed (which reopened the chain
     /// into a handle nobody held, leaking its descriptors), and the data stays.
     func testSnapshotRacingDetachLeaksNothing() throws {
+        sr.attachLingerSeconds = 0  // the race is between a detach that closes and a snapshot
         let r = try sr.create(.init(nameLabel: "d", virtualSize: 4 << 20))
         func openFDs() -> Int { (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 0 }
         let before = openFDs()

@@ -2,10 +2,11 @@
 # Snapshots and CBT changes race with python nbd clients that attach, write and detach in
 # a tight loop: every operation succeeds, every snapshot is a point-in-time image of the
 # writes (a cut between the ones finished before and the ones started after), and the
-# server holds no more descriptors afterwards than before.
+# server holds no more descriptors afterwards than before (once the last connection's
+# chain has stopped lingering).
 . "$(dirname "$0")/functions.sh"
 requires nbdsh
-start_vdinbd
+start_vdinbd --attach-linger 0.5
 u=$(vdictl vdi-create name-label=t virtual-size=4MiB)
 U=$(uri "$u")
 fds() { ls "/proc/$SERVER_PID/fd" | wc -l; }
@@ -81,6 +82,6 @@ for s, a, b in snaps:
 assert content(u) == image_at(done[0] + 1), "the VDI lost a write"
 print("writes:", done[0], "snapshots:", len(snaps))
 PY
-sleep 0.5
+sleep 1.5
 after=$(fds)
 [ "$after" -le "$((before + 2))" ] || fail "descriptors: $before before, $after after"
