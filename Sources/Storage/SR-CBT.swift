@@ -66,7 +66,7 @@ extension SR {
 
     /// Opens a VDI's log for reading or merging: the attached handle's own when there is one.
     func openLog(_ uuid: String) throws -> ChangeLog {
-        try withHandle(uuid) { h in
+        try withOpenHandle(uuid) { h in
             if let h, let l = h.withCBT({ $0 }) { return l }
             return try ChangeLog.open(path: cbtLogPath(uuid))
         }
@@ -200,7 +200,7 @@ extension SR {
         for _ in 0..<100_000 {
             let parent: UUID?
             do {
-                if let live = withHandle(cur, { $0?.withCBT({ $0 }) }) {
+                if let live = withOpenHandle(cur, { $0?.withCBT({ $0 }) }) {
                     // Attached: its log is in memory and changing.
                     ChangedBlocks.or(live.bits, into: &acc)
                     parent = live.parent

@@ -499,6 +499,14 @@ public final class SR: @unchecked Sendable {
         return try body(handles[uuid])
     }
 
+    /// Runs `body` with the VDI's open handle, a lingering one included (nil when none is
+    /// open), while no connection can attach or detach it: for reading or merging its
+    /// change log, which does not need the VDI unattached and so keeps the linger.
+    func withOpenHandle<T>(_ uuid: String, _ body: (VDIHandle?) throws -> T) rethrows -> T {
+        handlesLock.lock(); defer { handlesLock.unlock() }
+        return try body(handles[uuid])
+    }
+
     /// The open handles, for tests and diagnostics.
     func withHandlesLocked<T>(_ body: ([String: VDIHandle]) -> T) -> T {
         handlesLock.lock(); defer { handlesLock.unlock() }

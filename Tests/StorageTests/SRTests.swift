@@ -81,10 +81,20 @@ final class SRTests: XCTestCase {
         let h4 = try sr.attach(r.uuid)
         XCTAssertEqual(h4.virtualSize, 2 << 20)
         sr.detach(h4)
+        // Reading change logs keeps the linger: list_changed_blocks between a backup's
+        // connections must not make the next one reopen the chain.
+        try sr.enableCBT(r.uuid)
+        let base = try sr.snapshot(r.uuid)
+        let h5 = try sr.attach(r.uuid)
+        sr.detach(h5)
+        _ = try sr.changedBlocks(from: base.uuid, to: r.uuid)
+        XCTAssertTrue(try sr.attach(r.uuid) === h5, "list_changed_blocks closed the lingering chain")
+        sr.detach(h5)
         // After the linger the chain is closed.
         Thread.sleep(forTimeInterval: 0.8)
         XCTAssertNil(sr.withHandlesLocked { $0[r.uuid] })
         try sr.destroy(r.uuid)
+        try sr.destroy(base.uuid)
     }
 
     func testCreateRoundsSizeUpToASector() throws {
