@@ -55,6 +55,8 @@ extension Connection {
             if case .tlsHandshake = phase { return }
             switch readSome() {
             case .bytes:
+                // Input is at its most right after a read: measured here, not per request.
+                peakInputBytes = max(peakInputBytes, inbound.readableBytes + requestDecoder.payloadBytesHeld)
                 guard intake() == .needBytes else { return }
             case .wouldBlock:
                 return
@@ -135,7 +137,6 @@ extension Connection {
                         pauseReading()
                         return .atLimit
                     }
-                    peakInputBytes = max(peakInputBytes, inbound.readableBytes + requestDecoder.payloadBytesHeld)
                     guard let r = try requestDecoder.decode(buffer: &inbound) else { return .needBytes }
                     handle(r)
                 case .closed, .tlsHandshake:

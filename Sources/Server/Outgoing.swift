@@ -26,30 +26,40 @@ enum Outgoing {
 
     mutating func moveReaderIndex(forwardBy n: Int) {
         switch self {
-        case .buffer(var b):
-            self = .mapped(UnsafeRawBufferPointer(start: nil, count: 0), keep: nil)  // b alone holds it
-            b.moveReaderIndex(forwardBy: n)
-            self = .buffer(b)
+        case .buffer:
+            _ = withOwnedBuffer { $0.moveReaderIndex(forwardBy: n) }
         case .mapped(let p, let keep):
             self = .mapped(UnsafeRawBufferPointer(rebasing: p[n...]), keep: keep)
         }
     }
 
+    private static let empty = Outgoing.mapped(UnsafeRawBufferPointer(start: nil, count: 0), keep: nil)
+
+    /// Runs `body` on a buffer piece's buffer in place, with the enum's own reference
+    /// dropped meanwhile so the buffer is uniquely held and changing it copies nothing;
+    /// nil for a mapped piece.
+    private mutating func withOwnedBuffer<T>(_ body: (inout ByteBuffer) -> T) -> T? {
+        guard case .buffer(var b) = self else { return nil }
+        self = Self.empty
+        let result = body(&b)
+        self = .buffer(b)
+        return result
+    }
+
     /// Encodes more bytes onto the end of a buffer piece in place; the bytes added, or nil
     /// for a mapped piece.
     mutating func append(_ encode: (inout ByteBuffer) -> Void) -> Int? {
-        guard case .buffer(var b) = self else { return nil }
-        self = .mapped(UnsafeRawBufferPointer(start: nil, count: 0), keep: nil)  // b alone holds it: no copy
-        let before = b.readableBytes
-        encode(&b)
-        self = .buffer(b)
-        return b.readableBytes - before
+        withOwnedBuffer { b in
+            let before = b.readableBytes
+            encode(&b)
+            return b.readableBytes - before
+        }
     }
 
     /// Hands a sent buffer to the pool (it must hold the only reference to be reused).
     mutating func recycle(into pool: ReplyBufferPool) {
         guard case .buffer(var b) = self else { return }
-        self = .mapped(UnsafeRawBufferPointer(start: nil, count: 0), keep: nil)
+        self = Self.empty  // b alone holds it, so the pool can reuse its storage
         pool.give(&b)
     }
 
