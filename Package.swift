@@ -17,9 +17,12 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
     ],
     targets: [
+        // The storage seam: what Storage and Server know of a disk image (pure: no I/O).
+        .target(name: "Image", dependencies: [.product(name: "SystemPackage", package: "swift-system")]),
         .target(
             name: "VHD",
             dependencies: [
+                "Image",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
@@ -35,7 +38,7 @@ let package = Package(
         .target(
             name: "Storage",
             dependencies: [
-                "VHD", "CBT",
+                "Image", "VHD", "CBT",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),

@@ -18,7 +18,7 @@ public final class ControlAPI: @unchecked Sendable {
             return RPCResponse(result: nil, error: .invalidRequest("jsonrpc must be \"2.0\""), id: req.id)
         }
         do {
-            let result = try dispatch(req.method, Params(req.params))
+            let result = try dispatch(req.method, Params(req.params), task: nil)
             return RPCResponse(result: result, error: nil, id: req.id)
         } catch let e as RPCError {
             return RPCResponse(result: nil, error: e, id: req.id)
@@ -53,7 +53,7 @@ public final class ControlAPI: @unchecked Sendable {
     }
 
     /// Positional (XenAPI style) or named params.
-    struct Params {
+    struct Params: Sendable {
         let positional: [JSONValue]
         let named: [String: JSONValue]
         init(_ v: JSONValue?) {
@@ -90,10 +90,10 @@ public final class ControlAPI: @unchecked Sendable {
         "VDI.list_changed_blocks", "VDI.data_destroy", "VDI.resize", "system.listMethods",
     ]
 
-    func dispatch(_ method: String, _ p: Params) throws -> JSONValue {
+    func dispatch(_ method: String, _ p: Params, task: TaskContext?) throws -> JSONValue {
         switch method {
         case "system.listMethods":
-            return .array(Self.methods.map { .string($0) })
+            return .array((Self.methods + Self.moreMethods).map { .string($0) })
         case "VDI.create":
             return .string(try create(p.object(0, "args")).uuid)
         case "VDI.get_record":
@@ -147,7 +147,7 @@ public final class ControlAPI: @unchecked Sendable {
         case "VDI.revoke_nbd_info":
             return .number(Double(try sr.revokeTokens(vdi: p.string(0, "uuid"), exportName: p.optional(1, "exportname")?.stringValue)))
         default:
-            throw RPCError.methodNotFound(method)
+            return try dispatchMore(method, p, task: task)
         }
     }
 
@@ -189,6 +189,7 @@ public final class ControlAPI: @unchecked Sendable {
         o["snapshot_of"] = .string(r.snapshotOf ?? "")
         o["parent"] = .string(r.parent ?? "")
         o["SR"] = .string(sr.path)
+        o["family"] = nil
         o["location"] = .string(r.uuid)
         return .object(o)
     }

@@ -19,6 +19,10 @@ public final class ControlServer: @unchecked Sendable {
     var wakeFDs: [Int32] = [-1, -1]
     /// Bytes read from each client and not yet a whole line (the thread's own).
     var buffers: [Int32: Data] = [:]
+    /// Each client's requests run in order on its own queue, so a long request (a scan
+    /// that waits for the collector, a snapshot's syncs) holds up only its own client;
+    /// the poll thread only reads.
+    var queues: [Int32: DispatchQueue] = [:]
     /// Longest request line accepted.
     static let maxLine = 1 << 20
 
@@ -58,7 +62,7 @@ public final class ControlServer: @unchecked Sendable {
                 return
             }
             if fds[0].revents != 0 {
-                for c in clients { Glibc.close(c) }
+                for c in clients { drop(c) }
                 buffers = [:]
                 Glibc.close(listenFD)
                 return
@@ -78,6 +82,7 @@ public final class ControlServer: @unchecked Sendable {
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             buffers[fd] = Data()
+            queues[fd] = DispatchQueue(label: "vdinbd.control.client")
         }
     }
 
@@ -98,7 +103,9 @@ public final class ControlServer: @unchecked Sendable {
         }
         serveLines(fd)
         if let d = buffers[fd], d.count > Self.maxLine {
-            respond(fd, RPCResponse(result: nil, error: .invalidRequest("request line longer than \(Self.maxLine) bytes"), id: nil))
+            queues[fd]?.async { [self] in
+                respond(fd, RPCResponse(result: nil, error: .invalidRequest("request line longer than \(Self.maxLine) bytes"), id: nil))
+            }
             drop(fd)
         }
     }
@@ -109,7 +116,8 @@ public final class ControlServer: @unchecked Sendable {
             let line = data[data.startIndex..<nl]
             buffers[fd] = Data(data[(nl + 1)...])
             if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
-            respond(fd, api.handle(line: Data(line)))
+            let request = Data(line)
+            queues[fd]?.async { [self] in respond(fd, api.handle(line: request)) }
         }
     }
 
@@ -154,9 +162,10 @@ public final class ControlServer: @unchecked Sendable {
         }
     }
 
+    /// Stops reading the client; its descriptor closes once its queued requests are answered.
     func drop(_ fd: Int32) {
         guard buffers.removeValue(forKey: fd) != nil else { return }
-        Glibc.close(fd)
+        if let q = queues.removeValue(forKey: fd) { q.async { _ = Glibc.close(fd) } } else { Glibc.close(fd) }
     }
 }
 

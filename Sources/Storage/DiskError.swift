@@ -1,6 +1,6 @@
 import CBT
 import SystemPackage
-import VHD
+import Image
 
 /// A failed read, write, zeroing or flush of a VDI, as the layers above the image see it:
 /// what kind of failure (the NBD and XenAPI mappings switch on that), the errno where the
@@ -38,15 +38,15 @@ public struct DiskError: Error, CustomStringConvertible, Sendable {
             return
         }
         switch error {
-        case let v as VHDError:
+        case let v as any ImageFailure:
             cause = v
-            switch v {
+            switch v.failureKind {
             case .readOnly: (kind, errno) = (.readOnly, nil)
             case .outOfRange: (kind, errno) = (.outOfRange, nil)
             case .zeroingNotFast: (kind, errno) = (.zeroingNotFast, nil)
             case .wouldBlock: (kind, errno) = (.wouldBlock, nil)
-            case .io(_, let e): (kind, errno) = (Self.kind(of: e), e)
-            default: (kind, errno) = (.io, nil)
+            case .io: (kind, errno) = (v.errno.map(Self.kind(of:)) ?? .io, v.errno)
+            case .notPublished, .corrupt, .chain: (kind, errno) = (.io, v.errno)
             }
         case let c as CBTError:
             (kind, errno, cause) = (.io, nil, c)
@@ -65,6 +65,14 @@ public struct DiskError: Error, CustomStringConvertible, Sendable {
         default: return .io
         }
     }
+
+    init(kind: Kind, errno: Errno?, cause: any Error) {
+        (self.kind, self.errno, self.cause) = (kind, errno, cause)
+    }
+
+    /// A cached-only read that found the chain being changed (no image was asked).
+    static let wouldBlock = DiskError(kind: .wouldBlock, errno: nil, cause: Busy())
+    struct Busy: Error, CustomStringConvertible { var description: String { "the VDI's chain is being changed" } }
 
     public var description: String { "\(cause)" }
 }

@@ -17,7 +17,7 @@
 import CBT
 import Foundation
 import Synchronization
-import VHD
+
 
 final class ParkedWrites: @unchecked Sendable {
     struct Entry {
@@ -49,7 +49,7 @@ final class ParkedWrites: @unchecked Sendable {
     /// Work waiting for entries up to a sequence number to be written.
     private var waiters: [(seq: UInt64, run: () -> Void)] = []
     /// The first failure writing parked data; the next flush reports it.
-    private var writeFailure: VHDError?
+    private var writeFailure: DiskError?
     /// Writes parked since the handle opened (for tests and the log).
     private(set) var parkedCount = 0
     /// While positive, nothing new is parked: an exclusive section is waiting for the
@@ -113,7 +113,7 @@ final class ParkedWrites: @unchecked Sendable {
 
     /// Writes ready entries in order with `apply` until the head is not ready; returns
     /// at once if another thread is pumping.
-    func pump(_ apply: (Entry) throws(VHDError) -> Void) {
+    func pump(_ apply: (Entry) throws(DiskError) -> Void) {
         cond.lock()
         if pumping { cond.unlock(); return }
         pumping = true
@@ -121,7 +121,7 @@ final class ParkedWrites: @unchecked Sendable {
         while head < entries.count, entries[head].ready {
             let e = entries[head]
             cond.unlock()
-            var failure: VHDError?
+            var failure: DiskError?
             do { try apply(e) } catch { failure = error }
             cond.lock()
             if let failure, writeFailure == nil { writeFailure = failure }
@@ -149,7 +149,7 @@ final class ParkedWrites: @unchecked Sendable {
     /// Blocks until every entry parked before the call is written. `makeDurable` syncs the
     /// change log (all bits set so far), so the wait needs no other thread's commit; the
     /// caller then pumps itself when no one else is.
-    func waitAllWritten(makeDurable: () -> CBTError?, apply: (Entry) throws(VHDError) -> Void) {
+    func waitAllWritten(makeDurable: () -> CBTError?, apply: (Entry) throws(DiskError) -> Void) {
         cond.lock()
         let target = nextSeq - 1
         let pending = appliedBelow <= target
@@ -172,7 +172,7 @@ final class ParkedWrites: @unchecked Sendable {
     }
 
     /// The first failure writing parked data since the last call.
-    func takeWriteFailure() -> VHDError? {
+    func takeWriteFailure() -> DiskError? {
         cond.lock(); defer { cond.unlock() }
         defer { writeFailure = nil }
         return writeFailure

@@ -43,12 +43,17 @@ public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, Persista
     public var managed: Bool
     public var cbtEnabled: Bool
     public var created: Date
+    /// The chain tree this VDI's files belong to: a new VDI starts one (its own uuid), and
+    /// snapshots and the hidden bases they leave inherit it. Operations that change files
+    /// or parentage lock the family, so one tree's work never waits for another's.
+    public var family: String
 
     enum CodingKeys: String, CodingKey, ColumnExpression {
         case uuid, nameLabel = "name_label", nameDescription = "name_description", virtualSize = "virtual_size"
         case physicalUtilisation = "physical_utilisation", type, readOnly = "read_only", isASnapshot = "is_a_snapshot"
         case snapshotOf = "snapshot_of", snapshotTime = "snapshot_time", sharable, onBoot = "on_boot", tags
         case otherConfig = "other_config", smConfig = "sm_config", parent, managed, cbtEnabled = "cbt_enabled", created
+        case family
     }
 
     public init(uuid: String, nameLabel: String, nameDescription: String = "", virtualSize: UInt64) {
@@ -71,6 +76,7 @@ public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, Persista
         self.managed = true
         self.cbtEnabled = false
         self.created = Date()
+        self.family = uuid
     }
 }
 
@@ -121,6 +127,31 @@ enum Schema {
                 t.column("expires_at", .datetime)
                 t.column("revoked", .boolean).notNull()
                 t.column("created", .datetime).notNull()
+            }
+        }
+        m.registerMigration("v2: families, SR config") { db in
+            try db.alter(table: "vdi") { t in t.add(column: "family", .text).notNull().defaults(to: "") }
+            // Each row's family is its root's uuid (a data-destroyed snapshot: its origin's).
+            let rows = try Row.fetchAll(db, sql: "SELECT uuid, parent, snapshot_of FROM vdi")
+            var parent: [String: String] = [:], origin: [String: String] = [:]
+            for r in rows {
+                let u: String = r["uuid"]
+                if let p: String = r["parent"] { parent[u] = p }
+                if let o: String = r["snapshot_of"] { origin[u] = o }
+            }
+            func root(_ u: String) -> String {
+                var cur = u, seen = Set<String>()
+                while let p = parent[cur], seen.insert(cur).inserted { cur = p }
+                return cur
+            }
+            for r in rows {
+                let u: String = r["uuid"]
+                let f = parent[u] == nil && origin[u] != nil ? root(origin[u]!) : root(u)
+                try db.execute(sql: "UPDATE vdi SET family = ? WHERE uuid = ?", arguments: [f, u])
+            }
+            try db.create(table: "sr_config") { t in
+                t.primaryKey("key", .text)
+                t.column("value", .text).notNull()
             }
         }
         return m

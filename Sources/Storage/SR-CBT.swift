@@ -11,8 +11,11 @@ extension SR {
     public func cbtLogPath(_ uuid: String) -> String { "\(path)/\(uuid).cbtlog" }
 
     public func enableCBT(_ uuid: String) throws {
-        opLock.lock(); defer { opLock.unlock() }
-        var r = try record(uuid)
+        try withFamily(of: uuid) { try enableCBTLocked($0) }
+    }
+
+    private func enableCBTLocked(_ rec: VDIRecord) throws {
+        var r = rec
         if r.isASnapshot || r.type == .cbtMetadata {
             throw StorageError.operationNotAllowed(reason: "changed block tracking cannot be enabled on a snapshot (\(r.uuid))")
         }
@@ -27,7 +30,7 @@ extension SR {
             }
             try syncDirectory()
             if let h = handle {
-                try h.exclusivelyCBT { _ in
+                h.exclusivelyCBT { _ in
                     try? log.setConsistent(false)
                     return log
                 }
@@ -39,8 +42,7 @@ extension SR {
     }
 
     public func disableCBT(_ uuid: String) throws {
-        opLock.lock(); defer { opLock.unlock() }
-        try disableCBTLocked(try record(uuid), reason: nil)
+        try withFamily(of: uuid) { try disableCBTLocked($0, reason: nil) }
     }
 
     /// Turns CBT off; with a reason (a damaged log) the record says why.
@@ -97,9 +99,10 @@ extension SR {
     /// A parked write reached the VHD although its log sync failed: the log no longer
     /// covers every change, so CBT is disabled and the record says why.
     func logSyncFailed(_ uuid: String, _ failure: CBTError) {
-        opLock.lock(); defer { opLock.unlock() }
-        guard let r = try? record(uuid), r.cbtEnabled else { return }
-        try? disableCBTLocked(r, reason: "change log sync failed: \(failure)")
+        _ = try? withFamily(of: uuid) { r in
+            guard r.cbtEnabled else { return }
+            try disableCBTLocked(r, reason: "change log sync failed: \(failure)")
+        }
     }
 
     /// At start-up: a live VDI whose log is damaged gets CBT disabled with the reason.
@@ -160,25 +163,25 @@ extension SR {
     }
 
     public func dataDestroy(_ uuid: String) throws {
-        opLock.lock(); defer { opLock.unlock() }
-        var r = try record(uuid)
-        if r.type == .cbtMetadata { return }
-        guard r.isASnapshot, r.cbtEnabled else { throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: "not a snapshot with changed block tracking") }
-        let parent = r.parent
-        try withHandle(r.uuid) { h in
-            if h != nil { throw StorageError.vdiInUse(uuid: r.uuid, operation: "data_destroy") }
-            r.type = .cbtMetadata
-            r.parent = nil
-            let rr = r
-            try dbWrite { db in
-                try rr.update(db)
-                _ = try TokenRecord.filter(Column("vdi_uuid") == rr.uuid).deleteAll(db)
+        try withFamily(of: uuid) { rec in
+            var r = rec
+            if r.type == .cbtMetadata { return }
+            guard r.isASnapshot, r.cbtEnabled else { throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: "not a snapshot with changed block tracking") }
+            try withHandle(r.uuid) { h in
+                if h != nil { throw StorageError.vdiInUse(uuid: r.uuid, operation: "data_destroy") }
+                r.type = .cbtMetadata
+                r.parent = nil
+                let rr = r
+                try dbWrite { db in
+                    try rr.update(db)
+                    _ = try TokenRecord.filter(Column("vdi_uuid") == rr.uuid).deleteAll(db)
+                }
+                unlink(imagePath(r.uuid))
             }
-            unlink(vhdPath(r.uuid))
+            try? syncDirectory()
+            logger.info("data of snapshot \(r.uuid) destroyed; its change log is kept")
         }
-        try? syncDirectory()
-        collectGarbage(from: parent)
-        logger.info("data of snapshot \(r.uuid) destroyed; its change log is kept")
+        collector.kick()
     }
 
     /// The blocks changed after `from` up to and including `to`: MSB-first bitmap, one bit

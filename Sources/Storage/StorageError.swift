@@ -1,4 +1,3 @@
-import VHD
 
 /// Failures of SR operations, each with its XenAPI error code.
 public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -26,6 +25,17 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case vdiNoCBTMetadata(uuid: String, reason: String)
     /// `VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION`
     case vdiOnBootModeIncompatible(uuid: String)
+    /// `SR_BACKEND_FAILURE_<n>`: a numbered storage-manager failure, as XenServer's SM
+    /// reports them (109: the snapshot chain is too long).
+    case srBackendFailureNumbered(number: Int, message: String)
+    /// `TASK_CANCELLED`
+    case taskCancelled(task: String)
+
+    /// XenServer refuses a snapshot that would make a chain deeper than this.
+    public static let maxChainDepth = 30
+    public static func chainTooLong() -> StorageError {
+        .srBackendFailureNumbered(number: 109, message: "The snapshot chain is too long")
+    }
 
     /// The XenAPI error code.
     public var code: String {
@@ -42,6 +52,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .operationNotAllowed: return "OPERATION_NOT_ALLOWED"
         case .vdiNoCBTMetadata: return "VDI_NO_CBT_METADATA"
         case .vdiOnBootModeIncompatible: return "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION"
+        case .srBackendFailureNumbered(let n, _): return "SR_BACKEND_FAILURE_\(n)"
+        case .taskCancelled: return "TASK_CANCELLED"
         }
     }
 
@@ -60,6 +72,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .operationNotAllowed(let r): return [r]
         case .vdiNoCBTMetadata(let u, let r): return [u, r]
         case .vdiOnBootModeIncompatible(let u): return [u]
+        case .srBackendFailureNumbered(_, let m): return ["", m, ""]
+        case .taskCancelled(let t): return [t]
         }
     }
 

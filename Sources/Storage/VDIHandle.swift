@@ -1,16 +1,25 @@
 import CBT
 import Foundation
-import VHD
+import Image
+import Synchronization
 
 /// A VDI opened for I/O. All connections to one VDI share one handle, so they share one
-/// open chain and one allocation lock. Snapshot swaps the chain under the write side of
-/// `gate`; every I/O holds the read side, so no I/O sees a half-swapped chain.
+/// open chain and one allocation lock. Snapshot and coalesce swap the chain under the
+/// exclusive side of `gate`; every I/O holds the shared side, so no I/O sees a half-swapped
+/// chain. The chain is any format's `DiskImage`: nothing here knows VHD.
 public final class VDIHandle: @unchecked Sendable {
     public let uuid: String
-    private var chain: VHDChain
+    /// The VDI's family (whose lock guards attach, detach and chain changes).
+    let family: String
+    private var chain: any DiskImage
     /// The VDI's change log while CBT is enabled. Changed only with all I/O held off.
     var cbt: ChangeLog?
-    private var gate = pthread_rwlock_t()
+    private let gate = Gate()
+    /// Set while the leaf is being merged into its parent (see `Coalesce`); changed only
+    /// with I/O held off, read under the shared gate.
+    var tracker: ChangeTracker?
+    /// Requests served (the collector's throttle watches it).
+    let ops = Atomic<Int>(0)
     var refCount = 0
     /// Counts detaches to zero, so a linger timer knows it is still the latest.
     var lingerGeneration = 0
@@ -21,21 +30,19 @@ public final class VDIHandle: @unchecked Sendable {
     /// longer a superset of the changes and CBT must be disabled with the reason.
     var onLogFailure: ((CBTError) -> Void)?
 
-    init(uuid: String, chain: VHDChain) {
+    init(uuid: String, family: String, chain: any DiskImage) {
         self.uuid = uuid
+        self.family = family
         self.chain = chain
-        pthread_rwlock_init(&gate, nil)
     }
-
-    deinit { pthread_rwlock_destroy(&gate) }
 
     public var virtualSize: UInt64 { withChain { $0.virtualSize } }
     public var writable: Bool { withChain { $0.writable } }
 
     @inline(__always)
-    public func withChain<T>(_ body: (VHDChain) throws -> T) rethrows -> T {
-        pthread_rwlock_rdlock(&gate)
-        defer { pthread_rwlock_unlock(&gate) }
+    public func withChain<T>(_ body: (any DiskImage) throws -> T) rethrows -> T {
+        gate.lockShared()
+        defer { gate.unlock() }
         return try body(chain)
     }
 
@@ -46,20 +53,21 @@ public final class VDIHandle: @unchecked Sendable {
         try read(into: buf, at: offset, cachedOnly: cachedOnly, holes: &holes)
     }
 
-    /// `read`, also listing the ranges of `buf` no layer holds (see `VHDChain.read(holes:)`).
+    /// `read`, also listing the ranges of `buf` no layer holds (see `DiskImage.read(holes:)`).
     public func read(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool = false,
                      holes: inout [Range<Int>]) throws(DiskError) {
-        do throws(VHDError) { try readChain(into: buf, at: offset, cachedOnly: cachedOnly, holes: &holes) } catch { throw DiskError(error) }
+        do { try readChain(into: buf, at: offset, cachedOnly: cachedOnly, holes: &holes) } catch { throw DiskError(error) }
     }
 
     private func readChain(into buf: UnsafeMutableRawBufferPointer, at offset: UInt64, cachedOnly: Bool,
-                           holes: inout [Range<Int>]) throws(VHDError) {
+                           holes: inout [Range<Int>]) throws {
         if cachedOnly {
-            guard pthread_rwlock_tryrdlock(&gate) == 0 else { throw .wouldBlock }
+            guard gate.tryLockShared() else { throw DiskError.wouldBlock }
         } else {
-            pthread_rwlock_rdlock(&gate)
+            gate.lockShared()
         }
-        defer { pthread_rwlock_unlock(&gate) }
+        defer { gate.unlock() }
+        ops.add(1, ordering: .relaxed)
         // Taken before the chain is read: an entry written meanwhile is in both, the same bytes.
         let over = parked.overlapping(offset, UInt64(buf.count))
         try chain.read(into: buf, at: offset, cachedOnly: cachedOnly, holes: &holes)
@@ -71,13 +79,14 @@ public final class VDIHandle: @unchecked Sendable {
     /// zeros no layer holds. Nil when that cannot be done here (a parked write overlaps,
     /// a file cannot be mapped): read into a buffer instead.
     public func readMapped(at offset: UInt64, length: Int) throws(DiskError) -> MappedRead? {
-        pthread_rwlock_rdlock(&gate)
-        defer { pthread_rwlock_unlock(&gate) }
+        gate.lockShared()
+        defer { gate.unlock() }
+        ops.add(1, ordering: .relaxed)
         guard parked.overlapping(offset, UInt64(length)).isEmpty else { return nil }
         let plan: ReadPlan
-        do throws(VHDError) { plan = try chain.plan(offset: offset, length: length) } catch { throw DiskError(error) }
+        do { plan = try chain.plan(offset: offset, length: length) } catch { throw DiskError(error) }
         var pieces: [MappedRead.Piece] = []
-        var owners: [RandomAccessFile] = []
+        var owners: [any MappableFile] = []
         pieces.reserveCapacity(plan.pieces.count)
         for p in plan.pieces {
             switch p {
@@ -120,9 +129,10 @@ public final class VDIHandle: @unchecked Sendable {
 
     public func write(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws(DiskError) {
         if parked.lastOverlapping(offset, UInt64(buf.count)) != nil { waitParked() }
-        pthread_rwlock_rdlock(&gate)
-        defer { pthread_rwlock_unlock(&gate) }
-        do throws(VHDError) {
+        gate.lockShared()
+        defer { gate.unlock() }
+        tracker?.mark(offset, UInt64(buf.count))
+        do {
             guard let log = cbt, log.markDirty(offset: offset, length: UInt64(buf.count)) else {
                 return try chain.write(buf, at: offset)
             }
@@ -151,7 +161,9 @@ public final class VDIHandle: @unchecked Sendable {
             }
             return
         }
-        pthread_rwlock_rdlock(&gate)
+        gate.lockShared()
+        ops.add(1, ordering: .relaxed)
+        tracker?.mark(offset, UInt64(length))
         if let log = cbt, log.markDirty(offset: offset, length: UInt64(length)) {
             // The leaf holds the space: park the data and acknowledge now; it is written
             // once its bits are durable.
@@ -162,11 +174,11 @@ public final class VDIHandle: @unchecked Sendable {
                         try withBytes { src in dst.copyMemory(from: src) }
                     }
                 } catch {
-                    pthread_rwlock_unlock(&gate)
+                    gate.unlock()
                     return done(error)
                 }
                 if let seq {
-                    pthread_rwlock_unlock(&gate)
+                    gate.unlock()
                     done(nil)
                     log.commitLazily { failure in
                         self.parked.markReady(seq, failure: failure)
@@ -176,20 +188,20 @@ public final class VDIHandle: @unchecked Sendable {
                 }
             }
             if !chain.leafLacksAll(offset: offset, length: UInt64(length)) {
-                pthread_rwlock_unlock(&gate)
+                gate.unlock()
                 log.commitAsync { error in
                     if let error { return done(error) }
                     queue.async { self.writeTracked(by: log, at: offset, length: length, withBytes: withBytes, done: done) }
                 }
                 return
             }
-            defer { pthread_rwlock_unlock(&gate) }
+            defer { gate.unlock() }
             do {
                 try withBytes { try chain.write($0, at: offset, beforeVisible: commitOnce(log)) }
             } catch { return done(error) }
             return done(nil)
         }
-        defer { pthread_rwlock_unlock(&gate) }
+        defer { gate.unlock() }
         do {
             try withBytes { try chain.write($0, at: offset) }
         } catch { return done(error) }
@@ -197,11 +209,11 @@ public final class VDIHandle: @unchecked Sendable {
     }
 
     /// A `beforeVisible` gate that commits the log once, however many pieces the write has.
-    func commitOnce(_ log: ChangeLog) -> () throws(VHDError) -> Void {
+    func commitOnce(_ log: ChangeLog) -> () throws -> Void {
         var committed = false
-        return { () throws(VHDError) in
+        return {
             if committed { return }
-            do { try log.commit() } catch { throw VHDError.notPublished(reason: "\(error)") }
+            try log.commit()
             committed = true
         }
     }
@@ -210,16 +222,17 @@ public final class VDIHandle: @unchecked Sendable {
     /// the bits go into the new log too before the data is written.
     func writeTracked(by log: ChangeLog, at offset: UInt64, length: Int,
                       withBytes: (_ body: (UnsafeRawBufferPointer) throws -> Void) throws -> Void, done: (Error?) -> Void) {
-        pthread_rwlock_rdlock(&gate)
-        defer { pthread_rwlock_unlock(&gate) }
+        gate.lockShared()
+        defer { gate.unlock() }
         do {
+            tracker?.mark(offset, UInt64(length))
             if let now = cbt, now !== log { try track(offset: offset, length: UInt64(length)) }
             try withBytes { try chain.write($0, at: offset) }
         } catch { return done(error) }
         done(nil)
     }
 
-    /// CBT: the bits for a write are durable before any of its data reaches the VHD.
+    /// CBT: the bits for a write are durable before any of its data reaches the image.
     @inline(__always)
     func track(offset: UInt64, length: UInt64) throws {
         if let log = cbt, log.markDirty(offset: offset, length: length) { try log.commit() }
@@ -227,8 +240,9 @@ public final class VDIHandle: @unchecked Sendable {
 
     public func writeZeroes(offset: UInt64, length: UInt64, punch: Bool, fastOnly: Bool) throws(DiskError) {
         if parked.lastOverlapping(offset, length) != nil { waitParked() }
-        pthread_rwlock_rdlock(&gate)
-        defer { pthread_rwlock_unlock(&gate) }
+        gate.lockShared()
+        defer { gate.unlock() }
+        tracker?.mark(offset, length)
         do {
             try track(offset: offset, length: length)
             try chain.writeZeroes(offset: offset, length: length, punch: punch, fastOnly: fastOnly)
@@ -237,40 +251,42 @@ public final class VDIHandle: @unchecked Sendable {
 
     /// Runs of allocated (some layer holds data) and unallocated space.
     public func allocationRuns(offset: UInt64, length: UInt64) throws(DiskError) -> [(allocated: Bool, length: UInt64)] {
-        pthread_rwlock_rdlock(&gate)
-        defer { pthread_rwlock_unlock(&gate) }
-        do throws(VHDError) { return try chain.allocationRuns(offset: offset, length: length) } catch { throw DiskError(error) }
+        gate.lockShared()
+        defer { gate.unlock() }
+        do { return try chain.allocationRuns(offset: offset, length: length) } catch { throw DiskError(error) }
     }
 
-    /// Parked writes reach the VHD first; a parked write that could not be written is
+    /// Parked writes reach the image first; a parked write that could not be written is
     /// reported here, as a write-back error is at fsync.
     public func flush() throws(DiskError) {
         waitParked()
-        if let failure = parked.takeWriteFailure() { throw DiskError(failure) }
-        pthread_rwlock_rdlock(&gate)
-        defer { pthread_rwlock_unlock(&gate) }
-        do throws(VHDError) { try chain.flush() } catch { throw DiskError(error) }
+        if let failure = parked.takeWriteFailure() { throw failure }
+        gate.lockShared()
+        defer { gate.unlock() }
+        do { try chain.flush() } catch { throw DiskError(error) }
     }
 
     /// Writes parked entries whose bits are durable, in order.
     func pumpParked() {
-        parked.pump { e throws(VHDError) in try applyParked(e) }
+        parked.pump { e throws(DiskError) in try applyParked(e) }
     }
 
-    func applyParked(_ e: ParkedWrites.Entry) throws(VHDError) {
+    func applyParked(_ e: ParkedWrites.Entry) throws(DiskError) {
         if let failure = e.failure { onLogFailure?(failure) }
-        pthread_rwlock_rdlock(&gate)
-        defer { pthread_rwlock_unlock(&gate) }
-        try chain.write(e.data, at: e.offset)
+        gate.lockShared()
+        defer { gate.unlock() }
+        do {
+            try e.data.withUnsafeBytes { try chain.write($0, at: e.offset, beforeVisible: nil) }
+        } catch { throw DiskError(error) }
     }
 
-    /// Blocks until every write parked so far is written to the VHD.
+    /// Blocks until every write parked so far is written to the image.
     func waitParked() {
         parked.waitAllWritten(makeDurable: { () -> CBTError? in
             guard let log = withCBT({ $0 }) else { return nil }
             do throws(CBTError) { try log.commit() } catch { return error }
             return nil
-        }, apply: { e throws(VHDError) in try applyParked(e) })
+        }, apply: { e throws(DiskError) in try applyParked(e) })
     }
 
     /// Takes the gate exclusively once nothing is parked (parking needs the shared side).
@@ -280,29 +296,36 @@ public final class VDIHandle: @unchecked Sendable {
         defer { parked.resume() }
         while true {
             waitParked()
-            pthread_rwlock_wrlock(&gate)
+            gate.lockExclusive()
             if parked.isEmpty { return }
-            pthread_rwlock_unlock(&gate)
+            gate.unlock()
         }
     }
 
     /// Runs `body` with all I/O held off (to swap the change log).
     func exclusivelyCBT(_ body: (ChangeLog?) throws -> ChangeLog?) rethrows {
         quiesce()
-        defer { pthread_rwlock_unlock(&gate) }
+        defer { gate.unlock() }
         cbt = try body(cbt)
     }
 
     /// Runs `body` with all I/O held off; `body` returns the chain to use from now on.
-    func exclusively(_ body: (VHDChain) throws -> VHDChain) rethrows {
+    func exclusively(_ body: (any DiskImage) throws -> any DiskImage) rethrows {
         quiesce()
-        defer { pthread_rwlock_unlock(&gate) }
+        defer { gate.unlock() }
         chain = try body(chain)
+    }
+
+    /// Runs `body` with all I/O held off, the chain unchanged.
+    func paused<T>(_ body: (any DiskImage) throws -> T) rethrows -> T {
+        quiesce()
+        defer { gate.unlock() }
+        return try body(chain)
     }
 
     func close() {
         quiesce()
-        defer { pthread_rwlock_unlock(&gate) }
+        defer { gate.unlock() }
         chain.close()
     }
 }
@@ -315,5 +338,5 @@ public struct MappedRead: @unchecked Sendable {
         case zeros(Int)
     }
     public let pieces: [Piece]
-    let owners: [RandomAccessFile]
+    let owners: [any MappableFile]
 }

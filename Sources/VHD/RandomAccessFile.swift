@@ -1,3 +1,4 @@
+import Image
 import SystemPackage
 import Synchronization
 #if canImport(Glibc)
@@ -5,7 +6,7 @@ import Glibc
 #endif
 
 /// The only door from the VHD code to storage. Everything else in this target is pure.
-public protocol RandomAccessFile: AnyObject, Sendable {
+public protocol RandomAccessFile: MappableFile {
     var path: String { get }
     /// Reads exactly `buffer.count` bytes; bytes past the end of the file read as zero.
     func read(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError)

@@ -1,3 +1,5 @@
+import Image
+
 // Design notes: a chain read as a plan.
 //
 // A read walks the chain once (`VHDChain.walk`) and hands each piece to a sink: either
@@ -17,38 +19,14 @@ protocol ReadSink {
     mutating func zeros(at pos: Int, count: Int)
 }
 
-/// The pieces of one read, in order, covering it exactly.
-public struct ReadPlan: ReadSink, Sendable {
-    public enum Piece: Sendable {
-        /// `count` bytes at `offset` of `file`.
-        case data(file: RandomAccessFile, offset: UInt64, count: Int)
-        /// `count` bytes that read as zeros (no layer holds them).
-        case zeros(count: Int)
-
-        public var count: Int {
-            switch self {
-            case .data(_, _, let n), .zeros(let n): return n
-            }
-        }
-    }
-
-    public private(set) var pieces: [Piece] = []
+/// A plan is the walk's sink that lists the pieces (`ReadPlan` is the seam's type).
+extension ReadPlan: ReadSink {
     var cachedOnly: Bool { false }
 
     mutating func data(_ f: VHDFile, fileOffset: UInt64, at pos: Int, count: Int) throws(VHDError) {
         // Contiguous in the same file: one piece (a fully allocated block is one extent).
-        if case .data(let file, let o, let n)? = pieces.last, file === f.file, o + UInt64(n) == fileOffset {
-            pieces[pieces.count - 1] = .data(file: file, offset: o, count: n + count)
-        } else {
-            pieces.append(.data(file: f.file, offset: fileOffset, count: count))
-        }
+        appendData(f.file, offset: fileOffset, count: count)
     }
 
-    mutating func zeros(at pos: Int, count: Int) {
-        if case .zeros(let n)? = pieces.last {
-            pieces[pieces.count - 1] = .zeros(count: n + count)
-        } else {
-            pieces.append(.zeros(count: count))
-        }
-    }
+    mutating func zeros(at pos: Int, count: Int) { appendZeros(count) }
 }

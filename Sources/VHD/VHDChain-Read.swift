@@ -2,6 +2,8 @@
 // either copies into a buffer or lists the pieces (`ReadPlan`); allocation runs for
 // BLOCK_STATUS.
 
+import Image
+
 extension VHDChain {
     /// Reads `buffer.count` bytes at `offset` through the chain.
     /// With `cachedOnly`, throws `.wouldBlock` instead of waiting for the disk anywhere.

@@ -107,7 +107,8 @@ public final class VHDChain: @unchecked Sendable {
     /// so whatever the caller must make durable first (a change log) overlaps the copy-up.
     /// If it throws, nothing of that piece becomes visible.
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64,
-                      beforeVisible: (() throws(VHDError) -> Void)? = nil) throws(VHDError) {
+                      beforeVisible gate: (() throws -> Void)? = nil) throws(VHDError) {
+        let beforeVisible = gate.map(Self.typedGate)
         let length = UInt64(data.count)
         guard offset <= virtualSize, length <= virtualSize - offset else {
             throw .outOfRange(offset: offset, length: length, virtualSize: virtualSize)
@@ -164,7 +165,19 @@ public final class VHDChain: @unchecked Sendable {
         return true
     }
 
-    public func write(_ bytes: [UInt8], at offset: UInt64, beforeVisible: (() throws(VHDError) -> Void)? = nil) throws(VHDError) {
+    /// A caller's gate as the write path runs it: whatever it throws means "not published".
+    static func typedGate(_ gate: @escaping () throws -> Void) -> () throws(VHDError) -> Void {
+        return { () throws(VHDError) -> Void in
+            do {
+                try gate()
+            } catch {
+                if let v = error as? VHDError { throw v }
+                throw VHDError.notPublished(reason: "\(error)")
+            }
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64, beforeVisible: (() throws -> Void)? = nil) throws(VHDError) {
         try typed(leaf.path) { try bytes.withUnsafeBytes { b in try write(b, at: offset, beforeVisible: beforeVisible) } }
     }
 

@@ -138,6 +138,19 @@ struct VDINBD: ParsableCommand {
               nbdinfo \(tlsArg)"<uri printed above>"
             """)
         fflush(stdout)
+        // Coalesce and garbage collection in the background (SR other_config:gc=false stops it).
+        if let fault = ProcessInfo.processInfo.environment["VDINBD_FAULT_GC_STEP"] {
+            // Fault injection for the crash tests: exit at the n-th `label` step of the collector.
+            let parts = fault.split(separator: ":")
+            let label = String(parts[0]), n = parts.count > 1 ? Int(parts[1]) ?? 1 : 1
+            var seen = 0
+            repo.collector.setStepHook { step in
+                guard step == label else { return }
+                seen += 1
+                if seen >= n { logger.warning("VDINBD_FAULT_GC_STEP: exiting at \(step) #\(seen)"); _exit(137) }
+            }
+        }
+        repo.startCollector()
 
         var sources: [DispatchSourceSignal] = []
         for sig in [SIGINT, SIGTERM] {

@@ -53,7 +53,7 @@ final class ParkedWritesTests: XCTestCase {
     func testAWriteFailureIsReportedOnce() {
         let p = ParkedWrites()
         _ = park(p, 0, 1)
-        p.waitAllWritten(makeDurable: { nil }, apply: { _ throws(VHDError) in throw .readOnly(path: "x") })
+        p.waitAllWritten(makeDurable: { nil }, apply: { _ throws(DiskError) in throw DiskError(VHDError.readOnly(path: "x")) })
         XCTAssertNotNil(p.takeWriteFailure())
         XCTAssertNil(p.takeWriteFailure())
     }
@@ -131,7 +131,7 @@ extension SRTests {
         XCTAssertGreaterThan(h.parked.parkedCount, touched.count / 2)
         sr.detach(h)
         // On disk: the chain holds the model, and the log marks exactly the touched blocks.
-        let chain = try VHDChain.open(path: sr.vhdPath(r.uuid), writable: false)
+        let chain = try VHDChain.open(path: sr.imagePath(r.uuid), writable: false)
         var disk = [UInt8](repeating: 0, count: Int(size))
         try disk.withUnsafeMutableBytes { try chain.read(into: $0, at: 0) }
         chain.close()

@@ -40,7 +40,7 @@ final class ReadPlanTests: TemporaryDirectoryTestCase {
                     planHoles.append(got.count..<(got.count + n))
                     got += [UInt8](repeating: 0, count: n)
                 case .data(let f, let o, let n):
-                    got += try f.read(at: o, count: n)
+                    got += try XCTUnwrap(f as? RandomAccessFile).read(at: o, count: n)
                     // The mapping shows the same bytes.
                     let m = try XCTUnwrap(f.mapped(offset: o, count: n), "not mapped")
                     XCTAssertEqual(Array(m), Array(got.suffix(n)))

@@ -1,0 +1,94 @@
+// The SR, collector and task methods, `VDI.add_to_other_config` and friends, and
+// `Async.*`: any method run as a task.
+
+import Foundation
+import Storage
+
+extension ControlAPI {
+    static let moreMethods = [
+        "VDI.add_to_other_config", "VDI.remove_from_other_config", "VDI.get_other_config", "VDI.get_sm_config",
+        "SR.scan", "SR.get_gc_status", "SR.get_other_config", "SR.add_to_other_config", "SR.remove_from_other_config",
+        "Task.get_all", "Task.get_all_records", "Task.get_record", "Task.cancel", "Task.destroy",
+    ]
+
+    func dispatchMore(_ method: String, _ p: Params, task: TaskContext?) throws -> JSONValue {
+        if method.hasPrefix("Async.") {
+            let inner = String(method.dropFirst("Async.".count))
+            guard Self.methods.contains(inner) || Self.moreMethods.contains(inner), !inner.hasPrefix("Task.") else {
+                throw RPCError.methodNotFound(method)
+            }
+            let uuid = sr.tasks.run(name: inner) { [self] ctx in
+                let v = try dispatch(inner, p, task: ctx)
+                return String(decoding: try JSONEncoder().encode(v), as: UTF8.self)
+            }
+            return .string(uuid)
+        }
+        switch method {
+        case "VDI.add_to_other_config":
+            try sr.updateRecord(p.string(0, "uuid")) { $0.otherConfig[try p.string(1, "key")] = try p.string(2, "value") }
+            return .null
+        case "VDI.remove_from_other_config":
+            try sr.updateRecord(p.string(0, "uuid")) { $0.otherConfig[try p.string(1, "key")] = nil }
+            return .null
+        case "VDI.get_other_config":
+            return try JSONValue.from(sr.record(p.string(0, "uuid")).otherConfig)
+        case "VDI.get_sm_config":
+            return try JSONValue.from(sr.record(p.string(0, "uuid")).smConfig)
+        case "SR.scan":
+            // XenAPI passes the SR first; this server has one and takes it as read.
+            let o = p.optional(1, "options")?.objectValue ?? [:]
+            let report = try sr.scan()
+            var out = try JSONValue.from(report).objectValue ?? [:]
+            if case .bool(true)? = o["wait"] {
+                var timeout: TimeInterval = 3600
+                if case .number(let n)? = o["timeout"] { timeout = n }
+                let deadline = Date().addingTimeInterval(timeout)
+                let target = sr.collector.kickAndMark()
+                while !sr.collector.waitFinished(target, timeout: 0.25) {
+                    try task?.checkCancelled()
+                    if Date() > deadline {
+                        throw StorageError.operationNotAllowed(reason: "the collector did not finish within \(Int(timeout)) s")
+                    }
+                }
+            }
+            out["gc_status"] = try JSONValue.from(sr.collector.status)
+            return .object(out)
+        case "SR.get_gc_status":
+            return try JSONValue.from(sr.collector.status)
+        case "SR.get_other_config":
+            return try JSONValue.from(sr.otherConfig())
+        case "SR.add_to_other_config":
+            try sr.addToOtherConfig(key: p.string(1, "key"), value: p.string(2, "value"))
+            return .null
+        case "SR.remove_from_other_config":
+            try sr.removeFromOtherConfig(key: p.string(1, "key"))
+            return .null
+        case "Task.get_all":
+            return .array(sr.tasks.all().map { .string($0.uuid) })
+        case "Task.get_all_records":
+            var out: [String: JSONValue] = [:]
+            for t in sr.tasks.all() { out[t.uuid] = try taskJSON(t) }
+            return .object(out)
+        case "Task.get_record":
+            let u = try p.string(0, "task")
+            guard let t = sr.tasks.record(u) else { throw StorageError.handleInvalid(kind: "task", value: u) }
+            return try taskJSON(t)
+        case "Task.cancel":
+            try sr.tasks.cancel(p.string(0, "task"))
+            return .null
+        case "Task.destroy":
+            try sr.tasks.destroy(p.string(0, "task"))
+            return .null
+        default:
+            throw RPCError.methodNotFound(method)
+        }
+    }
+
+    func taskJSON(_ t: TaskRecord) throws -> JSONValue {
+        guard case .object(var o) = try JSONValue.from(t) else { return .null }
+        let f = ISO8601DateFormatter()
+        o["created"] = .string(f.string(from: t.created))
+        o["finished"] = .string(t.finished.map { f.string(from: $0) } ?? "19700101T00:00:00Z")
+        return .object(o)
+    }
+}

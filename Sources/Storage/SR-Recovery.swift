@@ -1,0 +1,173 @@
+// Start-up recovery (journalled chain edits first, then what unjournalled steps leave:
+// half-made snapshots, a resize's record) and `SR.scan`, which reports and repairs what
+// the records and the files disagree on without losing data.
+
+import Foundation
+import GRDB
+import Image
+
+extension SR {
+    /// The SR uuid of the file an image names as its parent.
+    func parentUUID(ofFile path: String) -> String? {
+        guard let p = format.parentPath(ofFile: path) else { return nil }
+        return ((p as NSString).lastPathComponent as NSString).deletingPathExtension
+    }
+
+    /// Finishes (or drops, where nothing was changed yet) every journalled chain edit.
+    func recoverJournal() throws {
+        let (entries, unreadable) = journal.entries()
+        for n in unreadable { logger.error("recovery: journal entry \(n) cannot be read; left for an administrator") }
+        for e in entries {
+            switch (e.operation, e.phase) {
+            case (.delete, _):
+                try finishDelete(e.child)
+                logger.warning("recovery: finished removing base \(e.child)")
+            case (.coalesce, .copying), (.leafCoalesce, .copying):
+                // The child still holds everything the parent was given: nothing to undo.
+                logger.warning("recovery: dropped an interrupted coalesce of \(e.child) into \(e.parent ?? "?") (it is planned again)")
+            case (.coalesce, .switching):
+                if let p = e.parent {
+                    if try anyRecord(e.child) != nil {
+                        try finishCoalesce(e.child, into: p)
+                    } else {
+                        unlink(imagePath(e.child))
+                    }
+                }
+                logger.warning("recovery: finished coalescing \(e.child) into \(e.parent ?? "?")")
+            case (.leafCoalesce, .switching):
+                if let p = e.parent { try finishLeafCoalesce(e.child, into: p) }
+                logger.warning("recovery: finished leaf-coalescing \(e.child) into \(e.parent ?? "?")")
+            }
+            journal.remove(e.id)
+        }
+    }
+
+    /// Finishes or undoes unjournalled operations a crash interrupted.
+    func recover() throws {
+        let fm = FileManager.default
+        let ext = "." + format.fileExtension
+        let names = (try? fm.contentsOfDirectory(atPath: path)) ?? []
+        let known = Set(try dbRead { try String.fetchAll($0, sql: "SELECT uuid FROM vdi") })
+        for n in names where n.hasSuffix(ext + ".new") {
+            // The rename never happened, so the old leaf is intact: drop the half-made one.
+            unlink("\(path)/\(n)")
+            logger.warning("recovery: removed unfinished snapshot leaf \(n)")
+        }
+        var referenced = Set<String>()
+        for u in known {
+            if let p = parentUUID(ofFile: imagePath(u)) { referenced.insert(p) }
+        }
+        for n in names where n.hasSuffix(ext) {
+            let u = String(n.dropLast(ext.count))
+            guard !known.contains(u), UUID(uuidString: u) != nil else { continue }
+            if referenced.contains(u) {
+                // A snapshot's base whose records were not committed: keep it as a hidden base.
+                var base = VDIRecord(uuid: u, nameLabel: "base copy", virtualSize: (try? format.virtualSize(ofFile: imagePath(u))) ?? 0)
+                base.managed = false
+                base.readOnly = true
+                base.parent = parentUUID(ofFile: imagePath(u))
+                let children = known.filter { parentUUID(ofFile: imagePath($0)) == u }
+                if let c = children.first, let cr = try anyRecord(c) { base.family = cr.family }
+                let b = base
+                try dbWrite { try b.insert($0) }
+                for child in children {
+                    if var r = try anyRecord(child), r.parent == nil || r.parent == base.parent {
+                        r.parent = u
+                        let rr = r
+                        try dbWrite { try rr.update($0) }
+                    }
+                }
+                logger.warning("recovery: adopted base \(u) of an interrupted snapshot")
+            } else if let p = parentUUID(ofFile: imagePath(u)), known.contains(p), isEmptyImage(imagePath(u)) {
+                // The snapshot's own (still empty) file of a snapshot whose records were not committed.
+                unlink(imagePath(u))
+                logger.warning("recovery: removed \(n), the empty file of an interrupted snapshot")
+            } else {
+                logger.warning("recovery: \(n) has no record and no child; SR.scan introduces it")
+            }
+        }
+        for u in known where !fm.fileExists(atPath: imagePath(u)) {
+            if let r = try anyRecord(u), r.type == .cbtMetadata { continue }
+            logger.error("recovery: VDI \(u) has no file \(imagePath(u))")
+        }
+        // A resize that grew the image but crashed before the record: the file is the truth.
+        let leaves = try dbRead { try VDIRecord.filter(Column("managed") == true && Column("is_a_snapshot") == false).fetchAll($0) }
+        for var r in leaves where r.type != .cbtMetadata {
+            guard let size = try? format.virtualSize(ofFile: imagePath(r.uuid)) else { continue }
+            if size != r.virtualSize {
+                logger.warning("recovery: VDI \(r.uuid) record said \(r.virtualSize) bytes, its image \(size)")
+                r.virtualSize = size
+                let rr = r
+                try dbWrite { try rr.update($0) }
+            }
+        }
+    }
+
+    /// No data in the image's own layer.
+    func isEmptyImage(_ p: String) -> Bool {
+        guard let l = try? format.openLayer(path: p) else { return false }
+        defer { l.close() }
+        return (try? l.leafDataRuns(offset: 0, length: l.virtualSize).isEmpty) ?? false
+    }
+
+    /// What `SR.scan` found and did.
+    public struct ScanReport: Codable, Sendable, Equatable {
+        /// Files without records, introduced as new VDIs (`name_label` says so).
+        public var introduced: [String] = []
+        /// Empty leftovers of interrupted operations, removed.
+        public var removed: [String] = []
+        /// Records whose file is gone (kept, so an administrator decides).
+        public var missing: [String] = []
+        /// Records whose recorded parent differs from their file's, corrected from the file.
+        public var relinked: [String] = []
+    }
+
+    /// Rescans the SR: files and records are compared and repaired without losing data;
+    /// then the collector is kicked.
+    public func scan() throws -> ScanReport {
+        var report = ScanReport()
+        let ext = "." + format.fileExtension
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
+        let all = try dbRead { try VDIRecord.fetchAll($0) }
+        let known = Dictionary(all.map { ($0.uuid, $0) }, uniquingKeysWith: { a, _ in a })
+        for n in names.sorted() where n.hasSuffix(ext) {
+            let u = String(n.dropLast(ext.count))
+            guard known[u] == nil, UUID(uuidString: u) != nil else { continue }
+            // Journalled work in progress is the collector's, not an orphan.
+            if journal.entries().valid.contains(where: { $0.child == u || $0.parent == u }) { continue }
+            let p = imagePath(u)
+            if let parent = parentUUID(ofFile: p), known[parent] != nil, isEmptyImage(p) {
+                unlink(p)
+                report.removed.append(u)
+                continue
+            }
+            guard let size = try? format.virtualSize(ofFile: p) else { continue }
+            var r = VDIRecord(uuid: u, nameLabel: "unknown (introduced by SR.scan)", virtualSize: size)
+            r.parent = parentUUID(ofFile: p).flatMap { known[$0] != nil ? $0 : nil }
+            if let par = r.parent, let pr = known[par] { r.family = pr.family }
+            let rr = r
+            try dbWrite { try rr.insert($0) }
+            report.introduced.append(u)
+            logger.warning("scan: introduced \(n) as VDI \(u)")
+        }
+        for r in all where r.type != .cbtMetadata {
+            let p = imagePath(r.uuid)
+            guard FileManager.default.fileExists(atPath: p) else {
+                report.missing.append(r.uuid)
+                continue
+            }
+            let fileParent = parentUUID(ofFile: p)
+            if fileParent != r.parent, let fp = fileParent, known[fp] != nil {
+                try withFamilyLock(r.family) {
+                    var rr = r
+                    rr.parent = fp
+                    try dbWrite { try rr.update($0) }
+                }
+                report.relinked.append(r.uuid)
+            }
+        }
+        if !report.removed.isEmpty { try syncDirectory() }
+        collector.kick()
+        return report
+    }
+}

@@ -1,0 +1,79 @@
+import Foundation
+import GRDB
+
+// Export tokens: minted by get_nbd_info, checked at NBD option haggling, revoked by admins.
+
+extension SR {
+
+    public func getNBDInfo(_ uuid: String, readOnly: Bool = false, lifetime: TimeInterval? = nil) throws -> [NBDInfoRecord] {
+        let r = try record(uuid)
+        guard r.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: r.uuid, type: r.type.rawValue) }
+        var bytes = [UInt8](repeating: 0, count: 24)
+        var rng = SystemRandomNumberGenerator()  // getrandom(2): the system CSPRNG
+        for i in bytes.indices { bytes[i] = UInt8.random(in: 0...255, using: &rng) }
+        let secret = Data(bytes).base64EncodedString()
+            .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
+            .replacingOccurrences(of: "=", with: "")
+        let life = lifetime ?? defaultTokenLifetime
+        let tok = TokenRecord(secret: secret, vdiUUID: r.uuid, readOnly: readOnly || r.readOnly || r.isASnapshot,
+                              expiresAt: life.map { Date().addingTimeInterval($0) }, revoked: false, created: Date())
+        try dbWrite { try tok.insert($0) }
+        let name = "/\(r.uuid)?token=\(secret)"
+        tlsIdentityLock.lock()
+        let id = tlsIdentity
+        tlsIdentityLock.unlock()
+        return endpoints.map {
+            NBDInfoRecord(exportname: name, address: $0.address, port: $0.port, cert: id.pem, subject: id.subject)
+        }
+    }
+
+    /// Revokes every token of a VDI, or the one named.
+    public func revokeTokens(vdi uuid: String, exportName: String? = nil) throws -> Int {
+        let u = try SR.validUUID(uuid)
+        return try dbWrite { db in
+            var q = TokenRecord.filter(Column("vdi_uuid") == u)
+            if let n = exportName, let s = SR.secret(fromExportName: n) { q = q.filter(Column("secret") == s) }
+            return try q.updateAll(db, Column("revoked").set(to: true))
+        }
+    }
+
+    static func secret(fromExportName name: String) -> String? {
+        guard let r = name.range(of: "?token=") else { return nil }
+        return String(name[r.upperBound...])
+    }
+
+    public struct ExportGrant: Sendable {
+        public var vdi: VDIRecord
+        public var readOnly: Bool
+    }
+
+    public enum ExportRefusal: Error, Sendable, CustomStringConvertible {
+        case malformed, unknown, expired, revoked, vdiGone
+        public var description: String {
+            switch self {
+            case .malformed: return "export name is not of the form /<vdi-uuid>?token=<secret>"
+            case .unknown: return "unknown export token"
+            case .expired: return "export token expired"
+            case .revoked: return "export token revoked"
+            case .vdiGone: return "the VDI of this token no longer exists"
+            }
+        }
+    }
+
+    /// Checks an export name. The uuid part must match the token's VDI.
+    public func resolve(exportName: String) -> Result<ExportGrant, ExportRefusal> {
+        // The leading slash is optional: some URI parsers drop it.
+        let name = exportName.hasPrefix("/") ? String(exportName.dropFirst()) : exportName
+        guard let secret = SR.secret(fromExportName: name), !secret.isEmpty,
+              let uuidPart = name.split(separator: "?").first
+        else { return .failure(.malformed) }
+        guard let tok = try? dbRead({ try TokenRecord.fetchOne($0, key: secret) }),
+              tok.vdiUUID == uuidPart.lowercased()
+        else { return .failure(.unknown) }
+        if tok.revoked { return .failure(.revoked) }
+        if let e = tok.expiresAt, e < Date() { return .failure(.expired) }
+        guard let r = try? record(tok.vdiUUID), r.type != .cbtMetadata else { return .failure(.vdiGone) }
+        return .success(ExportGrant(vdi: r, readOnly: tok.readOnly || r.readOnly))
+    }
+
+}

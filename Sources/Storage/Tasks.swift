@@ -1,0 +1,127 @@
+// Tasks, as XenAPI's `Async.*` calls make them: a long operation runs on its own thread
+// and its caller gets the task's uuid at once, then watches `Task.get_record`. Tasks live
+// in memory (as xapi's do across a restart, they are not kept).
+
+import Foundation
+
+public enum TaskStatus: String, Codable, Sendable {
+    case pending, success, failure, cancelling, cancelled
+}
+
+public struct TaskRecord: Codable, Sendable, Equatable {
+    public var uuid: String
+    public var nameLabel: String
+    public var status: TaskStatus
+    public var progress: Double
+    public var created: Date
+    public var finished: Date?
+    /// The operation's result, JSON-encoded (empty until it succeeds).
+    public var result: String
+    /// On failure: the XenAPI error code and its parameters.
+    public var errorInfo: [String]
+
+    enum CodingKeys: String, CodingKey {
+        case uuid, nameLabel = "name_label", status, progress, created, finished, result, errorInfo = "error_info"
+    }
+}
+
+/// What a running operation sees of its task.
+public final class TaskContext: @unchecked Sendable {
+    public let uuid: String
+    private let table: TaskTable
+    init(uuid: String, table: TaskTable) {
+        self.uuid = uuid
+        self.table = table
+    }
+
+    public var isCancelled: Bool { table.record(uuid)?.status == .cancelling }
+    public func setProgress(_ p: Double) { table.update(uuid) { $0.progress = min(1, max(0, p)) } }
+    /// Throws `TASK_CANCELLED` once a cancel was asked for.
+    public func checkCancelled() throws {
+        if isCancelled { throw StorageError.taskCancelled(task: uuid) }
+    }
+}
+
+public final class TaskTable: @unchecked Sendable {
+    private let lock = NSLock()
+    private var tasks: [String: TaskRecord] = [:]
+    /// Finished tasks are forgotten after this long unless destroyed sooner.
+    public var keepFinished: TimeInterval = 3600
+
+    public init() {}
+
+    /// Starts `body` on a thread of its own; returns the task's uuid at once. `body`
+    /// returns the JSON-encoded result or throws (a `StorageError` becomes its error_info).
+    public func run(name: String, _ body: @escaping @Sendable (TaskContext) throws -> String) -> String {
+        let uuid = UUID().uuidString.lowercased()
+        lock.lock()
+        let now = Date()
+        tasks = tasks.filter { $0.value.finished.map { now.timeIntervalSince($0) < keepFinished } ?? true }
+        tasks[uuid] = TaskRecord(uuid: uuid, nameLabel: name, status: .pending, progress: 0, created: now,
+                                 finished: nil, result: "", errorInfo: [])
+        lock.unlock()
+        let ctx = TaskContext(uuid: uuid, table: self)
+        let t = Thread { [self] in
+            do {
+                let result = try body(ctx)
+                update(uuid) { r in
+                    r.status = r.status == .cancelling ? .cancelled : .success
+                    if r.status == .success { r.result = result; r.progress = 1 }
+                    r.finished = Date()
+                }
+            } catch {
+                update(uuid) { r in
+                    if case StorageError.taskCancelled = error {
+                        r.status = .cancelled
+                    } else {
+                        r.status = .failure
+                    }
+                    if let e = error as? StorageError { r.errorInfo = [e.code] + e.params } else { r.errorInfo = ["INTERNAL_ERROR", "\(error)"] }
+                    r.finished = Date()
+                }
+            }
+        }
+        t.name = "vdinbd.task"
+        t.start()
+        return uuid
+    }
+
+    public func record(_ uuid: String) -> TaskRecord? {
+        lock.lock(); defer { lock.unlock() }
+        return tasks[uuid.lowercased()]
+    }
+
+    public func all() -> [TaskRecord] {
+        lock.lock(); defer { lock.unlock() }
+        return tasks.values.sorted { $0.created < $1.created }
+    }
+
+    func update(_ uuid: String, _ change: (inout TaskRecord) -> Void) {
+        lock.lock(); defer { lock.unlock() }
+        if var r = tasks[uuid] {
+            change(&r)
+            tasks[uuid] = r
+        }
+    }
+
+    /// Asks a pending task to stop; `HANDLE_INVALID` for an unknown one.
+    public func cancel(_ uuid: String) throws {
+        lock.lock(); defer { lock.unlock() }
+        guard var r = tasks[uuid.lowercased()] else { throw StorageError.handleInvalid(kind: "task", value: uuid) }
+        guard r.status == .pending else {
+            throw StorageError.operationNotAllowed(reason: "task \(r.uuid) is \(r.status.rawValue), not pending")
+        }
+        r.status = .cancelling
+        tasks[r.uuid] = r
+    }
+
+    /// Forgets a finished task; a running one is refused.
+    public func destroy(_ uuid: String) throws {
+        lock.lock(); defer { lock.unlock() }
+        guard let r = tasks[uuid.lowercased()] else { throw StorageError.handleInvalid(kind: "task", value: uuid) }
+        guard r.finished != nil else {
+            throw StorageError.operationNotAllowed(reason: "task \(r.uuid) is still \(r.status.rawValue)")
+        }
+        tasks[r.uuid] = nil
+    }
+}

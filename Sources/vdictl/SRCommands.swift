@@ -1,0 +1,133 @@
+import ArgumentParser
+import Control
+import Foundation
+
+/// `key:sub=value` arguments (`other-config:gc=false`), as xe's map parameters.
+func mapSettings(_ args: [String], map: String) throws -> [(key: String, value: String)] {
+    try args.map { a in
+        guard a.hasPrefix(map + ":"), let eq = a.firstIndex(of: "=") else {
+            throw ValidationError("expected \(map):KEY=VALUE, got '\(a)'")
+        }
+        let k = String(a[a.index(a.startIndex, offsetBy: map.count + 1)..<eq])
+        guard !k.isEmpty else { throw ValidationError("empty key in '\(a)'") }
+        return (k, String(a[a.index(after: eq)...]))
+    }
+}
+
+func printFields(_ v: JSONValue) {
+    for (k, x) in (v.objectValue ?? [:]).sorted(by: { $0.key < $1.key }) {
+        print("\(k.replacingOccurrences(of: "_", with: "-")): \(display(x))")
+    }
+}
+
+struct SRScan: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sr-scan",
+        abstract: "Rescan the SR (files without records, records without files, half-finished work) and kick the collector.",
+        discussion: "With --wait, returns once the collector has nothing left it can do now.")
+    @OptionGroup var options: ControlOptions
+    @Flag(name: .long, help: "Wait for the collector to finish.") var wait = false
+    @Option(name: .long, help: "With --wait: give up after this many seconds.") var timeout: Double = 3600
+    func run() throws {
+        var o: [String: JSONValue] = [:]
+        if wait { o = ["wait": .bool(true), "timeout": .number(timeout)] }
+        let r = try rpc(options, "SR.scan", [.string(""), .object(o)])
+        if options.json { try printJSON(r); return }
+        printFields(r)
+    }
+}
+
+struct SRGCStatus: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "sr-gc-status", abstract: "Show the collector's state.")
+    @OptionGroup var options: ControlOptions
+    func run() throws {
+        let r = try rpc(options, "SR.get_gc_status", [.string("")])
+        if options.json { try printJSON(r); return }
+        printFields(r)
+    }
+}
+
+struct SRParamSet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sr-param-set", abstract: "Set SR other-config keys (other-config:gc=false stops the collector).")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "other-config:KEY=VALUE ...") var args: [String] = []
+    func run() throws {
+        for (k, v) in try mapSettings(args, map: "other-config") {
+            _ = try rpc(options, "SR.add_to_other_config", [.string(""), .string(k), .string(v)])
+        }
+    }
+}
+
+struct SRParamRemove: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "sr-param-remove", abstract: "Remove an SR other-config key.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "param-name=other-config param-key=KEY") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["param-name", "param-key"])
+        guard try require(kv, "param-name") == "other-config" else { throw ValidationError("param-name must be other-config") }
+        _ = try rpc(options, "SR.remove_from_other_config", [.string(""), .string(try require(kv, "param-key"))])
+    }
+}
+
+struct VDIParamSet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vdi-param-set",
+        abstract: "Set VDI other-config keys (other-config:leaf-coalesce=false keeps a leaf's chain as it is).")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID other-config:KEY=VALUE ...") var args: [String] = []
+    func run() throws {
+        guard let u = args.first(where: { $0.hasPrefix("uuid=") }) else { throw ValidationError("uuid= is required") }
+        let uuid = String(u.dropFirst(5))
+        for (k, v) in try mapSettings(args.filter { !$0.hasPrefix("uuid=") }, map: "other-config") {
+            _ = try rpc(options, "VDI.add_to_other_config", [.string(uuid), .string(k), .string(v)])
+        }
+    }
+}
+
+struct VDIParamRemove: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-param-remove", abstract: "Remove a VDI other-config key.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID param-name=other-config param-key=KEY") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid", "param-name", "param-key"])
+        guard try require(kv, "param-name") == "other-config" else { throw ValidationError("param-name must be other-config") }
+        _ = try rpc(options, "VDI.remove_from_other_config", [.string(try require(kv, "uuid")), .string(try require(kv, "param-key"))])
+    }
+}
+
+struct TaskList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "task-list", abstract: "List tasks (Async.* calls).")
+    @OptionGroup var options: ControlOptions
+    func run() throws {
+        let all = try rpc(options, "Task.get_all_records", [])
+        if options.json { try printJSON(all); return }
+        for (_, t) in (all.objectValue ?? [:]).sorted(by: { display($0.value.objectValue?["created"] ?? .null) < display($1.value.objectValue?["created"] ?? .null) }) {
+            let o = t.objectValue ?? [:]
+            for f in ["uuid", "name_label", "status", "progress"] { print("\(f.replacingOccurrences(of: "_", with: "-")) ( RO): \(display(o[f] ?? .null))") }
+            print("")
+        }
+    }
+}
+
+struct TaskParamList: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "task-param-list", abstract: "Show every field of a task.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid"])
+        let r = try rpc(options, "Task.get_record", [.string(try require(kv, "uuid"))])
+        if options.json { try printJSON(r); return }
+        printFields(r)
+    }
+}
+
+struct TaskCancel: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "task-cancel", abstract: "Ask a pending task to stop.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid"])
+        _ = try rpc(options, "Task.cancel", [.string(try require(kv, "uuid"))])
+    }
+}

@@ -1,0 +1,284 @@
+import Foundation
+import GRDB
+import XCTest
+@testable import Storage
+
+/// The collector against a model: every VDI and snapshot must read exactly what was
+/// written to it, whatever was merged, relinked or deleted meanwhile.
+final class CollectorTests: XCTestCase {
+    var dir: String!
+    var sr: SR!
+    static let size: UInt64 = 16 << 20
+
+    override func setUpWithError() throws {
+        dir = NSTemporaryDirectory() + "gctests-" + UUID().uuidString
+        sr = try SR(path: dir)
+        sr.attachLingerSeconds = 0
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func write(_ uuid: String, _ bytes: [UInt8], at offset: UInt64, model: inout [UInt8]) throws {
+        let h = try sr.attach(uuid)
+        defer { sr.detach(h) }
+        try bytes.withUnsafeBytes { try h.write($0, at: offset) }
+        model.replaceSubrange(Int(offset)..<(Int(offset) + bytes.count), with: bytes)
+    }
+
+    func contents(_ uuid: String) throws -> [UInt8] {
+        let h = try sr.attach(uuid)
+        defer { sr.detach(h) }
+        var out = [UInt8](repeating: 0xEE, count: Int(h.virtualSize))
+        try out.withUnsafeMutableBytes { try h.read(into: $0, at: 0) }
+        return out
+    }
+
+    func imageFiles() -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasSuffix(".vhd") }.sorted()
+    }
+
+    func depth(_ uuid: String) throws -> Int { Int(try sr.record(uuid).smConfig["chain-depth"] ?? "") ?? -1 }
+
+    func randomWrite(_ uuid: String, model: inout [UInt8], rng: inout some RandomNumberGenerator) throws {
+        let size = UInt64(model.count)
+        let sector = UInt64.random(in: 0..<(size / 512), using: &rng)
+        let count = Int.random(in: 1...min(4096, Int(size / 512 - sector)), using: &rng)
+        let fill = UInt8.random(in: 1...255, using: &rng)
+        try write(uuid, [UInt8](repeating: fill, count: count * 512), at: sector * 512, model: &model)
+    }
+
+    func testLeafCoalesceLeavesOneFileWithTheSameBytes() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: Self.size))
+        var model = [UInt8](repeating: 0, count: Int(Self.size))
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<20 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        let s = try sr.snapshot(r.uuid)
+        for _ in 0..<20 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        XCTAssertEqual(try depth(r.uuid), 2)
+        try sr.destroy(s.uuid)
+        sr.startCollector()
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 60))
+        XCTAssertEqual(try depth(r.uuid), 1)
+        XCTAssertNil(try sr.record(r.uuid).smConfig["vhd-parent"])
+        XCTAssertEqual(imageFiles(), [r.uuid + ".vhd"])
+        XCTAssertEqual(try contents(r.uuid), model)
+        XCTAssertNil(sr.format.check(path: sr.imagePath(r.uuid)))
+        XCTAssertNil(sr.collector.status.lastError)
+    }
+
+    func testNonLeafCoalesceRelinksTheChildren() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: Self.size))
+        var model = [UInt8](repeating: 0, count: Int(Self.size))
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        let s1 = try sr.snapshot(r.uuid)
+        for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        let s2 = try sr.snapshot(r.uuid)
+        let m2 = model
+        for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        XCTAssertEqual(try depth(r.uuid), 3)
+        // The leaf is attached throughout: its chain is reopened under it.
+        let h = try sr.attach(r.uuid)
+        try sr.destroy(s1.uuid)
+        sr.startCollector()
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 60))
+        XCTAssertEqual(try depth(r.uuid), 2)
+        XCTAssertEqual(try depth(s2.uuid), 2)
+        XCTAssertEqual(try sr.record(r.uuid).parent, try sr.record(s2.uuid).parent)
+        XCTAssertEqual(h.withChain { $0.depth }, 2, "the open chain was reopened")
+        XCTAssertEqual(try contents(s2.uuid), m2)
+        XCTAssertEqual(try contents(r.uuid), model)
+        sr.detach(h)
+        XCTAssertEqual(imageFiles().count, 3)
+        for f in imageFiles() { XCTAssertNil(sr.format.check(path: dir + "/" + f)) }
+    }
+
+    /// Writes keep landing on the leaf while it is merged: none is lost, none reads wrong.
+    func testWritesDuringALeafCoalesceAreKept() throws {
+        let size: UInt64 = 64 << 20
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: size))
+        var model = [UInt8](repeating: 0, count: Int(size))
+        // A fully written leaf over a base, so the merge copies 64 MiB.
+        let s = try sr.snapshot(r.uuid)
+        for i in 0..<32 { try write(r.uuid, [UInt8](repeating: UInt8(i + 1), count: 2 << 20), at: UInt64(i) << 21, model: &model) }
+        try sr.destroy(s.uuid)
+        let h = try sr.attach(r.uuid)
+        let lock = NSLock()
+        var stop = false, writes = 0
+        let writer = Thread {
+            var rng = SystemRandomNumberGenerator()
+            while true {
+                lock.lock(); let done = stop; lock.unlock()
+                if done { return }
+                let sector = UInt64.random(in: 0..<(size / 512 - 64), using: &rng)
+                let bytes = [UInt8](repeating: UInt8.random(in: 1...255, using: &rng), count: Int.random(in: 1...64, using: &rng) * 512)
+                try! bytes.withUnsafeBytes { try h.write($0, at: sector * 512) }
+                lock.lock()
+                model.replaceSubrange(Int(sector * 512)..<(Int(sector * 512) + bytes.count), with: bytes)
+                writes += 1
+                lock.unlock()
+            }
+        }
+        writer.start()
+        sr.startCollector()
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 120))
+        lock.lock(); stop = true; lock.unlock()
+        while !writer.isFinished { usleep(1000) }
+        XCTAssertGreaterThan(writes, 0)
+        XCTAssertEqual(try depth(r.uuid), 1)
+        XCTAssertEqual(h.withChain { $0.depth }, 1)
+        var got = [UInt8](repeating: 0, count: Int(size))
+        try got.withUnsafeMutableBytes { try h.read(into: $0, at: 0) }
+        sr.detach(h)
+        XCTAssertTrue(got == model, "the VDI reads its model after \(writes) writes during the merge")
+        XCTAssertEqual(imageFiles(), [r.uuid + ".vhd"])
+    }
+
+    /// Random create / write / snapshot / destroy / data_destroy / scan with the collector
+    /// running all along; every VDI checked against its model after every step.
+    func testRandomSequencesMatchTheModel() throws {
+        sr.startCollector()
+        var models: [String: [UInt8]] = [:]
+        var cbt: Set<String> = []
+        var rng = SystemRandomNumberGenerator()
+        for step in 0..<80 {
+            let live = try sr.allRecords().filter { $0.type != .cbtMetadata }
+            let leaves = live.filter { !$0.isASnapshot }
+            switch Int.random(in: 0..<10, using: &rng) {
+            case 0 where leaves.count < 4, _ where live.isEmpty:
+                let r = try sr.create(.init(nameLabel: "v\(step)", virtualSize: 6 << 20))
+                models[r.uuid] = [UInt8](repeating: 0, count: 6 << 20)
+                if Bool.random(using: &rng) { try sr.enableCBT(r.uuid); cbt.insert(r.uuid) }
+            case 1, 2, 3, 4:
+                guard let v = leaves.randomElement(using: &rng) else { continue }
+                try randomWrite(v.uuid, model: &models[v.uuid]!, rng: &rng)
+            case 5, 6:
+                guard let v = leaves.randomElement(using: &rng) else { continue }
+                do {
+                    let s = try sr.snapshot(v.uuid)
+                    models[s.uuid] = models[v.uuid]
+                } catch let e as StorageError where e.code == "SR_BACKEND_FAILURE_109" { continue }
+            case 7:
+                guard let v = live.randomElement(using: &rng) else { continue }
+                try sr.destroy(v.uuid)
+                models[v.uuid] = nil
+            case 8:
+                guard let s = live.filter({ $0.isASnapshot && $0.cbtEnabled }).randomElement(using: &rng) else { continue }
+                try sr.dataDestroy(s.uuid)
+                models[s.uuid] = nil
+            default:
+                _ = try sr.scan()
+            }
+            // Every VDI every 8 steps, three at random in between (reads are slow in debug builds).
+            let check = step % 8 == 7 ? Array(models.keys) : Array(models.keys.shuffled(using: &rng).prefix(3))
+            for u in check { XCTAssertTrue(try contents(u) == models[u], "step \(step): VDI \(u) differs from its model") }
+        }
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 60))
+        for (u, m) in models { XCTAssertTrue(try contents(u) == m, "after the collector: VDI \(u) differs") }
+        // Every file is a live VDI's or a needed base; every base has two children or more.
+        let all = try sr.dbRead { try VDIRecord.fetchAll($0) }
+        let withFiles = all.filter { $0.type != .cbtMetadata }
+        XCTAssertEqual(Set(imageFiles()), Set(withFiles.map { $0.uuid + ".vhd" }))
+        for b in withFiles where !b.managed {
+            XCTAssertGreaterThanOrEqual(withFiles.filter { $0.parent == b.uuid }.count, 2, "base \(b.uuid) should have been merged")
+        }
+        XCTAssertNil(sr.collector.status.lastError)
+    }
+
+    func testSnapshotPastDepthThirtyIsRefusedAndChangesNothing() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
+        for _ in 0..<29 { _ = try sr.snapshot(r.uuid) }
+        XCTAssertEqual(try depth(r.uuid), 30)
+        let files = imageFiles(), records = try sr.dbRead { try VDIRecord.fetchCount($0) }
+        XCTAssertThrowsError(try sr.snapshot(r.uuid)) { e in
+            XCTAssertEqual((e as? StorageError)?.code, "SR_BACKEND_FAILURE_109")
+            XCTAssertEqual((e as? StorageError)?.params, ["", "The snapshot chain is too long", ""])
+        }
+        XCTAssertEqual(imageFiles(), files)
+        XCTAssertEqual(try sr.dbRead { try VDIRecord.fetchCount($0) }, records)
+    }
+
+    func testGCFalseAndLeafCoalesceFalseKeepChains() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
+        try sr.destroy(try sr.snapshot(r.uuid).uuid)
+        try sr.addToOtherConfig(key: "gc", value: "false")
+        sr.startCollector()
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 30))
+        XCTAssertEqual(try depth(r.uuid), 2)
+        XCTAssertEqual(sr.collector.status.pending, [r.uuid])
+        XCTAssertFalse(sr.collector.status.enabled)
+        try sr.updateRecord(r.uuid) { $0.otherConfig["leaf-coalesce"] = "false" }
+        try sr.removeFromOtherConfig(key: "gc")
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 30))
+        XCTAssertEqual(try depth(r.uuid), 2, "leaf-coalesce=false keeps the leaf's chain")
+        try sr.updateRecord(r.uuid) { $0.otherConfig["leaf-coalesce"] = nil }
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 30))
+        XCTAssertEqual(try depth(r.uuid), 1)
+    }
+
+    /// Logs are independent of the image files: the same changed blocks after coalescing.
+    func testChangedBlocksAreTheSameAfterCoalescing() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: Self.size))
+        try sr.enableCBT(r.uuid)
+        var model = [UInt8](repeating: 0, count: Int(Self.size))
+        var rng = SystemRandomNumberGenerator()
+        var snaps: [String] = []
+        for _ in 0..<4 {
+            for _ in 0..<5 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+            snaps.append(try sr.snapshot(r.uuid).uuid)
+        }
+        try sr.dataDestroy(snaps[0])
+        try sr.dataDestroy(snaps[1])
+        let before = try (1..<snaps.count).map { try sr.listChangedBlocks(from: snaps[$0 - 1], to: snaps[$0]) }
+        let toLeaf = try sr.listChangedBlocks(from: snaps[0], to: r.uuid)
+        sr.startCollector()
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 60))
+        // Two snapshots kept with data: at most three layers.
+        XCTAssertEqual(try depth(r.uuid), 3)
+        let after = try (1..<snaps.count).map { try sr.listChangedBlocks(from: snaps[$0 - 1], to: snaps[$0]) }
+        XCTAssertEqual(before, after)
+        XCTAssertEqual(toLeaf, try sr.listChangedBlocks(from: snaps[0], to: r.uuid))
+        XCTAssertEqual(try contents(r.uuid), model)
+        XCTAssertTrue(try sr.record(r.uuid).cbtEnabled)
+    }
+
+    func testTasksRunAndCanBeCancelledAndDestroyed() throws {
+        let t = sr.tasks
+        let quick = t.run(name: "VDI.get_all") { _ in "[]" }
+        let slow = t.run(name: "wait") { ctx in
+            while true {
+                try ctx.checkCancelled()
+                usleep(1000)
+            }
+        }
+        var spins = 0
+        while t.record(quick)?.status == .pending, spins < 5000 { usleep(1000); spins += 1 }
+        XCTAssertEqual(t.record(quick)?.status, .success)
+        XCTAssertEqual(t.record(quick)?.result, "[]")
+        XCTAssertEqual(t.record(quick)?.progress, 1)
+        XCTAssertThrowsError(try t.destroy(slow)) { XCTAssertEqual(($0 as? StorageError)?.code, "OPERATION_NOT_ALLOWED") }
+        try t.cancel(slow)
+        spins = 0
+        while t.record(slow)?.finished == nil, spins < 5000 { usleep(1000); spins += 1 }
+        XCTAssertEqual(t.record(slow)?.status, .cancelled)
+        XCTAssertEqual(t.record(slow)?.errorInfo.first, "TASK_CANCELLED")
+        try t.destroy(slow)
+        XCTAssertNil(t.record(slow))
+        XCTAssertThrowsError(try t.cancel(UUID().uuidString)) { XCTAssertEqual(($0 as? StorageError)?.code, "HANDLE_INVALID") }
+    }
+
+    /// A scan finds files without records (introduced, data kept) and records without files.
+    func testScanIntroducesOrphansAndReportsMissingFiles() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
+        var model = [UInt8](repeating: 0, count: 1 << 20)
+        try write(r.uuid, [UInt8](repeating: 7, count: 4096), at: 0, model: &model)
+        let orphan = UUID().uuidString.lowercased()
+        XCTAssertEqual(link(sr.imagePath(r.uuid), sr.imagePath(orphan)), 0)
+        let gone = try sr.create(.init(nameLabel: "gone", virtualSize: 1 << 20))
+        unlink(sr.imagePath(gone.uuid))
+        let report = try sr.scan()
+        XCTAssertEqual(report.introduced, [orphan])
+        XCTAssertEqual(report.missing, [gone.uuid])
+        XCTAssertEqual(try contents(orphan), model)
+    }
+}
