@@ -35,8 +35,9 @@ extension ControlAPI {
         case "VDI.get_sm_config":
             return try JSONValue.from(sr.record(p.string(0, "uuid")).smConfig)
         case "SR.scan":
-            // XenAPI passes the SR first; this server has one and takes it as read.
-            let o = p.optional(1, "options")?.objectValue ?? [:]
+            // XenAPI passes the SR first; this server has one and takes it as read. An
+            // "OpaqueRef:" SR ref is dropped with the session, so the options may come first.
+            let o = p.optional(1, "options")?.objectValue ?? p.positional.first?.objectValue ?? [:]
             let report = try sr.scan()
             var out = try JSONValue.from(report).objectValue ?? [:]
             if case .bool(true)? = o["wait"] {

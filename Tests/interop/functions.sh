@@ -51,6 +51,7 @@ start_vdinbd() {
     SOCK=$SR/control.sock
     local tls=(--tls off)
     case " $* " in *" --tls "*) tls=() ;; esac
+    rm -f "$SOCK"  # a killed server's socket file: wait for the new one
     "$VDINBD_BIN/vdinbd" --sr "$SR" --listen "127.0.0.1:$PORT" "${tls[@]}" "$@" >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do
