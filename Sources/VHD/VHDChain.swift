@@ -39,27 +39,31 @@ public final class VHDChain: @unchecked Sendable {
         var seenIDs = Set<UUID>()
         var seenPaths = Set<String>()
         var current = path
-        var isLeaf = true
+        // The next layer, opened already to check its identity (each file is opened once).
+        var opened: VHDFile?
         do {
             while true {
                 let real = URL(fileURLWithPath: current).standardizedFileURL.resolvingSymlinksInPath().path
-                guard seenPaths.insert(real).inserted else { throw VHDError.chainLoop(path: current) }
-                let f = try VHDFile.open(path: current, writable: writable && isLeaf, policy: policy)
+                guard seenPaths.insert(real).inserted else {
+                    opened?.close()
+                    throw VHDError.chainLoop(path: current)
+                }
+                let f = try opened ?? VHDFile.open(path: current, writable: writable, policy: policy)
+                opened = nil
                 layers.append(f)
                 guard seenIDs.insert(f.uniqueID).inserted else { throw VHDError.chainLoop(path: current) }
-                isLeaf = false
                 if layers.count > maxDepth { throw VHDError.chainTooDeep(limit: maxDepth) }
                 guard f.diskType == .differencing, let h = f.header else { break }
                 let expected = UUID(uuid: uuidTuple(h.parentUniqueID))
                 let parentPath = try resolveParent?(f) ?? findParent(of: f)
                 // Verify identity before trusting the file.
                 let p = try VHDFile.open(path: parentPath, writable: false, policy: policy)
-                let found = p.uniqueID
-                p.close()
-                guard found == expected else {
+                guard p.uniqueID == expected else {
+                    p.close()
                     throw VHDError.parentMismatch(child: f.path, parent: parentPath,
-                                                  expected: expected.uuidString.lowercased(), found: found.uuidString.lowercased())
+                                                  expected: expected.uuidString.lowercased(), found: p.uniqueID.uuidString.lowercased())
                 }
+                opened = p
                 current = parentPath
             }
             return try VHDChain(layers: layers)

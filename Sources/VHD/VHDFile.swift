@@ -33,6 +33,13 @@ public final class VHDFile: @unchecked Sendable {
     public private(set) var warnings: [String] = []
 
     var bat: BlockAllocationTable
+    /// A read-only file's BAT is not copied at open: entries are decoded from the file's
+    /// mapped page cache as blocks are looked up (a 2040 GiB disk's table is 4 MiB a layer,
+    /// and a 30-deep chain opened on every first GO read all of them). Nil: `bat` holds it.
+    private var batMap: UnsafeRawBufferPointer?
+    private var batMapCount = 0
+    /// The file's length at open (lazily checked BAT entries must lie inside it).
+    private var openedLength: UInt64 = 0
     /// Bitmaps of the partial blocks (`bitmapKinds` 2), by block index. Sparse: a full array
     /// of optionals cost 17 bytes a block whether read or not (24 MiB for each layer of a
     /// 2040 GiB disk, filled at every open).
@@ -111,23 +118,33 @@ public final class VHDFile: @unchecked Sendable {
                 throw .invalidField(structure: "dynamic disk header", field: "tableOffset", value: h.tableOffset,
                                     reason: "BAT of \(batBytes) bytes does not fit in the file of \(length) bytes")
             }
-            // Read without first zeroing the buffer: a 2040 GiB disk's table is 4 MiB.
-            var raw = [UInt8](unsafeUninitializedCapacity: Int(batBytes)) { _, n in n = Int(batBytes) }
-            try typed(file.path) { try raw.withUnsafeMutableBytes { b in try file.read(into: b, atAbsoluteOffset: h.tableOffset) } }
-            let table = try BlockAllocationTable.parse(raw, count: Int(h.maxTableEntries))
             var end = max(ho + 1024, h.tableOffset + UInt64(BlockAllocationTable.byteLength(entries: Int(h.maxTableEntries))))
             let blockSpan = UInt64(h.bitmapBytes) + UInt64(h.blockSize)
-            var seen = Set<UInt32>()
-            for (i, e) in table.entries.enumerated() where e != BlockAllocationTable.unallocated {
-                let start = UInt64(e) * 512
-                guard start >= 512, start + blockSpan <= length - 512 || start + blockSpan <= length else {
-                    throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e),
-                                        reason: "block at byte \(start) + \(blockSpan) lies past the end of the file (\(length))")
+            if !writable, let m = file.mapped(offset: h.tableOffset, count: Int(batBytes)) {
+                // Read-only: entries are checked as they are used (nothing is allocated here,
+                // so where the next block would go does not matter).
+                batMap = m
+                batMapCount = Int(h.maxTableEntries)
+                bat = BlockAllocationTable(count: 0)
+                end = max(end, length - 512)
+            } else {
+                // Read without first zeroing the buffer: a 2040 GiB disk's table is 4 MiB.
+                var raw = [UInt8](unsafeUninitializedCapacity: Int(batBytes)) { _, n in n = Int(batBytes) }
+                try typed(file.path) { try raw.withUnsafeMutableBytes { b in try file.read(into: b, atAbsoluteOffset: h.tableOffset) } }
+                let table = try BlockAllocationTable.parse(raw, count: Int(h.maxTableEntries))
+                var seen = Set<UInt32>()
+                for (i, e) in table.entries.enumerated() where e != BlockAllocationTable.unallocated {
+                    let start = UInt64(e) * 512
+                    guard start >= 512, start + blockSpan <= length - 512 || start + blockSpan <= length else {
+                        throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e),
+                                            reason: "block at byte \(start) + \(blockSpan) lies past the end of the file (\(length))")
+                    }
+                    guard seen.insert(e).inserted else {
+                        throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e), reason: "two blocks share one offset")
+                    }
+                    end = max(end, start + blockSpan)
                 }
-                guard seen.insert(e).inserted else {
-                    throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e), reason: "two blocks share one offset")
-                }
-                end = max(end, start + blockSpan)
+                bat = table
             }
             for l in h.parentLocatorEntries where l.platformCode != .none && l.platformDataOffset > 0 {
                 let space = l.platformDataSpace < 512 ? UInt64(l.platformDataSpace) * 512 : UInt64(l.platformDataSpace)
@@ -137,12 +154,29 @@ public final class VHDFile: @unchecked Sendable {
                 warnings.append("dynamic disk carries parent locators")
             }
             header = h
-            bat = table
+            openedLength = length
             nextFreeOffset = (end + 511) / 512 * 512
             staleLimit = length >= 512 ? length - 512 : 0
         }
-        bitmapKinds = Array(repeating: 0, count: bat.entries.count)
+        bitmapKinds = Array(repeating: 0, count: batMap != nil ? batMapCount : bat.entries.count)
         self.warnings = warnings
+    }
+
+    /// Entries in the BAT.
+    var batCount: Int { batMap != nil ? batMapCount : bat.entries.count }
+
+    /// One BAT entry (lock held where the table can change).
+    @inline(__always) func batEntry(_ i: Int) -> UInt32 {
+        if let m = batMap { return UInt32(bigEndian: m.loadUnaligned(fromByteOffset: i * 4, as: UInt32.self)) }
+        return bat.entries[i]
+    }
+
+    /// The whole table (decoded from the mapping if it was not read at open).
+    private var fullTable: BlockAllocationTable {
+        guard batMap != nil else { return bat }
+        var t = BlockAllocationTable(count: batMapCount)
+        for i in 0..<batMapCount { t.entries[i] = batEntry(i) }
+        return t
     }
 
     public func close() { file.close() }
@@ -150,13 +184,13 @@ public final class VHDFile: @unchecked Sendable {
     /// Allocated blocks of this file (0 for fixed disks).
     public var allocatedBlockCount: Int {
         lock.lock(); defer { lock.unlock() }
-        return bat.entries.reduce(0) { $0 + ($1 == BlockAllocationTable.unallocated ? 0 : 1) }
+        return fullTable.entries.reduce(0) { $0 + ($1 == BlockAllocationTable.unallocated ? 0 : 1) }
     }
 
     /// The BAT entries (sector offsets), for checks and tools.
     public var blockAllocationTable: BlockAllocationTable {
         lock.lock(); defer { lock.unlock() }
-        return bat
+        return fullTable
     }
 
     /// What this file holds for `blockIndex`. For fixed disks every block inside the size is full.
@@ -175,10 +209,17 @@ public final class VHDFile: @unchecked Sendable {
             let off = UInt64(blockIndex) * UInt64(blockSize)
             return off < footer.currentSize ? .full(dataOffset: off) : .absent
         }
-        guard blockIndex < bat.entries.count, !allocating.contains(blockIndex) else { return .absent }
-        let e = bat.entries[blockIndex]
+        guard blockIndex < batCount, !allocating.contains(blockIndex) else { return .absent }
+        let e = batEntry(blockIndex)
         if e == BlockAllocationTable.unallocated { return .absent }
         let start = UInt64(e) * 512
+        if batMap != nil {
+            let span = UInt64(h.bitmapBytes) + UInt64(h.blockSize)
+            guard start >= 512, start + span <= openedLength else {
+                throw .invalidField(structure: "BAT", field: "entry[\(blockIndex)]", value: UInt64(e),
+                                    reason: "block at byte \(start) + \(span) lies past the end of the file (\(openedLength))")
+            }
+        }
         let data = start + UInt64(h.bitmapBytes)
         switch bitmapKinds[blockIndex] {
         case 1: return .full(dataOffset: data)

@@ -8,7 +8,7 @@
 requires nbdsh
 ROUNDS=${ROUNDS:-20}
 export VDICTL="$VDINBD_BIN/vdictl"
-STATE=$TMP/state.json
+STATE=$TMP/state
 start_vdinbd
 export SOCK SR
 steps=(copy:1 copy:3 copy:6 switch:1 switch:2 copy:2 random random)

@@ -40,10 +40,11 @@ def write_loop():
         del h               # otherwise the socket just closes, as when nbdsh exits
         done[0] = n
         n += 1
-t = threading.Thread(target=writer); t.start()
+t = threading.Thread(target=writer, daemon=True); t.start()
 
 snaps = []
-for i in range(30):
+# 29 snapshots kept: the chain reaches depth 30, the most XenServer allows.
+for i in range(29):
     a = done[0]
     if i % 3 == 1:
         ctl("vdi-enable-cbt", "uuid=" + u)
