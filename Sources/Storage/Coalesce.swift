@@ -34,8 +34,9 @@ extension Collector {
                 if throttle {
                     let ops = sr.foregroundOps(excluding: family)
                     if ops != lastOps {
+                        // Other VDIs are busy: a quarter of the time for the merge.
                         let took = DispatchTime.now().uptimeNanoseconds - started
-                        usleep(useconds_t(min(took / 1000, 200_000)))
+                        usleep(useconds_t(min(3 * took / 1000, 300_000)))
                     }
                     lastOps = ops
                 }

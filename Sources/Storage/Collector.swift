@@ -21,8 +21,8 @@
 // (the parent's extra bytes stay hidden under its only child) and planned afresh.
 //
 // Throttled: between chunks, if other VDIs did I/O since the last chunk, the copy sleeps
-// as long as the chunk took (half speed under load, full speed when idle), at a lower
-// CPU priority.
+// three times as long as the chunk took (a quarter of the speed under load, full speed
+// when idle), at a lower CPU priority.
 
 import Foundation
 import GRDB

@@ -36,7 +36,10 @@ extension SR {
 
     /// Opens (or shares) the VDI's chain for I/O. Only this VDI's family waits meanwhile.
     public func attach(_ uuid: String) throws -> VDIHandle {
-        try withFamily(of: uuid) { r in
+        let u = try SR.validUUID(uuid)
+        guard let family = try anyRecord(u)?.family else { throw StorageError.vdiMissing(uuid: u) }
+        return try withFamilyLock(family) {
+            let r = try storedRecord(u)
             // The record is read under the family lock: an operation that changes it
             // (snapshot, CBT, destroy) holds the lock too, so attach sees it as that left it.
             if let h = lookUp(r.uuid) {

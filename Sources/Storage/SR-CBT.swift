@@ -231,7 +231,7 @@ extension SR {
 
     /// The VDIs whose changes since them `uuid`'s export can report (qemu:dirty-bitmap:<uuid>).
     public func cbtAncestors(_ uuid: String) -> [String] {
-        guard let r = try? record(uuid), r.cbtEnabled else { return [] }
+        guard let r = try? storedRecord(uuid), r.cbtEnabled else { return [] }
         var out: [String] = []
         var cur = r.uuid
         // Headers only: opening each ancestor's log read its whole bitmap (4 MiB for a

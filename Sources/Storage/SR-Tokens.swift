@@ -72,7 +72,7 @@ extension SR {
         else { return .failure(.unknown) }
         if tok.revoked { return .failure(.revoked) }
         if let e = tok.expiresAt, e < Date() { return .failure(.expired) }
-        guard let r = try? record(tok.vdiUUID), r.type != .cbtMetadata else { return .failure(.vdiGone) }
+        guard let r = try? storedRecord(tok.vdiUUID), r.type != .cbtMetadata else { return .failure(.vdiGone) }
         return .success(ExportGrant(vdi: r, readOnly: tok.readOnly || r.readOnly))
     }
 

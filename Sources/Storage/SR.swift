@@ -139,11 +139,17 @@ public final class SR: @unchecked Sendable {
     }
 
     public func record(_ uuid: String) throws -> VDIRecord {
+        filledIn(try storedRecord(uuid))
+    }
+
+    /// The record as stored, without the fields computed from the files (for the paths
+    /// that run at every attach: the depth walk reads one row per layer).
+    func storedRecord(_ uuid: String) throws -> VDIRecord {
         let u = try SR.validUUID(uuid)
         guard let r = try dbRead({ try VDIRecord.fetchOne($0, key: u) }), r.managed else {
             throw StorageError.vdiMissing(uuid: u)
         }
-        return filledIn(r)
+        return r
     }
 
     public func allRecords() throws -> [VDIRecord] {

@@ -29,6 +29,11 @@ public protocol RandomAccessFile: MappableFile {
 
 extension RandomAccessFile {
     public func mapped(offset: UInt64, count: Int) -> UnsafeRawBufferPointer? { nil }
+    /// `mapped` without faulting the pages in first (for tables looked up here and there).
+    public func mapped(offset: UInt64, count: Int, populate: Bool) -> UnsafeRawBufferPointer? {
+        if let p = self as? PosixFile { return p.map(offset: offset, count: count, populate: populate) }
+        return mapped(offset: offset, count: count)
+    }
 }
 
 extension RandomAccessFile {
@@ -150,6 +155,10 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
     private let mappings = Mutex(Mappings())
 
     public func mapped(offset: UInt64, count: Int) -> UnsafeRawBufferPointer? {
+        map(offset: offset, count: count, populate: true)
+    }
+
+    func map(offset: UInt64, count: Int, populate: Bool) -> UnsafeRawBufferPointer? {
         #if os(Linux)
         let end = offset + UInt64(count)
         guard count > 0 else { return nil }
@@ -167,6 +176,7 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
             return UnsafeRawPointer(p)
         }
         guard let base else { return nil }
+        if !populate { return UnsafeRawBufferPointer(start: base + Int(offset), count: count) }
         // Fault the pages in now, on this (I/O) thread, so whoever sends from them does not
         // wait for the disk. MADV_POPULATE_READ (Linux 5.14).
         let start = Int(offset) & ~4095

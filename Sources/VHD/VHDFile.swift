@@ -45,7 +45,7 @@ public final class VHDFile: @unchecked Sendable {
     /// 2040 GiB disk, filled at every open).
     var bitmaps: [Int: SectorBitmap] = [:]
     /// 0 unknown, 1 full, 2 partial.
-    var bitmapKinds: [UInt8]
+    var bitmapKinds: ZeroedBytes
     /// Where the next block goes: the end of all data, where the trailing footer sits.
     var nextFreeOffset: UInt64
     /// Serialises allocation and bitmap updates.
@@ -120,7 +120,7 @@ public final class VHDFile: @unchecked Sendable {
             }
             var end = max(ho + 1024, h.tableOffset + UInt64(BlockAllocationTable.byteLength(entries: Int(h.maxTableEntries))))
             let blockSpan = UInt64(h.bitmapBytes) + UInt64(h.blockSize)
-            if !writable, let m = file.mapped(offset: h.tableOffset, count: Int(batBytes)) {
+            if !writable, let m = file.mapped(offset: h.tableOffset, count: Int(batBytes), populate: false) {
                 // Read-only: entries are checked as they are used (nothing is allocated here,
                 // so where the next block would go does not matter).
                 batMap = m
@@ -158,7 +158,7 @@ public final class VHDFile: @unchecked Sendable {
             nextFreeOffset = (end + 511) / 512 * 512
             staleLimit = length >= 512 ? length - 512 : 0
         }
-        bitmapKinds = Array(repeating: 0, count: batMap != nil ? batMapCount : bat.entries.count)
+        bitmapKinds = ZeroedBytes(count: batMap != nil ? batMapCount : bat.entries.count)
         self.warnings = warnings
     }
 
@@ -397,4 +397,46 @@ func uuidTuple(_ b: [UInt8]) -> uuid_t {
 
 public func uuidBytes(_ u: UUID) -> [UInt8] {
     withUnsafeBytes(of: u.uuid) { Array($0) }
+}
+
+/// Per-block bytes that start as zero, in an anonymous mapping: fresh pages the kernel
+/// zeroes only when first touched, so opening a 2040 GiB layer (a million blocks) costs
+/// nothing for the blocks never looked up. (`Array(repeating:)` wrote every byte: 30 MiB
+/// of memset for each first GO of a 30-deep chain; calloc does too, for sizes below the
+/// mmap threshold vdinbd raises.)
+struct ZeroedBytes {
+    final class Storage {
+        let base: UnsafeMutablePointer<UInt8>
+        let count: Int
+        let mapped: Bool
+        init(count: Int) {
+            self.count = count
+            if count >= 65536, let p = mmap(nil, count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED {
+                base = p.assumingMemoryBound(to: UInt8.self)
+                mapped = true
+            } else {
+                base = calloc(max(count, 1), 1)!.assumingMemoryBound(to: UInt8.self)
+                mapped = false
+            }
+        }
+        deinit { if mapped { munmap(base, count) } else { free(base) } }
+    }
+    private(set) var storage: Storage
+
+    init(count: Int) { storage = Storage(count: count) }
+
+    var count: Int { storage.count }
+
+    subscript(i: Int) -> UInt8 {
+        get { storage.base[i] }
+        nonmutating set { storage.base[i] = newValue }
+    }
+
+    /// A longer table with the same first bytes.
+    mutating func grow(to n: Int) {
+        guard n > storage.count else { return }
+        let s = Storage(count: n)
+        s.base.update(from: storage.base, count: storage.count)
+        storage = s
+    }
 }

@@ -65,7 +65,7 @@ extension VHDFile {
             try file.synchronize()
             header = h
             bat = table
-            bitmapKinds += [UInt8](repeating: 0, count: needed - bitmapKinds.count)
+            bitmapKinds.grow(to: needed)
         }
     }
 }
