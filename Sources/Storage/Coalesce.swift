@@ -45,6 +45,23 @@ extension Collector {
         return copied
     }
 
+    /// Runs a merge under a journal entry: written before `body`, advanced to `switching`
+    /// when `body` calls `switching()` (the copy is complete and synced), removed when
+    /// `body` returns or throws (a dropped copy needs no undo; a switch once journalled
+    /// that failed here is redone at the next start-up only if the process dies first).
+    func journalled<T>(_ op: JournalEntry.Operation, child: String, parent: String,
+                       _ body: (_ switching: () throws -> Void) throws -> T) throws -> T {
+        var entry = JournalEntry(id: UUID().uuidString.lowercased(), operation: op, child: child, parent: parent,
+                                 phase: .copying, started: Date())
+        try sr.journal.write(entry)
+        defer { sr.journal.remove(entry.id) }
+        return try body {
+            entry.phase = .switching
+            try sr.journal.write(entry)
+            stepHook?("switch")
+        }
+    }
+
     func checkSpace(for path: String) throws {
         let needed = sr.allocatedBytes(path) + (64 << 20)
         let free = sr.freeBytes()
@@ -59,32 +76,26 @@ extension Collector {
         guard let xr = try sr.anyRecord(x) else { return }
         let xPath = sr.imagePath(x), pPath = sr.imagePath(p)
         try checkSpace(for: xPath)
-        var entry = JournalEntry(id: UUID().uuidString.lowercased(), operation: .coalesce, child: x, parent: p,
-                                 phase: .copying, started: Date())
-        try sr.journal.write(entry)
-        var done = false
-        defer { if !done { sr.journal.remove(entry.id) } }
         let started = Date()
-        let source = try sr.format.openLayer(path: xPath)
-        defer { source.close() }
-        if try sr.format.virtualSize(ofFile: pPath) < source.virtualSize {
-            try sr.format.grow(path: pPath, to: source.virtualSize)
-        }
-        let target = try sr.format.open(path: pPath, writable: true)
-        defer { target.close() }
-        let runs = try source.leafDataRuns(offset: 0, length: source.virtualSize)
-        let bytes = try copy(runs: runs, from: { b, o in try source.read(into: b, at: o) }, into: target, family: xr.family)
-        try target.flush()
-        try sr.withFamilyLock(xr.family) {
-            guard let x2 = try sr.anyRecord(x), !x2.managed, x2.parent == p, let p2 = try sr.anyRecord(p), !p2.managed,
-                  try sr.dbRead({ try VDIRecord.filter(Column("parent") == p).fetchCount($0) }) == 1
-            else { throw Gave(reason: "the chain changed during the copy") }
-            entry.phase = .switching
-            try sr.journal.write(entry)
-            stepHook?("switch")
-            try sr.finishCoalesce(x, into: p)
-            sr.journal.remove(entry.id)
-            done = true
+        let bytes = try journalled(.coalesce, child: x, parent: p) { switching -> UInt64 in
+            let source = try sr.format.openLayer(path: xPath)
+            defer { source.close() }
+            if try sr.format.virtualSize(ofFile: pPath) < source.virtualSize {
+                try sr.format.grow(path: pPath, to: source.virtualSize)
+            }
+            let target = try sr.format.open(path: pPath, writable: true)
+            defer { target.close() }
+            let runs = try source.leafDataRuns(offset: 0, length: source.virtualSize)
+            let bytes = try copy(runs: runs, from: { b, o in try source.read(into: b, at: o) }, into: target, family: xr.family)
+            try target.flush()
+            try sr.withFamilyLock(xr.family) {
+                guard let x2 = try sr.anyRecord(x), !x2.managed, x2.parent == p, let p2 = try sr.anyRecord(p), !p2.managed,
+                      try sr.dbRead({ try VDIRecord.filter(Column("parent") == p).fetchCount($0) }) == 1
+                else { throw Gave(reason: "the chain changed during the copy") }
+                try switching()
+                try sr.finishCoalesce(x, into: p)
+            }
+            return bytes
         }
         sr.logger.info("collector: coalesced \(x) into \(p) (\(bytes) bytes in \(String(format: "%.2f", Date().timeIntervalSince(started))) s)")
     }
@@ -97,85 +108,71 @@ extension Collector {
         guard let cr = try sr.anyRecord(c) else { return }
         let cPath = sr.imagePath(c), pPath = sr.imagePath(p)
         try checkSpace(for: cPath)
-        var entry = JournalEntry(id: UUID().uuidString.lowercased(), operation: .leafCoalesce, child: c, parent: p,
-                                 phase: .copying, started: Date())
-        try sr.journal.write(entry)
-        var done = false
-        defer { if !done { sr.journal.remove(entry.id) } }
         let started = Date()
-
-        // From here every write to c, on any handle, is tracked.
-        let tracker = ChangeTracker()
-        let source: any DiskImage = try sr.withFamilyLock(cr.family) {
-            sr.mergeTrackers[c] = tracker
-            if let h = sr.lookUp(c) { h.paused { _ in h.tracker = tracker } }
-            return try sr.format.openLayer(path: cPath)
-        }
-        defer {
-            sr.withFamilyLock(cr.family) {
-                sr.mergeTrackers[c] = nil
-                if let h = sr.lookUp(c), h.tracker === tracker { h.paused { _ in h.tracker = nil } }
+        let bytes = try journalled(.leafCoalesce, child: c, parent: p) { switching -> UInt64 in
+            // From here every write to c, on any handle, is tracked.
+            let tracker = ChangeTracker()
+            let source: any DiskImage = try sr.withFamilyLock(cr.family) {
+                sr.mergeTrackers[c] = tracker
+                if let h = sr.lookUp(c) { h.paused { _ in h.tracker = tracker } }
+                return try sr.format.openLayer(path: cPath)
             }
-        }
-        let size = source.virtualSize
-        let runs: [Range<UInt64>]
-        do {
             defer { source.close() }
+            defer {
+                sr.withFamilyLock(cr.family) {
+                    sr.mergeTrackers[c] = nil
+                    if let h = sr.lookUp(c), h.tracker === tracker { h.paused { _ in h.tracker = nil } }
+                }
+            }
+            let size = source.virtualSize
             if try sr.format.virtualSize(ofFile: pPath) < size { try sr.format.grow(path: pPath, to: size) }
-            runs = try source.leafDataRuns(offset: 0, length: size)
-        }
-        let target = try sr.format.open(path: pPath, writable: true)
-        var targetOpen = true
-        defer { if targetOpen { target.close() } }
-        var bytes: UInt64 = 0
-        do {
-            let layer = try sr.format.openLayer(path: cPath)
-            defer { layer.close() }
-            // The layer opened after the tracker: what it misses was written since, and is marked.
-            bytes += try copy(runs: runs, from: { b, o in try layer.read(into: b, at: o) }, into: target, family: cr.family)
-        }
-        // Catch up online while clients keep writing much.
-        for _ in 0..<4 where tracker.count > 32 {
-            let again = tracker.take(size: size)
-            bytes += try copy(runs: again, from: { b, o in try self.readThroughVDI(c, into: b, at: o) }, into: target, family: cr.family)
-        }
-        try sr.withFamilyLock(cr.family) {
-            guard let c2 = try sr.anyRecord(c), c2.parent == p, let p2 = try sr.anyRecord(p), !p2.managed,
-                  try sr.dbRead({ try VDIRecord.filter(Column("parent") == p).fetchCount($0) }) == 1,
-                  try sr.dbRead({ try VDIRecord.filter(Column("parent") == c).fetchCount($0) }) == 0
-            else { throw Gave(reason: "the chain changed during the copy") }
-            func switchOver(_ chain: (any DiskImage)?) throws {
-                // I/O is held off: copy the rest, then the parent takes the leaf's place.
-                let rest = tracker.take(size: size)
-                if let chain {
-                    try chain.flush()
-                    bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
-                } else if !rest.isEmpty {
-                    let chain = try sr.format.open(path: cPath, writable: false)
-                    defer { chain.close() }
-                    bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
-                }
-                try target.flush()
-                target.close()
-                targetOpen = false
-                entry.phase = .switching
-                try sr.journal.write(entry)
-                stepHook?("switch")
-                try sr.finishLeafCoalesce(c, into: p)
+            let target = try sr.format.open(path: pPath, writable: true)
+            var targetOpen = true
+            defer { if targetOpen { target.close() } }
+            var bytes: UInt64 = 0
+            // The layer was opened after the tracker: what it misses was written since, and is marked.
+            let runs = try source.leafDataRuns(offset: 0, length: size)
+            bytes += try copy(runs: runs, from: { b, o in try source.read(into: b, at: o) }, into: target, family: cr.family)
+            // Catch up online while clients keep writing much.
+            for _ in 0..<4 where tracker.count > 32 {
+                let again = tracker.take(size: size)
+                bytes += try copy(runs: again, from: { b, o in try self.readThroughVDI(c, into: b, at: o) }, into: target, family: cr.family)
             }
-            if let h = sr.lookUp(c) {
-                try h.exclusively { old in
-                    try switchOver(old)
-                    h.tracker = nil
-                    let new = try sr.format.open(path: cPath, writable: old.writable)
-                    old.close()
-                    return new
+            try sr.withFamilyLock(cr.family) {
+                guard let c2 = try sr.anyRecord(c), c2.parent == p, let p2 = try sr.anyRecord(p), !p2.managed,
+                      try sr.dbRead({ try VDIRecord.filter(Column("parent") == p).fetchCount($0) }) == 1,
+                      try sr.dbRead({ try VDIRecord.filter(Column("parent") == c).fetchCount($0) }) == 0
+                else { throw Gave(reason: "the chain changed during the copy") }
+                func switchOver(_ chain: (any DiskImage)?) throws {
+                    // I/O is held off: copy the rest, then the parent takes the leaf's place.
+                    let rest = tracker.take(size: size)
+                    if let chain {
+                        try chain.flush()
+                        bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
+                    } else if !rest.isEmpty {
+                        let chain = try sr.format.open(path: cPath, writable: false)
+                        defer { chain.close() }
+                        bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
+                    }
+                    try target.flush()
+                    target.close()
+                    targetOpen = false
+                    try switching()
+                    try sr.finishLeafCoalesce(c, into: p)
                 }
-            } else {
-                try switchOver(nil)
+                if let h = sr.lookUp(c) {
+                    try h.exclusively { old in
+                        try switchOver(old)
+                        h.tracker = nil
+                        let new = try sr.format.open(path: cPath, writable: old.writable)
+                        old.close()
+                        return new
+                    }
+                } else {
+                    try switchOver(nil)
+                }
             }
-            sr.journal.remove(entry.id)
-            done = true
+            return bytes
         }
         sr.logger.info("collector: leaf-coalesced \(c) into \(p) (\(bytes) bytes in \(String(format: "%.2f", Date().timeIntervalSince(started))) s)")
     }
