@@ -91,6 +91,14 @@ public final class Collector: @unchecked Sendable {
         t.start()
     }
 
+    /// Forgets the back-off of failed work, so the next pass tries it again (an
+    /// administrator's `SR.scan` means "now").
+    public func retryNow() {
+        cond.lock()
+        retryAfter = [:]
+        cond.unlock()
+    }
+
     /// Asks for a pass soon (after a destroy, data_destroy, snapshot, scan).
     public func kick() {
         cond.lock()

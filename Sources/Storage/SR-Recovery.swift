@@ -130,11 +130,11 @@ extension SR {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
         let all = try dbRead { try VDIRecord.fetchAll($0) }
         let known = Dictionary(all.map { ($0.uuid, $0) }, uniquingKeysWith: { a, _ in a })
+        // Journalled work in progress is the collector's, not an orphan.
+        let inProgress = Set(journal.entries().valid.flatMap { [$0.child] + ($0.parent.map { [$0] } ?? []) })
         for n in names.sorted() where n.hasSuffix(ext) {
             let u = String(n.dropLast(ext.count))
-            guard known[u] == nil, UUID(uuidString: u) != nil else { continue }
-            // Journalled work in progress is the collector's, not an orphan.
-            if journal.entries().valid.contains(where: { $0.child == u || $0.parent == u }) { continue }
+            guard known[u] == nil, UUID(uuidString: u) != nil, !inProgress.contains(u) else { continue }
             let p = imagePath(u)
             if let parent = parentUUID(ofFile: p), known[parent] != nil, isEmptyImage(p) {
                 unlink(p)
@@ -167,6 +167,7 @@ extension SR {
             }
         }
         if !report.removed.isEmpty { try syncDirectory() }
+        collector.retryNow()
         collector.kick()
         return report
     }

@@ -35,6 +35,9 @@ def retry(*a):
         assert "VDI_IN_USE" in r.stderr, r.stderr
         time.sleep(0.1)
     raise SystemExit("still in use: %s" % (a,))
+def collector_errors():
+    log = open(os.environ["SR"] + "/../server.log").read().splitlines()
+    return [l for l in log if "collector:" in l and ("failed" in l or "given up" in l)]
 SIZE, BLK, VHDBLK = 256 << 20, 64 << 10, 2 << 20
 rng = random.Random(30)
 model = bytearray(SIZE)
@@ -74,7 +77,7 @@ out = ctl("sr-scan", "--wait")
 assert "running: false" in out, out
 sm = field(vdi, "sm-config")
 depth = int(sm.split("chain-depth: ")[1].split(";")[0])
-assert depth <= 2, "chain depth %d after the collector" % depth
+assert depth <= 2, "chain depth %d after the collector; its failures: %s" % (depth, collector_errors())
 # Files: one per live VDI, kept snapshot and needed base.
 srdir = os.environ["SR"]
 files = sorted(f for f in os.listdir(srdir) if f.endswith(".vhd"))
