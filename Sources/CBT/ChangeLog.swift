@@ -16,6 +16,7 @@
 // it rides along with the next batch, or starts one a few milliseconds later.
 
 import Foundation
+import Synchronization
 import SystemPackage
 
 public enum CBTError: Error, Equatable, Sendable, CustomStringConvertible {
@@ -42,11 +43,12 @@ public final class ChangeLog: @unchecked Sendable {
     public private(set) var child: UUID?
     public private(set) var consistent: Bool
     public private(set) var size: UInt64
-    var bitmap: [UInt8]
+    let bitmap: LogBits
     /// Bytes of `bitmap` changed in memory and not yet written.
     var dirtyBytes: Range<Int>?
-    /// What is known to be on stable storage; a write whose bits are all here need not wait.
-    var durable: [UInt8]
+    /// Set bits not yet known to be on stable storage; a write whose bits are all set and
+    /// none of them pending need not wait.
+    var pending = PendingBits()
     var waiters: [(CBTError?) -> Void] = []
     /// Waiters that can wait a little (their write is already acknowledged): they join the
     /// next batch anyone starts, or one started `lazyDelay` after the first of them came.
@@ -63,9 +65,27 @@ public final class ChangeLog: @unchecked Sendable {
     var failed: CBTError?
     let committer = DispatchQueue(label: "vdinbd.cbt.commit", attributes: .concurrent)
 
+    /// Bumped by every change to a log's parent or child links and to which logs exist
+    /// (create, grow, `remove`, `rename`): whoever caches the links (a VDI's ancestry) checks it.
+    public static let generation = Atomic<Int>(0)
+
+    static func changed() { generation.add(1, ordering: .sequentiallyConsistent) }
+
+    /// Deletes a log file (a missing one is not an error).
+    public static func remove(path: String) {
+        unlink(path)
+        changed()
+    }
+
+    /// Renames a log file; false (errno set) if the rename failed.
+    public static func rename(_ from: String, to: String) -> Bool {
+        defer { changed() }
+        return Foundation.rename(from, to) == 0
+    }
+
     public static func bitmapLength(size: UInt64) -> Int { Int((size + blockSize - 1) / blockSize + 7) / 8 }
 
-    init(path: String, fd: FileDescriptor, parent: UUID?, child: UUID?, consistent: Bool, size: UInt64, bitmap: [UInt8]) {
+    init(path: String, fd: FileDescriptor, parent: UUID?, child: UUID?, consistent: Bool, size: UInt64, bitmap: LogBits) {
         self.path = path
         self.fd = fd
         self.parent = parent
@@ -73,7 +93,6 @@ public final class ChangeLog: @unchecked Sendable {
         self.consistent = consistent
         self.size = size
         self.bitmap = bitmap
-        self.durable = bitmap
     }
 
     deinit { try? fd.close() }
@@ -85,11 +104,26 @@ public final class ChangeLog: @unchecked Sendable {
             fd = try FileDescriptor.open(FilePath(path), .readWrite, options: [.create, .exclusiveCreate, .closeOnExec],
                                          permissions: [.ownerReadWrite])
         } catch { throw .io(path: path, errno: (error as? Errno) ?? .ioError) }
-        let log = ChangeLog(path: path, fd: fd, parent: parent, child: child, consistent: true, size: size,
-                            bitmap: [UInt8](repeating: 0, count: bitmapLength(size: size)))
-        try log.writeAll(log.headerBytes() + log.bitmap, at: 0)
-        try log.sync()
-        return log
+        let header = headerBytes(parent: parent, child: child, consistent: true, size: size)
+        do {
+            // The zero bitmap as a hole: the file system reads it back as zeros.
+            try writeAll(fd, path: path, header, at: 0)
+            guard ftruncate(fd.rawValue, off_t(headerSize + bitmapLength(size: size))) == 0 else {
+                throw CBTError.io(path: path, errno: Errno(rawValue: errno))
+            }
+            guard fdatasync(fd.rawValue) == 0 else { throw CBTError.io(path: path, errno: Errno(rawValue: errno)) }
+            let bits = try mappedBits(fd, path: path, count: bitmapLength(size: size))
+            changed()
+            return ChangeLog(path: path, fd: fd, parent: parent, child: child, consistent: true, size: size, bitmap: bits)
+        } catch let e as CBTError {
+            try? fd.close()
+            unlink(path)
+            throw e
+        } catch {
+            try? fd.close()
+            unlink(path)
+            throw .io(path: path, errno: .ioError)
+        }
     }
 
     /// Opens and checks a log. Any structural problem is `.damaged` with the reason.
@@ -109,9 +143,7 @@ public final class ChangeLog: @unchecked Sendable {
                 throw CBTError.damaged(path: path, reason: "consistent flag is \(consistentRaw)")
             }
             let size = try h.withUnsafeBytes { raw throws(CBTError) in try checkedSize(header: raw, fileLength: Int(length), path: path) }
-            var bitmap = [UInt8](repeating: 0, count: bitmapLength(size: size))
-            let bn = try bitmap.withUnsafeMutableBytes { try fd.read(fromAbsoluteOffset: Int64(headerSize), into: $0) }
-            guard bn == bitmap.count else { throw CBTError.damaged(path: path, reason: "short read") }
+            let bitmap = try mappedBits(fd, path: path, count: bitmapLength(size: size))
             return ChangeLog(path: path, fd: fd, parent: uuid(h[0..<16]), child: uuid(h[16..<32]), consistent: consistentRaw == 1,
                              size: size, bitmap: bitmap)
         } catch let e as CBTError {
@@ -132,7 +164,7 @@ public final class ChangeLog: @unchecked Sendable {
         guard size > old.size else { return }
         let side = path + ".resize"
         unlink(side)
-        var bytes = headerBytes(parent: old.parent, child: old.child, consistent: old.consistent, size: size) + old.bitmap
+        var bytes = headerBytes(parent: old.parent, child: old.child, consistent: old.consistent, size: size) + old.bitmap.all
         bytes += [UInt8](repeating: 0, count: bitmapLength(size: size) - old.bitmap.count)
         let fd: FileDescriptor
         do {
@@ -148,7 +180,7 @@ public final class ChangeLog: @unchecked Sendable {
             unlink(side)
             throw .io(path: side, errno: (error as? Errno) ?? .ioError)
         }
-        guard rename(side, path) == 0 else {
+        guard rename(side, to: path) else {
             let e = Errno(rawValue: errno)
             unlink(side)
             throw .io(path: path, errno: e)
@@ -234,6 +266,18 @@ public final class ChangeLog: @unchecked Sendable {
         return h
     }
 
+    static func mappedBits(_ fd: FileDescriptor, path: String, count: Int) throws(CBTError) -> LogBits {
+        do { return try LogBits(fd: fd.rawValue, headerSize: headerSize, count: count) } catch {
+            throw .damaged(path: path, reason: "cannot map its bitmap: \(error)")
+        }
+    }
+
+    static func writeAll(_ fd: FileDescriptor, path: String, _ b: [UInt8], at offset: Int) throws(CBTError) {
+        do {
+            _ = try b.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: Int64(offset), $0) }
+        } catch { throw .io(path: path, errno: (error as? Errno) ?? .ioError) }
+    }
+
     func writeAll(_ b: [UInt8], at offset: Int) throws(CBTError) {
         do {
             _ = try b.withUnsafeBytes { try fd.writeAll(toAbsoluteOffset: Int64(offset), $0) }
@@ -258,10 +302,11 @@ public final class ChangeLog: @unchecked Sendable {
         var needsCommit = false
         for bit in first...last where bit / 8 < bitmap.count {
             let i = bit / 8, mask = UInt8(1 << (bit % 8))
-            if durable[i] & mask != 0 { continue }
+            if bitmap[i] & mask != 0 && !pending.contains(i, mask) { continue }
             needsCommit = true
             if bitmap[i] & mask == 0 {
                 bitmap[i] |= mask
+                pending.insert(i, mask)
                 dirtyBytes = dirtyBytes.map { min($0.lowerBound, i)..<max($0.upperBound, i + 1) } ?? i..<(i + 1)
             }
         }
@@ -341,16 +386,18 @@ public final class ChangeLog: @unchecked Sendable {
             var failure = failed
             if failure == nil, let r = range {
                 // Written under the lock, so batches reach the file in the order they were taken.
-                do { try writeAll(Array(bitmap[r]), at: ChangeLog.headerSize + r.lowerBound) } catch { failure = error }
+                do { try writeAll(bitmap.bytes(r), at: ChangeLog.headerSize + r.lowerBound) } catch { failure = error }
             }
-            let slice = range.map { Array(bitmap[$0]) }
+            // Every pending bit is written by now (by this batch or an earlier one), so
+            // this batch's sync makes all of them durable.
+            let written = pending
             lock.unlock()
             if failure == nil {
                 do { try sync() } catch { failure = error }
             }
             lock.lock()
-            if failure == nil, let r = range, let s = slice {
-                for (k, b) in s.enumerated() { durable[r.lowerBound + k] |= b }
+            if failure == nil {
+                pending.remove(written)
             } else if let f = failure {
                 failed = f
                 if let r = range { dirtyBytes = dirtyBytes.map { min($0.lowerBound, r.lowerBound)..<max($0.upperBound, r.upperBound) } ?? r }
@@ -363,20 +410,32 @@ public final class ChangeLog: @unchecked Sendable {
     /// The bitmap as stored (LSB first).
     public var bits: [UInt8] {
         lock.lock(); defer { lock.unlock() }
-        return bitmap
+        return bitmap.all
     }
 
     // MARK: metadata changes (rare; each written and synced at once)
 
-    public func setConsistent(_ c: Bool) throws(CBTError) { try updateHeader { $0.consistent = c } }
-    public func setParent(_ p: UUID?) throws(CBTError) { try updateHeader { $0.parent = p } }
-    public func setChild(_ c: UUID?) throws(CBTError) { try updateHeader { $0.child = c } }
+    public func setConsistent(_ c: Bool) throws(CBTError) { try updateHeader(links: false) { $0.consistent = c } }
 
-    func updateHeader(_ body: (ChangeLog) -> Void) throws(CBTError) {
+    /// Marks the log in use (consistent 0) without waiting for the disk: an attach pays no
+    /// device flush. The next batch's sync, which comes before any write whose bits are new,
+    /// covers it; a write whose bits were all durable already is in the log either way.
+    public func markInUse() throws(CBTError) {
+        lock.lock()
+        consistent = false
+        let h = headerBytes()
+        lock.unlock()
+        try writeAll(h, at: 0)
+    }
+    public func setParent(_ p: UUID?) throws(CBTError) { try updateHeader(links: true) { $0.parent = p } }
+    public func setChild(_ c: UUID?) throws(CBTError) { try updateHeader(links: true) { $0.child = c } }
+
+    func updateHeader(links: Bool, _ body: (ChangeLog) -> Void) throws(CBTError) {
         lock.lock()
         body(self)
         let h = headerBytes()
         lock.unlock()
+        defer { if links { ChangeLog.changed() } }
         try writeAll(h, at: 0)
         try sync()
     }
@@ -384,13 +443,20 @@ public final class ChangeLog: @unchecked Sendable {
     /// ORs another log's bits into this one (merging a destroyed snapshot's log).
     public func merge(_ other: [UInt8]) throws(CBTError) {
         lock.lock()
-        for i in 0..<min(bitmap.count, other.count) { bitmap[i] |= other[i] }
-        let all = bitmap
+        // New bits are pending until the sync below: a write that finds them set must still
+        // wait for it.
+        for i in 0..<min(bitmap.count, other.count) where other[i] & ~bitmap[i] != 0 {
+            let new = other[i] & ~bitmap[i]
+            bitmap[i] |= new
+            pending.insert(i, new)
+        }
+        let all = bitmap.all
+        let written = pending
         lock.unlock()
         try writeAll(all, at: ChangeLog.headerSize)
         try sync()
         lock.lock()
-        for i in 0..<all.count { durable[i] |= all[i] }
+        pending.remove(written)
         lock.unlock()
     }
 }

@@ -20,7 +20,7 @@ final class SRExportResolver: ExportResolver {
             // Every connection to a VDI shares one open chain, so a FLUSH on any of them
             // covers writes completed on all: multi-conn is safe.
             // CBT: the changes since each earlier snapshot, as qemu names dirty bitmaps.
-            let dirty = sr.cbtAncestors(g.vdi.uuid).map { dirtyBitmapPrefix + $0 }
+            let dirty = sr.cbtAncestors(g.vdi).map { dirtyBitmapPrefix + $0 }
             return .success(ExportDescription(name: exportName, size: g.vdi.virtualSize,
                                               readOnly: g.readOnly || g.vdi.isASnapshot, canMultiConn: true,
                                               metaContexts: [baseAllocationContext] + dirty))

@@ -215,12 +215,13 @@ final class Connection: @unchecked Sendable {
 
     func enterTransmission(_ ts: TransmissionState) {
         let export = ts.export
-        guard let vdi = resolver.grants[export.name]?.vdi.uuid else {
+        guard let granted = resolver.grants[export.name]?.vdi else {
             close(reason: "export \(export.name) was not resolved")
             return
         }
+        let vdi = granted.uuid
         do {
-            handle = try server.sr.attach(vdi)
+            handle = try server.sr.attach(vdi, familyHint: granted.family)
         } catch {
             logger.error("cannot attach VDI \(vdi): \(error)")
             close(reason: "attach failed")

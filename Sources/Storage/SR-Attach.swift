@@ -35,17 +35,33 @@ extension SR {
     }
 
     /// Opens (or shares) the VDI's chain for I/O. Only this VDI's family waits meanwhile.
-    public func attach(_ uuid: String) throws -> VDIHandle {
+    /// `familyHint` (the family of a record the caller read) saves a read; a stale hint
+    /// (a snapshot or coalesce moved the VDI since) is noticed under the lock and retried.
+    public func attach(_ uuid: String, familyHint: String? = nil) throws -> VDIHandle {
         let u = try SR.validUUID(uuid)
-        guard let family = try anyRecord(u)?.family else { throw StorageError.vdiMissing(uuid: u) }
-        return try withFamilyLock(family) {
+        var hint = familyHint
+        while true {
+            let family: String
+            if let h = hint { family = h } else {
+                guard let f = try anyRecord(u)?.family else { throw StorageError.vdiMissing(uuid: u) }
+                family = f
+            }
+            if let h = try attach(u, inFamily: family) { return h }
+            hint = nil
+        }
+    }
+
+    /// Nil if `u` is no longer of `family`.
+    private func attach(_ u: String, inFamily family: String) throws -> VDIHandle? {
+        try withFamilyLock(family) {
             let r = try storedRecord(u)
+            guard r.family == family else { return nil }
             // The record is read under the family lock: an operation that changes it
             // (snapshot, CBT, destroy) holds the lock too, so attach sees it as that left it.
             if let h = lookUp(r.uuid) {
                 // A lingering handle is taken back: its log is in use again.
                 if h.refCount == 0 {
-                    try? h.withCBT { try $0?.setConsistent(false) }
+                    try? h.withCBT { try $0?.markInUse() }
                     logger.info("VDI \(r.uuid): its chain was still open (lingering); reused")
                 }
                 h.refCount += 1

@@ -130,7 +130,7 @@ extension SR {
             try withHandle(u) { h in
                 if h != nil { throw StorageError.vdiInUse(uuid: u, operation: "destroy") }
                 if r.cbtEnabled {
-                    if r.isASnapshot || r.type == .cbtMetadata { mergeCBTOnDestroy(r) } else { unlink(cbtLogPath(u)) }
+                    if r.isASnapshot || r.type == .cbtMetadata { mergeCBTOnDestroy(r) } else { ChangeLog.remove(path: cbtLogPath(u)) }
                 }
                 try dbWrite { db in
                     _ = try VDIRecord.deleteOne(db, key: u)

@@ -24,6 +24,7 @@ import Foundation
 import GRDB
 import Logging
 import Image
+import Synchronization
 
 /// Where clients reach the NBD server; filled in by the server at start-up.
 public struct NBDEndpoint: Sendable, Equatable {
@@ -64,6 +65,8 @@ public final class SR: @unchecked Sendable {
     public let tasks = TaskTable()
     /// Leaf merges in progress: every handle of the VDI records its writes here (family lock).
     var mergeTrackers: [String: ChangeTracker] = [:]
+    /// CBT ancestry by VDI, with the `ChangeLog.generation` it was read at.
+    let ancestryCache = Mutex<[String: (generation: Int, ancestors: [String])]>([:])
     /// How long a VDI's open chain outlives its last connection, so a client that connects
     /// again (a backup agent opens several in a row) does not reopen and recheck every
     /// layer. A lingering handle is flushed and its change log marked consistent, as at

@@ -1,3 +1,4 @@
+import Foundation
 import NIOCore
 
 /// One of the eight `Parent Locator Entries` of the dynamic disk header.
@@ -51,10 +52,11 @@ public struct ParentLocatorEntry: Equatable, Sendable {
             while i + 1 < data.count {
                 let u = UInt16(data[i]) | UInt16(data[i + 1]) << 8
                 if u == 0 { break }
-                units.append(u)
+                // Windows separators as "/" (0x5C is "\\").
+                units.append(u == 0x5C ? 0x2F : u)
                 i += 2
             }
-            let s = String(decoding: units, as: UTF16.self).replacingOccurrences(of: "\\", with: "/")
+            let s = String(decoding: units, as: UTF16.self)
             return s.isEmpty ? nil : s
         default:
             return nil
@@ -215,6 +217,29 @@ public struct BlockAllocationTable: Equatable, Sendable {
         }
         return t
     }
+
+    /// Calls `body` with each allocated entry of the big-endian table in `raw`, in order.
+    /// A 4 KiB stretch that is all ones (1024 unallocated entries) is passed over with one
+    /// `memcmp`: a mostly empty table of a 2040 GiB disk costs a few microseconds, not a
+    /// walk of a million entries.
+    static func forEachAllocated(_ raw: UnsafeRawBufferPointer, count: Int,
+                                 _ body: (Int, UInt32) throws(VHDError) -> Void) throws(VHDError) {
+        let stride = allOnes.count / 4
+        var first = 0
+        while first < count {
+            let n = min(stride, count - first)
+            let empty = allOnes.withUnsafeBytes { ones in memcmp(raw.baseAddress! + first * 4, ones.baseAddress!, n * 4) == 0 }
+            if !empty {
+                for k in first..<(first + n) {
+                    let e = UInt32(bigEndian: raw.loadUnaligned(fromByteOffset: k * 4, as: UInt32.self))
+                    if e != unallocated { try body(k, e) }
+                }
+            }
+            first += n
+        }
+    }
+
+    private static let allOnes = [UInt8](repeating: 0xFF, count: 4096)
 
     public func serialize() -> [UInt8] { encode(entries[...], paddedTo: Self.byteLength(entries: entries.count)) }
 

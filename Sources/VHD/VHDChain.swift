@@ -36,18 +36,13 @@ public final class VHDChain: @unchecked Sendable {
     public static func open(path: String, writable: Bool, policy: ChecksumPolicy = .strict,
                             resolveParent: ((VHDFile) -> String?)? = nil) throws(VHDError) -> VHDChain {
         var layers: [VHDFile] = []
+        // A loop of paths comes back to a file already open, so its unique id repeats.
         var seenIDs = Set<UUID>()
-        var seenPaths = Set<String>()
         var current = path
         // The next layer, opened already to check its identity (each file is opened once).
         var opened: VHDFile?
         do {
             while true {
-                let real = URL(fileURLWithPath: current).standardizedFileURL.resolvingSymlinksInPath().path
-                guard seenPaths.insert(real).inserted else {
-                    opened?.close()
-                    throw VHDError.chainLoop(path: current)
-                }
                 let f = try opened ?? VHDFile.open(path: current, writable: writable, policy: policy)
                 opened = nil
                 layers.append(f)
@@ -79,26 +74,62 @@ public final class VHDChain: @unchecked Sendable {
     /// Tries the parent locators (MacX, W2ru, W2ku) then the parent's unicode name, each
     /// relative to the child's directory.
     public static func findParent(of f: VHDFile) throws(VHDError) -> String {
-        let dir = URL(fileURLWithPath: f.path).deletingLastPathComponent()
-        var candidates: [String] = []
-        for (code, p) in f.parentLocatorPaths() {
-            if p.hasPrefix("/") { candidates.append(p) }
+        // Plain string work and one stat a candidate: Foundation's URL standardising
+        // stat'ed every directory of the path, nine calls a layer on each first GO.
+        let dir = directory(of: f.path)
+        var found: String?
+        var first: String?
+        f.forEachParentLocatorPath { code, p in
+            if first == nil { first = p }
+            var candidates: [String] = []
+            if p.hasPrefix("/") { candidates.append(normalised(p)) }
             if code == .w2ku {
                 // An absolute Windows path: only its last component is useful here.
-                candidates.append(dir.appendingPathComponent((p as NSString).lastPathComponent).path)
+                candidates.append(dir + "/" + lastComponent(p))
             } else if !p.hasPrefix("/") {
-                candidates.append(dir.appendingPathComponent(p).standardizedFileURL.path)
+                candidates.append(normalised(dir + "/" + p))
             }
+            found = candidates.first(where: isFile)
+            return found != nil
         }
+        if let found { return found }
         let name = f.header?.parentUnicodeName ?? ""
         if !name.isEmpty {
             let n = name.replacingOccurrences(of: "\\", with: "/")
-            candidates.append(n.hasPrefix("/") ? n : dir.appendingPathComponent((n as NSString).lastPathComponent).path)
+            let c = n.hasPrefix("/") ? n : dir + "/" + lastComponent(n)
+            if isFile(c) { return c }
         }
-        for c in candidates where FileManager.default.fileExists(atPath: c) { return c }
-        let shown = f.parentLocatorPaths().first?.1 ?? name
+        let shown = first ?? name
         let uid = f.header.map { UUID(uuid: uuidTuple($0.parentUniqueID)).uuidString.lowercased() } ?? ""
         throw .parentMissing(child: f.path, parentName: shown, parentUniqueID: uid)
+    }
+
+    /// The directory part of a path ("." for a bare name).
+    static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+
+    static func lastComponent(_ p: String) -> String {
+        String(p.split(separator: "/", omittingEmptySubsequences: true).last ?? "")
+    }
+
+    /// `a/./b`, `a//b` and `a/x/../b` as `a/b`, without looking at the file system.
+    static func normalised(_ p: String) -> String {
+        var parts: [Substring] = []
+        for c in p.split(separator: "/", omittingEmptySubsequences: true) {
+            if c == "." { continue }
+            if c == "..", let last = parts.last, last != ".." { parts.removeLast(); continue }
+            if c == "..", p.hasPrefix("/") { continue }
+            parts.append(c)
+        }
+        let joined = parts.joined(separator: "/")
+        return p.hasPrefix("/") ? "/" + joined : (joined.isEmpty ? "." : joined)
+    }
+
+    static func isFile(_ p: String) -> Bool {
+        var st = stat()
+        return stat(p, &st) == 0 && (st.st_mode & S_IFMT) != S_IFDIR
     }
 
     public func close() { layers.forEach { $0.close() } }

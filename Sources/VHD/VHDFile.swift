@@ -36,10 +36,12 @@ public final class VHDFile: @unchecked Sendable {
     /// A read-only file's BAT is not copied at open: entries are decoded from the file's
     /// mapped page cache as blocks are looked up (a 2040 GiB disk's table is 4 MiB a layer,
     /// and a 30-deep chain opened on every first GO read all of them). Nil: `bat` holds it.
-    private var batMap: UnsafeRawBufferPointer?
+    var batMap: UnsafeRawBufferPointer?
     private var batMapCount = 0
     /// The file's length at open (lazily checked BAT entries must lie inside it).
     private var openedLength: UInt64 = 0
+    /// Every entry was checked at open (a writable file's are: allocation needs them all).
+    private var batChecked = false
     /// Bitmaps of the partial blocks (`bitmapKinds` 2), by block index. Sparse: a full array
     /// of optionals cost 17 bytes a block whether read or not (24 MiB for each layer of a
     /// 2040 GiB disk, filled at every open).
@@ -119,32 +121,51 @@ public final class VHDFile: @unchecked Sendable {
                                     reason: "BAT of \(batBytes) bytes does not fit in the file of \(length) bytes")
             }
             var end = max(ho + 1024, h.tableOffset + UInt64(BlockAllocationTable.byteLength(entries: Int(h.maxTableEntries))))
-            let blockSpan = UInt64(h.bitmapBytes) + UInt64(h.blockSize)
-            if !writable, let m = file.mapped(offset: h.tableOffset, count: Int(batBytes), populate: false) {
-                // Read-only: entries are checked as they are used (nothing is allocated here,
-                // so where the next block would go does not matter).
+            let span = UInt64(h.bitmapBytes) + UInt64(h.blockSize)
+            let checkEntry = { (i: Int, e: UInt32) throws(VHDError) -> UInt64 in
+                let start = UInt64(e) * 512
+                guard start >= 512, start + span <= length else {
+                    throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e),
+                                        reason: "block at byte \(start) + \(span) lies past the end of the file (\(length))")
+                }
+                return start + span
+            }
+            if let m = file.mapped(offset: h.tableOffset, count: Int(batBytes), populate: writable) {
+                // The table is read from the file's mapped page cache, never copied: a
+                // 2040 GiB disk's is 4 MiB a layer, and every first GO opened 30 of them.
                 batMap = m
                 batMapCount = Int(h.maxTableEntries)
                 bat = BlockAllocationTable(count: 0)
-                end = max(end, length - 512)
+                if writable {
+                    // Where the next block goes needs every entry: a word-at-a-time pass
+                    // that skips unallocated pairs, checking what it finds as a read would.
+                    var seen = Set<UInt32>()
+                    try BlockAllocationTable.forEachAllocated(m, count: batMapCount) { (i, e) throws(VHDError) in
+                        end = max(end, try checkEntry(i, e))
+                        guard seen.insert(e).inserted else {
+                            throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e), reason: "two blocks share one offset")
+                        }
+                    }
+                    batChecked = true
+                } else {
+                    // Read-only: entries are checked as they are used (nothing is allocated
+                    // here, so where the next block would go does not matter).
+                    end = max(end, length - 512)
+                }
             } else {
-                // Read without first zeroing the buffer: a 2040 GiB disk's table is 4 MiB.
+                // Read without first zeroing the buffer.
                 var raw = [UInt8](unsafeUninitializedCapacity: Int(batBytes)) { _, n in n = Int(batBytes) }
                 try typed(file.path) { try raw.withUnsafeMutableBytes { b in try file.read(into: b, atAbsoluteOffset: h.tableOffset) } }
                 let table = try BlockAllocationTable.parse(raw, count: Int(h.maxTableEntries))
                 var seen = Set<UInt32>()
                 for (i, e) in table.entries.enumerated() where e != BlockAllocationTable.unallocated {
-                    let start = UInt64(e) * 512
-                    guard start >= 512, start + blockSpan <= length - 512 || start + blockSpan <= length else {
-                        throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e),
-                                            reason: "block at byte \(start) + \(blockSpan) lies past the end of the file (\(length))")
-                    }
+                    end = max(end, try checkEntry(i, e))
                     guard seen.insert(e).inserted else {
                         throw .invalidField(structure: "BAT", field: "entry[\(i)]", value: UInt64(e), reason: "two blocks share one offset")
                     }
-                    end = max(end, start + blockSpan)
                 }
                 bat = table
+                batChecked = true
             }
             for l in h.parentLocatorEntries where l.platformCode != .none && l.platformDataOffset > 0 {
                 let space = l.platformDataSpace < 512 ? UInt64(l.platformDataSpace) * 512 : UInt64(l.platformDataSpace)
@@ -172,7 +193,7 @@ public final class VHDFile: @unchecked Sendable {
     }
 
     /// The whole table (decoded from the mapping if it was not read at open).
-    private var fullTable: BlockAllocationTable {
+    var fullTable: BlockAllocationTable {
         guard batMap != nil else { return bat }
         var t = BlockAllocationTable(count: batMapCount)
         for i in 0..<batMapCount { t.entries[i] = batEntry(i) }
@@ -213,7 +234,7 @@ public final class VHDFile: @unchecked Sendable {
         let e = batEntry(blockIndex)
         if e == BlockAllocationTable.unallocated { return .absent }
         let start = UInt64(e) * 512
-        if batMap != nil {
+        if !batChecked {
             let span = UInt64(h.bitmapBytes) + UInt64(h.blockSize)
             guard start >= 512, start + span <= openedLength else {
                 throw .invalidField(structure: "BAT", field: "entry[\(blockIndex)]", value: UInt64(e),
@@ -328,13 +349,25 @@ public final class VHDFile: @unchecked Sendable {
             lock.broadcast()
             lock.unlock()
         }
-        bat.entries[blockIndex] = UInt32((dataOffset - UInt64(h.bitmapBytes)) / 512)
-        let (sector, bytes) = bat.sectorContaining(blockIndex: blockIndex)
-        do {
+        let entry = UInt32((dataOffset - UInt64(h.bitmapBytes)) / 512)
+        let sector = blockIndex * 4 / 512
+        if let m = batMap {
+            // The mapping shows the file's page cache: once the sector is written, the
+            // lookups read the new entry from it.
+            var bytes = [UInt8](repeating: 0xFF, count: 512)
+            let from = sector * 512, n = min(512, m.count - from)
+            bytes.withUnsafeMutableBytes { b in b.copyMemory(from: UnsafeRawBufferPointer(rebasing: m[from..<(from + n)])) }
+            withUnsafeBytes(of: entry.bigEndian) { e in for k in 0..<4 { bytes[blockIndex * 4 - from + k] = e[k] } }
             try file.write(bytes, at: h.tableOffset + UInt64(sector) * 512)
-        } catch {
-            bat.entries[blockIndex] = BlockAllocationTable.unallocated
-            throw error
+        } else {
+            bat.entries[blockIndex] = entry
+            let (_, bytes) = bat.sectorContaining(blockIndex: blockIndex)
+            do {
+                try file.write(bytes, at: h.tableOffset + UInt64(sector) * 512)
+            } catch {
+                bat.entries[blockIndex] = BlockAllocationTable.unallocated
+                throw error
+            }
         }
         bitmapKinds[blockIndex] = 1
         bitmaps[blockIndex] = nil
@@ -352,7 +385,7 @@ public final class VHDFile: @unchecked Sendable {
     func setBitsLocked(blockIndex: Int, sectors: Range<Int>) throws(VHDError) {
         guard var bm = bitmaps[blockIndex] else { return }
         bm.set(sectors)
-        let start = UInt64(bat.entries[blockIndex]) * 512
+        let start = UInt64(batEntry(blockIndex)) * 512
         try file.write(bm.bytes, at: start)
         if bm.isFull {
             bitmapKinds[blockIndex] = 1
@@ -375,18 +408,24 @@ public final class VHDFile: @unchecked Sendable {
 
     /// Reads this file's parent locators' data as paths, in the order they should be tried.
     public func parentLocatorPaths() -> [(ParentLocatorEntry.PlatformCode, String)] {
-        guard let h = header, footer.diskType == .differencing else { return [] }
         var out: [(ParentLocatorEntry.PlatformCode, String)] = []
+        forEachParentLocatorPath { out.append(($0, $1)); return false }
+        return out
+    }
+
+    /// Calls `body` with each parent locator's path, in the order they should be tried,
+    /// until it returns true (a chain's opener stops at the first that names a file).
+    public func forEachParentLocatorPath(_ body: (ParentLocatorEntry.PlatformCode, String) -> Bool) {
+        guard let h = header, footer.diskType == .differencing else { return }
         let order: [ParentLocatorEntry.PlatformCode] = [.macX, .w2ru, .w2ku]
         for code in order {
             for l in h.parentLocatorEntries where l.platformCode == code {
                 guard l.platformDataLength > 0, l.platformDataLength <= 4096,
                       let data = try? file.read(at: l.platformDataOffset, count: Int(l.platformDataLength)),
                       let p = l.decodePath(data) else { continue }
-                out.append((code, p))
+                if body(code, p) { return }
             }
         }
-        return out
     }
 }
 
@@ -399,27 +438,36 @@ public func uuidBytes(_ u: UUID) -> [UInt8] {
     withUnsafeBytes(of: u.uuid) { Array($0) }
 }
 
-/// Per-block bytes that start as zero, in an anonymous mapping: fresh pages the kernel
-/// zeroes only when first touched, so opening a 2040 GiB layer (a million blocks) costs
-/// nothing for the blocks never looked up. (`Array(repeating:)` wrote every byte: 30 MiB
-/// of memset for each first GO of a 30-deep chain; calloc does too, for sizes below the
-/// mmap threshold vdinbd raises.)
+/// Per-block bytes that start as zero, in an anonymous mapping made at the first write:
+/// fresh pages the kernel zeroes only when first touched, so opening a 2040 GiB layer (a
+/// million blocks) costs nothing for the blocks never looked up, and a layer never read
+/// costs no mapping at all. (`Array(repeating:)` wrote every byte: 30 MiB of memset for
+/// each first GO of a 30-deep chain; calloc does too, for sizes below the mmap threshold
+/// vdinbd raises.) Callers serialise access (the file's lock).
 struct ZeroedBytes {
     final class Storage {
-        let base: UnsafeMutablePointer<UInt8>
         let count: Int
-        let mapped: Bool
-        init(count: Int) {
-            self.count = count
-            if count >= 65536, let p = mmap(nil, count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), p != MAP_FAILED {
-                base = p.assumingMemoryBound(to: UInt8.self)
+        private(set) var base: UnsafeMutablePointer<UInt8>?
+        private var mapped = false
+        init(count: Int) { self.count = count }
+
+        func allocate() -> UnsafeMutablePointer<UInt8> {
+            if let base { return base }
+            let p: UnsafeMutablePointer<UInt8>
+            if count >= 65536, let m = mmap(nil, count, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), m != MAP_FAILED {
+                p = m.assumingMemoryBound(to: UInt8.self)
                 mapped = true
             } else {
-                base = calloc(max(count, 1), 1)!.assumingMemoryBound(to: UInt8.self)
-                mapped = false
+                p = calloc(max(count, 1), 1)!.assumingMemoryBound(to: UInt8.self)
             }
+            base = p
+            return p
         }
-        deinit { if mapped { munmap(base, count) } else { free(base) } }
+
+        deinit {
+            guard let base else { return }
+            if mapped { munmap(base, count) } else { free(base) }
+        }
     }
     private(set) var storage: Storage
 
@@ -428,15 +476,15 @@ struct ZeroedBytes {
     var count: Int { storage.count }
 
     subscript(i: Int) -> UInt8 {
-        get { storage.base[i] }
-        nonmutating set { storage.base[i] = newValue }
+        get { storage.base?[i] ?? 0 }
+        nonmutating set { storage.allocate()[i] = newValue }
     }
 
     /// A longer table with the same first bytes.
     mutating func grow(to n: Int) {
         guard n > storage.count else { return }
         let s = Storage(count: n)
-        s.base.update(from: storage.base, count: storage.count)
+        if let old = storage.base { s.allocate().update(from: old, count: storage.count) }
         storage = s
     }
 }

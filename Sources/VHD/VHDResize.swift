@@ -45,7 +45,7 @@ extension VHDFile {
         defer { lock.unlock() }
         let needed = Int((newSize + UInt64(h.blockSize) - 1) / UInt64(h.blockSize))
         if needed > Int(h.maxTableEntries) {
-            var table = bat
+            var table = fullTable
             table.entries += [UInt32](repeating: BlockAllocationTable.unallocated, count: needed - table.entries.count)
             let oldBytes = BlockAllocationTable.byteLength(entries: Int(h.maxTableEntries))
             let newBytes = BlockAllocationTable.byteLength(entries: needed)
@@ -64,7 +64,9 @@ extension VHDFile {
             try file.write(h.serialize(), at: footer.dataOffset)
             try file.synchronize()
             header = h
+            // The grown table lives in memory from now on (the mapping covers the old one).
             bat = table
+            batMap = nil
             bitmapKinds.grow(to: needed)
         }
     }

@@ -206,4 +206,52 @@ final class ChangeLogTests: XCTestCase {
         XCTAssertEqual(again.bits, log.bits)
         XCTAssertEqual(again.bits.reduce(0) { $0 + $1.nonzeroBitCount }, 256)
     }
+
+    /// A new log's bitmap is a hole in its file (a 2040 GiB disk's 4 MiB of zeros is not
+    /// written), reads as zeros, and takes bits anywhere.
+    func testANewLargeLogIsSparseAndTakesItsLastBit() throws {
+        let p = dir + "/big.cbtlog"
+        let size: UInt64 = 2040 << 30
+        let log = try ChangeLog.create(path: p, size: size)
+        var st = stat()
+        XCTAssertEqual(stat(p, &st), 0)
+        XCTAssertEqual(Int(st.st_size), 48 + ChangeLog.bitmapLength(size: size))
+        XCTAssertLessThan(Int(st.st_blocks) * 512, 1 << 20, "the zero bitmap is not written out")
+        XCTAssertTrue(log.markDirty(offset: size - 1, length: 1))
+        try log.commit()
+        let again = try ChangeLog.open(path: p)
+        let bits = again.bits
+        XCTAssertEqual(bits.last, log.bits.last)
+        XCTAssertNotEqual(bits.last, 0)
+        XCTAssertEqual(bits.dropLast().first { $0 != 0 }, nil)
+    }
+
+    /// Marking a log in use writes its flag without a sync of its own; a later commit
+    /// makes it durable with the bits.
+    func testMarkInUseIsSeenByAReopenAndLeavesTheLinksGenerationAlone() throws {
+        let p = dir + "/u.cbtlog"
+        let log = try ChangeLog.create(path: p, size: 1 << 30)
+        let before = ChangeLog.generation.load(ordering: .sequentiallyConsistent)
+        try log.markInUse()
+        XCTAssertEqual(ChangeLog.generation.load(ordering: .sequentiallyConsistent), before,
+                       "the flag is not a link: cached ancestries stay valid")
+        XCTAssertFalse(try ChangeLog.open(path: p).consistent)
+        try log.setChild(UUID())
+        XCTAssertGreaterThan(ChangeLog.generation.load(ordering: .sequentiallyConsistent), before)
+        let g = ChangeLog.generation.load(ordering: .sequentiallyConsistent)
+        XCTAssertTrue(ChangeLog.rename(p, to: p + ".moved"))
+        XCTAssertGreaterThan(ChangeLog.generation.load(ordering: .sequentiallyConsistent), g)
+    }
+
+    /// Bits merged in from a destroyed snapshot's log are durable once `merge` returns, and
+    /// a write whose bits they cover then needs no commit.
+    func testMergedBitsAreDurableAfterMerge() throws {
+        let p = dir + "/m.cbtlog"
+        let log = try ChangeLog.create(path: p, size: 1 << 30)
+        var other = [UInt8](repeating: 0, count: ChangeLog.bitmapLength(size: 1 << 30))
+        other[3] = 0b0001_0000
+        try log.merge(other)
+        XCTAssertFalse(log.markDirty(offset: (3 * 8 + 4) * 64 * 1024, length: 4096))
+        XCTAssertEqual(try ChangeLog.open(path: p).bits[3], 0b0001_0000)
+    }
 }

@@ -51,4 +51,73 @@ final class LazyTableTests: TemporaryDirectoryTestCase {
             XCTAssertEqual(s, "BAT")
         }
     }
+
+    /// A writable file's table is the mapped file too: entries committed by allocation are
+    /// read back from it, a far entry (past 1024 unallocated ones) is found by the skipping
+    /// scan, and the next block goes after it.
+    func testWritableMappedTableSeesCommitsAndPlacesNewBlocksPastTheLast() throws {
+        let p = dir + "/w.vhd"
+        try VHDCreate.createDynamic(path: p, size: 8 << 30)  // 4096 entries: four 4 KiB stretches
+        do {
+            let c = try VHDChain.open(path: p, writable: true)
+            try c.write([UInt8](repeating: 7, count: 4096), at: 2500 << 21)
+            try c.flush()
+            c.close()
+        }
+        let c = try VHDChain.open(path: p, writable: true)
+        defer { c.close() }
+        XCTAssertNotNil(c.leaf.batMap, "the table is mapped, not copied")
+        guard case .full(let far) = try c.leaf.blockState(2500) else { return XCTFail("block 2500 lost") }
+        for b in [0, 127, 128, 4095] {
+            try c.write([UInt8](repeating: UInt8(b % 250 + 1), count: 4096), at: UInt64(b) << 21)
+            guard case .full(let o) = try c.leaf.blockState(b) else { return XCTFail("block \(b) not allocated") }
+            XCTAssertGreaterThan(o, far, "a new block must not overlap the one found at open")
+        }
+        try c.flush()
+        let r = try VHDFile.open(path: p, writable: false)
+        defer { r.close() }
+        XCTAssertEqual(r.blockAllocationTable.entries, c.leaf.blockAllocationTable.entries)
+        XCTAssertEqual(r.allocatedBlockCount, 5)
+        var out = [UInt8](repeating: 0, count: 4096)
+        let again = try VHDChain.open(path: p, writable: false)
+        defer { again.close() }
+        for (b, v) in [(0, 1), (127, 128), (128, 129), (4095, 96), (2500, 7)] {
+            try out.withUnsafeMutableBytes { try again.read(into: $0, at: UInt64(b) << 21) }
+            XCTAssertEqual(out, [UInt8](repeating: UInt8(v), count: 4096), "block \(b)")
+        }
+    }
+
+    func testAWritableOpenRefusesTwoEntriesSharingABlock() throws {
+        let p = dir + "/d.vhd"
+        try VHDCreate.createDynamic(path: p, size: 8 << 30)
+        do {
+            let c = try VHDChain.open(path: p, writable: true)
+            try c.write([UInt8](repeating: 1, count: 512), at: 3000 << 21)
+            c.close()
+        }
+        let f = try VHDFile.open(path: p, writable: false)
+        let tableOffset = f.header!.tableOffset
+        let entry = f.blockAllocationTable.entries[3000]
+        f.close()
+        let h = try XCTUnwrap(FileHandle(forUpdatingAtPath: p))
+        try h.seek(toOffset: tableOffset + 10 * 4)
+        h.write(withUnsafeBytes(of: entry.bigEndian) { Data($0) })
+        try h.close()
+        XCTAssertThrowsError(try VHDFile.open(path: p, writable: true)) { e in
+            guard case .invalidField(_, let field, _, let reason)? = e as? VHDError else { return XCTFail("\(e)") }
+            XCTAssertEqual(field, "entry[3000]")
+            XCTAssertTrue(reason.contains("share"), reason)
+        }
+    }
+
+    func testParentPathsAreNormalisedWithoutTheFileSystem() {
+        XCTAssertEqual(VHDChain.normalised("/sr/./a.vhd"), "/sr/a.vhd")
+        XCTAssertEqual(VHDChain.normalised("/sr//x/../a.vhd"), "/sr/a.vhd")
+        XCTAssertEqual(VHDChain.normalised("/../a.vhd"), "/a.vhd")
+        XCTAssertEqual(VHDChain.normalised("sr/../../a.vhd"), "../a.vhd")
+        XCTAssertEqual(VHDChain.directory(of: "/sr/a.vhd"), "/sr")
+        XCTAssertEqual(VHDChain.directory(of: "/a.vhd"), "/")
+        XCTAssertEqual(VHDChain.directory(of: "a.vhd"), ".")
+        XCTAssertEqual(VHDChain.lastComponent("C:/images/p.vhd"), "p.vhd")
+    }
 }
