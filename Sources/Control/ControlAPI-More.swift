@@ -14,9 +14,11 @@ extension ControlAPI {
     func dispatchMore(_ method: String, _ p: Params, task: TaskContext?) throws -> JSONValue {
         if method.hasPrefix("Async.") {
             let inner = String(method.dropFirst("Async.".count))
-            guard Self.methods.contains(inner) || Self.moreMethods.contains(inner), !inner.hasPrefix("Task.") else {
+            guard Self.methods.contains(inner) || Self.moreMethods.contains(inner) || Self.lifecycleMethods.contains(inner),
+                  !inner.hasPrefix("Task.") else {
                 throw RPCError.methodNotFound(method)
             }
+            try checkArity(inner, p)
             let uuid = sr.tasks.run(name: inner) { [self] ctx in
                 let v = try dispatch(inner, p, task: ctx)
                 return String(decoding: try JSONEncoder().encode(v), as: UTF8.self)
@@ -81,6 +83,7 @@ extension ControlAPI {
             try sr.tasks.destroy(p.string(0, "task"))
             return .null
         default:
+            if let v = try dispatchLifecycle(method, p, task: task) { return v }
             throw RPCError.methodNotFound(method)
         }
     }

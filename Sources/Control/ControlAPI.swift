@@ -91,9 +91,10 @@ public final class ControlAPI: @unchecked Sendable {
     ]
 
     func dispatch(_ method: String, _ p: Params, task: TaskContext?) throws -> JSONValue {
+        try checkArity(method, p)
         switch method {
         case "system.listMethods":
-            return .array((Self.methods + Self.moreMethods).map { .string($0) })
+            return .array((Self.methods + Self.moreMethods + Self.lifecycleMethods).map { .string($0) })
         case "VDI.create":
             return .string(try create(p.object(0, "args")).uuid)
         case "VDI.get_record":
@@ -120,14 +121,23 @@ public final class ControlAPI: @unchecked Sendable {
             let uuid = try p.string(0, "uuid")
             var readOnly = false
             var lifetime: TimeInterval?
+            var mode = AttachMode.direct
+            var label: String?
             if let o = p.optional(1, "options")?.objectValue {
                 if case .bool(let b)? = o["read_only"] { readOnly = b }
+                if let m = o["mode"]?.stringValue {
+                    guard let am = AttachMode(rawValue: m) else {
+                        throw StorageError.valueNotSupported(field: "mode", value: m, reason: "expected direct or scratch")
+                    }
+                    mode = am
+                }
+                if let l = o["label"]?.stringValue, !l.isEmpty { label = l }
                 if case .number(let n)? = o["lifetime"] {
                     guard n > 0 else { throw StorageError.valueNotSupported(field: "lifetime", value: "\(n)", reason: "must be positive") }
                     lifetime = n
                 }
             }
-            return try JSONValue.from(sr.getNBDInfo(uuid, readOnly: readOnly, lifetime: lifetime))
+            return try JSONValue.from(sr.getNBDInfo(uuid, readOnly: readOnly, lifetime: lifetime, mode: mode, label: label))
         case "VDI.enable_cbt":
             try sr.enableCBT(p.string(0, "uuid"))
             return .null
@@ -191,6 +201,21 @@ public final class ControlAPI: @unchecked Sendable {
         o["SR"] = .string(sr.path)
         o["family"] = nil
         o["location"] = .string(r.uuid)
+        o["missing"] = .bool(r.type != .cbtMetadata && !FileManager.default.fileExists(atPath: sr.imagePath(r.uuid)))
+        o["managed"] = .bool(true)
+        let attachments = sr.attachments(of: r.uuid)
+        o["currently_attached"] = .bool(!attachments.isEmpty)
+        let f = ISO8601DateFormatter()
+        o["nbd_attachments"] = .array(attachments.map { a in
+            .object(["token": .string(a.token), "read_only": .bool(a.readOnly), "mode": .string(a.mode.rawValue),
+                     "connections": .number(Double(a.connections)), "since": .string(f.string(from: a.since))])
+        })
+        o["allowed_operations"] = .array(sr.allowedOperations(r).map { .string($0.rawValue) })
+        o["current_operations"] = .object([:])
+        o["snapshots"] = .array(((try? sr.allRecords()) ?? []).filter { $0.snapshotOf == r.uuid }.map { .string($0.uuid) })
+        o["storage_lock"] = .bool(false)
+        o["is_tools_iso"] = .bool(false)
+        o["xenstore_data"] = .object([:])
         return .object(o)
     }
 }

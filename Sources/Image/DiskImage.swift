@@ -112,6 +112,10 @@ public protocol DiskImage: AnyObject, Sendable {
     func leafLacksAll(offset: UInt64, length: UInt64) -> Bool
     func flush() throws
     func close()
+    /// Off: a newly allocated unit's data need not be durable before the image points at
+    /// it (for an image being filled that no one relies on until a final `flush`, a fresh
+    /// copy's target). On by default.
+    func setAllocationBarrier(_ on: Bool)
 }
 
 /// One image format: how its files are made, opened and linked into chains.

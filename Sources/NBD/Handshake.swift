@@ -38,7 +38,13 @@ public struct ExportDescription: Sendable, Equatable {
 /// Why a lookup failed; the message goes to the client and to the log.
 public struct ExportLookupFailure: Error, Sendable {
     public var message: String
-    public init(_ message: String) { self.message = message }
+    /// The export exists but policy refuses this client now (`NBD_REP_ERR_POLICY`), rather
+    /// than no such export (`NBD_REP_ERR_UNKNOWN`).
+    public var policy: Bool
+    public init(_ message: String, policy: Bool = false) {
+        self.message = message
+        self.policy = policy
+    }
 }
 
 /// Looks up exports by name. Implemented by the Server on top of Storage.
@@ -157,7 +163,7 @@ public struct HandshakeStateMachine: Sendable {
             }
             switch resolver.describe(exportName: ir.exportName) {
             case .failure(let f):
-                return [.send(.error(opt, .errUnknown, f.message))]
+                return [.send(.error(opt, f.policy ? .errPolicy : .errUnknown, f.message))]
             case .success(let e):
                 var out: [HandshakeAction] = [
                     .send(.infoExport(opt, size: e.size,
@@ -211,7 +217,7 @@ public struct HandshakeStateMachine: Sendable {
         }
         let export: ExportDescription
         switch resolver.describe(exportName: mr.exportName) {
-        case .failure(let f): return [.send(.error(opt, .errUnknown, f.message))]
+        case .failure(let f): return [.send(.error(opt, f.policy ? .errPolicy : .errUnknown, f.message))]
         case .success(let e): export = e
         }
         var chosen: [String] = []

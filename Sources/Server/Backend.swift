@@ -14,6 +14,7 @@ final class SRExportResolver: ExportResolver {
         switch sr.resolve(exportName: exportName) {
         case .failure(let r):
             grants[exportName] = nil
+            if case .attachedElsewhere = r { return .failure(ExportLookupFailure(r.description, policy: true)) }
             return .failure(ExportLookupFailure(r.description))
         case .success(let g):
             grants[exportName] = g
@@ -22,7 +23,7 @@ final class SRExportResolver: ExportResolver {
             // CBT: the changes since each earlier snapshot, as qemu names dirty bitmaps.
             let dirty = sr.cbtAncestors(g.vdi).map { dirtyBitmapPrefix + $0 }
             return .success(ExportDescription(name: exportName, size: g.vdi.virtualSize,
-                                              readOnly: g.readOnly || g.vdi.isASnapshot, canMultiConn: true,
+                                              readOnly: g.readOnly || (g.vdi.isASnapshot && g.mode != .scratch), canMultiConn: true,
                                               metaContexts: [baseAllocationContext] + dirty))
         }
     }

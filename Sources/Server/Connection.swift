@@ -64,6 +64,8 @@ final class Connection: @unchecked Sendable {
 
     var transmission: TransmissionState?
     var handle: VDIHandle?
+    /// The token this connection attached with (its attachment's key).
+    var grant: SR.ExportGrant?
     var requestDecoder = RequestDecoder()
     let completions = Completions()
     let runners = Runners(width: 16)
@@ -220,8 +222,10 @@ final class Connection: @unchecked Sendable {
             return
         }
         let vdi = granted.uuid
+        let g = resolver.grants[export.name]
         do {
-            handle = try server.sr.attach(vdi, familyHint: granted.family)
+            handle = try server.sr.attach(vdi, familyHint: granted.family, grant: g)
+            grant = g
         } catch {
             logger.error("cannot attach VDI \(vdi): \(error)")
             close(reason: "attach failed")
@@ -286,7 +290,7 @@ final class Connection: @unchecked Sendable {
         finished = true
         if let h = handle {
             handle = nil
-            server.sr.detach(h)
+            server.sr.detach(h, grant: grant)
         }
         if readSuspended, let rs = readSource { rs.resume(); readSuspended = false }
         if writeSuspended, let ws = writeSource { ws.resume(); writeSuspended = false }

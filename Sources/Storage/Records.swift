@@ -33,6 +33,8 @@ public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, Persista
     public var snapshotOf: String?
     public var snapshotTime: Date?
     public var sharable: Bool
+    /// `allow_caching`: recorded for XenAPI clients (this server has no local cache SR).
+    public var allowCaching: Bool
     /// `on_boot`: `persist` or `reset`.
     public var onBoot: OnBoot
     public var tags: [String]
@@ -53,7 +55,7 @@ public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, Persista
         case physicalUtilisation = "physical_utilisation", type, readOnly = "read_only", isASnapshot = "is_a_snapshot"
         case snapshotOf = "snapshot_of", snapshotTime = "snapshot_time", sharable, onBoot = "on_boot", tags
         case otherConfig = "other_config", smConfig = "sm_config", parent, managed, cbtEnabled = "cbt_enabled", created
-        case family
+        case family, allowCaching = "allow_caching"
     }
 
     public init(uuid: String, nameLabel: String, nameDescription: String = "", virtualSize: UInt64) {
@@ -68,6 +70,7 @@ public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, Persista
         self.snapshotOf = nil
         self.snapshotTime = nil
         self.sharable = false
+        self.allowCaching = false
         self.onBoot = .persist
         self.tags = []
         self.otherConfig = [:]
@@ -80,6 +83,14 @@ public struct VDIRecord: Codable, Equatable, Sendable, FetchableRecord, Persista
     }
 }
 
+/// How an export token's connections reach the VDI.
+public enum AttachMode: String, Codable, Sendable, CaseIterable, DatabaseValueConvertible {
+    /// Reads and writes go to the VDI itself (or read-only, as the token says).
+    case direct
+    /// Writes go to a throw-away overlay above the VDI: the VDI never changes.
+    case scratch
+}
+
 /// An export token minted by `get_nbd_info`.
 public struct TokenRecord: Codable, Equatable, Sendable, FetchableRecord, PersistableRecord {
     public static let databaseTableName = "token"
@@ -89,9 +100,13 @@ public struct TokenRecord: Codable, Equatable, Sendable, FetchableRecord, Persis
     public var expiresAt: Date?
     public var revoked: Bool
     public var created: Date
+    /// Shown in place of the secret (records, logs): random, or the caller's `label`.
+    public var label: String
+    /// `scratch`: writes go to an overlay dropped when the attachment ends (seeds 002/003).
+    public var mode: AttachMode
 
     enum CodingKeys: String, CodingKey, ColumnExpression {
-        case secret, vdiUUID = "vdi_uuid", readOnly = "read_only", expiresAt = "expires_at", revoked, created
+        case secret, vdiUUID = "vdi_uuid", readOnly = "read_only", expiresAt = "expires_at", revoked, created, label, mode
     }
 }
 
@@ -152,6 +167,20 @@ enum Schema {
             try db.create(table: "sr_config") { t in
                 t.primaryKey("key", .text)
                 t.column("value", .text).notNull()
+            }
+        }
+        m.registerMigration("v3: allow_caching, forgotten VDIs") { db in
+            try db.alter(table: "vdi") { t in t.add(column: "allow_caching", .boolean).notNull().defaults(to: false) }
+            // `VDI.forget` drops a record and keeps its file; `SR.scan` brings it back with
+            // these fields instead of taking an empty file for a crash's leftover.
+            try db.alter(table: "token") { t in
+                t.add(column: "label", .text).notNull().defaults(to: "")
+                t.add(column: "mode", .text).notNull().defaults(to: "direct")
+            }
+            try db.create(table: "forgotten") { t in
+                t.primaryKey("uuid", .text)
+                t.column("name_label", .text).notNull()
+                t.column("name_description", .text).notNull()
             }
         }
         return m

@@ -37,7 +37,9 @@ extension SR {
     /// Opens (or shares) the VDI's chain for I/O. Only this VDI's family waits meanwhile.
     /// `familyHint` (the family of a record the caller read) saves a read; a stale hint
     /// (a snapshot or coalesce moved the VDI since) is noticed under the lock and retried.
-    public func attach(_ uuid: String, familyHint: String? = nil) throws -> VDIHandle {
+    /// With `grant` (a connection's token), the connection joins that token's attachment,
+    /// and a second read-write attachment of a VDI that is not sharable is refused.
+    public func attach(_ uuid: String, familyHint: String? = nil, grant: ExportGrant? = nil) throws -> VDIHandle {
         let u = try SR.validUUID(uuid)
         var hint = familyHint
         while true {
@@ -46,47 +48,108 @@ extension SR {
                 guard let f = try anyRecord(u)?.family else { throw StorageError.vdiMissing(uuid: u) }
                 family = f
             }
-            if let h = try attach(u, inFamily: family) { return h }
+            if let h = try attach(u, inFamily: family, grant: grant) { return h }
             hint = nil
         }
     }
 
     /// Nil if `u` is no longer of `family`.
-    private func attach(_ u: String, inFamily family: String) throws -> VDIHandle? {
+    private func attach(_ u: String, inFamily family: String, grant: ExportGrant?) throws -> VDIHandle? {
         try withFamilyLock(family) {
             let r = try storedRecord(u)
             guard r.family == family else { return nil }
-            // The record is read under the family lock: an operation that changes it
-            // (snapshot, CBT, destroy) holds the lock too, so attach sees it as that left it.
-            if let h = lookUp(r.uuid) {
-                // A lingering handle is taken back: its log is in use again.
-                if h.refCount == 0 {
-                    try? h.withCBT { try $0?.markInUse() }
-                    logger.info("VDI \(r.uuid): its chain was still open (lingering); reused")
+            if let g = grant {
+                if let other = conflictingAttachment(r, grant: g) {
+                    throw StorageError.vdiInUse(uuid: u, operation: "read-write attachment (attached read-write by \(other.token); the VDI is not sharable)")
                 }
-                h.refCount += 1
-                return h
             }
-            let writable = !(r.readOnly || r.isASnapshot)
-            let chain: any DiskImage
-            do { chain = try format.open(path: imagePath(r.uuid), writable: writable) } catch {
-                throw StorageError.vdiIOError(uuid: r.uuid, detail: "\(error)")
-            }
-            let h = VDIHandle(uuid: r.uuid, family: r.family, chain: chain)
-            h.refCount = 1
-            h.tracker = mergeTrackers[r.uuid]
-            if writable { attachCBT(r, handle: h) }
-            handlesLock.lock()
-            handles[r.uuid] = h
-            handlesLock.unlock()
+            let h: VDIHandle
+            if let g = grant, needsOverlay(r, grant: g) { h = try openOverlay(r, grant: g) } else { h = try openOrShare(r) }
+            if let g = grant { joinAttachment(u, grant: g) }
             return h
         }
     }
 
-    public func detach(_ h: VDIHandle) {
+    /// The handle for a record read under its family lock: the open one, or a new one.
+    private func openOrShare(_ r: VDIRecord) throws -> VDIHandle {
+        // The record is read under the family lock: an operation that changes it
+        // (snapshot, CBT, destroy) holds the lock too, so attach sees it as that left it.
+        if let h = lookUp(r.uuid) {
+            // A lingering handle is taken back: its log is in use again.
+            if h.refCount == 0 {
+                try? h.withCBT { try $0?.markInUse() }
+                logger.info("VDI \(r.uuid): its chain was still open (lingering); reused")
+            }
+            h.refCount += 1
+            return h
+        }
+        let writable = !(r.readOnly || r.isASnapshot)
+        let chain: any DiskImage
+        do { chain = try format.open(path: imagePath(r.uuid), writable: writable) } catch {
+            throw StorageError.vdiIOError(uuid: r.uuid, detail: "\(error)")
+        }
+        let h = VDIHandle(uuid: r.uuid, family: r.family, chain: chain)
+        h.refCount = 1
+        h.tracker = mergeTrackers[r.uuid]
+        if writable { attachCBT(r, handle: h) }
+        handlesLock.lock()
+        handles[r.uuid] = h
+        handlesLock.unlock()
+        return h
+    }
+
+    // MARK: attachments
+
+    /// A live attachment as the record shows it (`nbd_attachments`).
+    public struct Attachment: Codable, Sendable, Equatable {
+        public var token: String
+        public var readOnly: Bool
+        public var mode: AttachMode
+        public var connections: Int
+        public var since: Date
+        enum CodingKeys: String, CodingKey { case token, readOnly = "read_only", mode, connections, since }
+    }
+
+    public func attachments(of uuid: String) -> [Attachment] {
+        attachmentTable.withLock { Array(($0[uuid] ?? [:]).values) }.sorted { $0.since < $1.since }
+    }
+
+    /// Another token's read-write attachment that `g` may not join (nil: none). A VDI that
+    /// is not sharable has one read-write attachment at most; read-only tokens, snapshots
+    /// and scratch views (whose writes never reach the VDI) are never refused by this.
+    func conflictingAttachment(_ r: VDIRecord, grant g: ExportGrant) -> Attachment? {
+        guard !g.readOnly, g.mode == .direct, !r.sharable, !r.isASnapshot else { return nil }
+        return attachmentTable.withLock { t in
+            (t[r.uuid] ?? [:]).first { $0.key != g.secret && !$0.value.readOnly && $0.value.mode == .direct }?.value
+        }
+    }
+
+    func joinAttachment(_ u: String, grant g: ExportGrant) {
+        attachmentTable.withLock { t in
+            var a = t[u]?[g.secret] ?? Attachment(token: g.label, readOnly: g.readOnly, mode: g.mode, connections: 0, since: Date())
+            a.connections += 1
+            t[u, default: [:]][g.secret] = a
+        }
+    }
+
+    func leaveAttachment(_ u: String, secret: String) {
+        attachmentTable.withLock { t in
+            guard var a = t[u]?[secret] else { return }
+            a.connections -= 1
+            if a.connections <= 0 { t[u]?[secret] = nil } else { t[u]?[secret] = a }
+            if t[u]?.isEmpty == true { t[u] = nil }
+        }
+    }
+
+    public func detach(_ h: VDIHandle, grant: ExportGrant? = nil) {
         withFamilyLock(h.family) {
+            if let g = grant { leaveAttachment(h.uuid, secret: g.secret) }
             h.refCount -= 1
             guard h.refCount == 0 else { return }
+            if h.overlayPath != nil {
+                closeOverlay(h)
+                return
+            }
             try? h.flush()
             // A clean detach: the log is marked consistent, as blktap does.
             try? h.cbt?.setConsistent(true)
@@ -114,11 +177,11 @@ extension SR {
     }
 
     /// Closes a handle no connection holds (family lock held).
-    private func closeHandle(_ h: VDIHandle) {
+    func closeHandle(_ h: VDIHandle) {
         precondition(h.refCount == 0)
         h.close()
         handlesLock.lock()
-        if handles[h.uuid] === h { handles[h.uuid] = nil }
+        if handles[h.key] === h { handles[h.key] = nil }
         handlesLock.unlock()
     }
 
@@ -148,12 +211,13 @@ extension SR {
         return body(handles)
     }
 
-    /// Whether a connection has the VDI attached (a lingering handle is closed first).
+    /// Whether a connection has the VDI attached, an overlay attachment included (a
+    /// lingering handle is closed first).
     public func isAttached(_ uuid: String) -> Bool {
-        guard let fam = try? anyRecord(uuid)?.family else { return lookUp(uuid) != nil }
+        guard let fam = try? anyRecord(uuid)?.family else { return lookUp(uuid) != nil || hasOverlays(uuid) }
         return withFamilyLock(fam) {
             closeLingering(uuid)
-            return lookUp(uuid) != nil
+            return lookUp(uuid) != nil || hasOverlays(uuid)
         }
     }
 

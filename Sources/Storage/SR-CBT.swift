@@ -168,7 +168,7 @@ extension SR {
             if r.type == .cbtMetadata { return }
             guard r.isASnapshot, r.cbtEnabled else { throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: "not a snapshot with changed block tracking") }
             try withHandle(r.uuid) { h in
-                if h != nil { throw StorageError.vdiInUse(uuid: r.uuid, operation: "data_destroy") }
+                if h != nil || hasOverlays(r.uuid) { throw StorageError.vdiInUse(uuid: r.uuid, operation: "data_destroy") }
                 r.type = .cbtMetadata
                 r.parent = nil
                 let rr = r

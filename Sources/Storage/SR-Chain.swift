@@ -20,18 +20,32 @@ extension SR {
 
     public func snapshot(_ uuid: String, driverParams: [String: String] = [:]) throws -> VDIRecord {
         let u = try SR.validUUID(uuid)
-        let snap = try withFamily(of: u) { rec in try snapshotLocked(rec, driverParams: driverParams) }
+        let snap = try withFamily(of: u) { rec in try branchLocked(rec, clone: false, driverParams: driverParams) }
         collector.kick()
         return snap
     }
 
-    private func snapshotLocked(_ rec: VDIRecord, driverParams: [String: String]) throws -> VDIRecord {
+    /// `VDI.clone`: a new writable VDI over the same hidden base as the source, made as a
+    /// snapshot is (the source's file becomes the base, both get a new empty leaf) but
+    /// neither read-only nor a snapshot, and without the source's change log (XenServer
+    /// does not carry CBT to a clone). A snapshot's clone is how a VM disk is made from it.
+    public func clone(_ uuid: String, driverParams: [String: String] = [:]) throws -> VDIRecord {
+        let u = try SR.validUUID(uuid)
+        let c = try withFamily(of: u) { rec in try branchLocked(rec, clone: true, driverParams: driverParams) }
+        collector.kick()
+        return c
+    }
+
+    /// Snapshot or clone: the source's file becomes a hidden base with two empty children,
+    /// the source's new leaf and the new VDI's.
+    private func branchLocked(_ rec: VDIRecord, clone: Bool, driverParams: [String: String]) throws -> VDIRecord {
         let u = rec.uuid
         var vdi = rec
         guard vdi.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: u, type: vdi.type.rawValue) }
+        try requireFile(vdi)
         // XenServer refuses a snapshot at depth 30 rather than build a chain blktap cannot open.
         if try chainDepth(u) >= StorageError.maxChainDepth { throw StorageError.chainTooLong() }
-        if vdi.cbtEnabled && !isAttached(u) {
+        if vdi.cbtEnabled && !clone && !isAttached(u) {
             // A damaged log is reported, not handed on to the snapshot.
             do { _ = try ChangeLog.open(path: cbtLogPath(u)) } catch {
                 try disableCBTLocked(vdi, reason: "\(error)")
@@ -79,14 +93,14 @@ extension SR {
                     } catch {
                         throw StorageError.vdiIOError(uuid: u, detail: "reopening after snapshot: \(error)")
                     }
-                    if vdi.cbtEnabled {
+                    if vdi.cbtEnabled && !clone {
                         try snapshotCBT(vdi: u, snapshot: snapUUID, size: vdi.virtualSize, handle: h, writable: chain.writable)
                     }
                     return chain
                 }
             } else {
                 try swap(nil)
-                if vdi.cbtEnabled {
+                if vdi.cbtEnabled && !clone {
                     try snapshotCBT(vdi: u, snapshot: snapUUID, size: vdi.virtualSize, handle: nil, writable: false)
                 }
             }
@@ -100,17 +114,24 @@ extension SR {
         base.family = vdi.family
         var snap = VDIRecord(uuid: snapUUID, nameLabel: vdi.nameLabel, nameDescription: vdi.nameDescription,
                              virtualSize: vdi.virtualSize)
-        snap.isASnapshot = true
-        snap.snapshotOf = u
-        snap.snapshotTime = now
-        snap.readOnly = true
+        if clone {
+            // A clone of a snapshot is writable (that is what it is for); of a read-only
+            // VDI, read-only as its source.
+            snap.readOnly = vdi.readOnly && !vdi.isASnapshot
+            snap.type = vdi.type
+        } else {
+            snap.isASnapshot = true
+            snap.snapshotOf = u
+            snap.snapshotTime = now
+            snap.readOnly = true
+        }
         snap.parent = baseUUID
         snap.family = vdi.family
         snap.otherConfig = vdi.otherConfig
         snap.smConfig = vdi.smConfig.merging(driverParams) { $1 }
         for k in ["\(format.name)-parent", "chain-depth"] { snap.smConfig[k] = nil }
         snap.tags = vdi.tags
-        snap.cbtEnabled = vdi.cbtEnabled
+        snap.cbtEnabled = vdi.cbtEnabled && !clone
         var leaf = vdi
         leaf.parent = baseUUID
         for k in ["\(format.name)-parent", "chain-depth"] { leaf.smConfig[k] = nil }
@@ -120,7 +141,7 @@ extension SR {
             try s.insert(db)
             try l.update(db)
         }
-        logger.info("snapshot \(snapUUID) of VDI \(u) (base \(baseUUID))")
+        logger.info("\(clone ? "clone" : "snapshot") \(snapUUID) of VDI \(u) (base \(baseUUID))")
         return try record(snapUUID)
     }
 
@@ -128,7 +149,7 @@ extension SR {
         let u = try SR.validUUID(uuid)
         try withFamily(of: u) { r in
             try withHandle(u) { h in
-                if h != nil { throw StorageError.vdiInUse(uuid: u, operation: "destroy") }
+                if h != nil || hasOverlays(u) { throw StorageError.vdiInUse(uuid: u, operation: "destroy") }
                 if r.cbtEnabled {
                     if r.isASnapshot || r.type == .cbtMetadata { mergeCBTOnDestroy(r) } else { ChangeLog.remove(path: cbtLogPath(u)) }
                 }

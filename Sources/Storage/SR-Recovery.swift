@@ -44,6 +44,7 @@ extension SR {
 
     /// Finishes or undoes unjournalled operations a crash interrupted.
     func recover() throws {
+        removeOverlays()
         let fm = FileManager.default
         let ext = "." + format.fileExtension
         let names = (try? fm.contentsOfDirectory(atPath: path)) ?? []
@@ -132,10 +133,29 @@ extension SR {
         let known = Dictionary(all.map { ($0.uuid, $0) }, uniquingKeysWith: { a, _ in a })
         // Journalled work in progress is the collector's, not an orphan.
         let inProgress = Set(journal.entries().valid.flatMap { [$0.child] + ($0.parent.map { [$0] } ?? []) })
+        let forgotten = try dbRead { db in
+            Dictionary(try Row.fetchAll(db, sql: "SELECT uuid, name_label, name_description FROM forgotten").map {
+                ($0["uuid"] as String, ($0["name_label"] as String, $0["name_description"] as String))
+            }, uniquingKeysWith: { a, _ in a })
+        }
         for n in names.sorted() where n.hasSuffix(ext) {
             let u = String(n.dropLast(ext.count))
             guard known[u] == nil, UUID(uuidString: u) != nil, !inProgress.contains(u) else { continue }
             let p = imagePath(u)
+            if let f = forgotten[u], let size = try? format.virtualSize(ofFile: p) {
+                // A VDI.forget: back under its old name, whatever the file holds.
+                var r = VDIRecord(uuid: u, nameLabel: f.0, nameDescription: f.1, virtualSize: size)
+                r.parent = parentUUID(ofFile: p).flatMap { known[$0] != nil ? $0 : nil }
+                if let par = r.parent, let pr = known[par] { r.family = pr.family }
+                let rr = r
+                try dbWrite { db in
+                    try rr.insert(db)
+                    try db.execute(sql: "DELETE FROM forgotten WHERE uuid = ?", arguments: [u])
+                }
+                report.introduced.append(u)
+                logger.info("scan: reintroduced forgotten VDI \(u)")
+                continue
+            }
             if let parent = parentUUID(ofFile: p), known[parent] != nil, isEmptyImage(p) {
                 unlink(p)
                 report.removed.append(u)

@@ -5,9 +5,11 @@ import GRDB
 
 extension SR {
 
-    public func getNBDInfo(_ uuid: String, readOnly: Bool = false, lifetime: TimeInterval? = nil) throws -> [NBDInfoRecord] {
+    public func getNBDInfo(_ uuid: String, readOnly: Bool = false, lifetime: TimeInterval? = nil,
+                           mode: AttachMode = .direct, label: String? = nil) throws -> [NBDInfoRecord] {
         let r = try record(uuid)
         guard r.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: r.uuid, type: r.type.rawValue) }
+        try requireFile(r)
         var bytes = [UInt8](repeating: 0, count: 24)
         var rng = SystemRandomNumberGenerator()  // getrandom(2): the system CSPRNG
         for i in bytes.indices { bytes[i] = UInt8.random(in: 0...255, using: &rng) }
@@ -15,8 +17,12 @@ extension SR {
             .replacingOccurrences(of: "+", with: "-").replacingOccurrences(of: "/", with: "_")
             .replacingOccurrences(of: "=", with: "")
         let life = lifetime ?? defaultTokenLifetime
-        let tok = TokenRecord(secret: secret, vdiUUID: r.uuid, readOnly: readOnly || r.readOnly || r.isASnapshot,
-                              expiresAt: life.map { Date().addingTimeInterval($0) }, revoked: false, created: Date())
+        // A scratch view is writable whatever the VDI is: its writes never reach the VDI.
+        let ro = mode == .scratch ? readOnly : readOnly || r.readOnly || r.isASnapshot
+        let tag = label ?? "token-" + String(UUID().uuidString.lowercased().prefix(8))
+        let tok = TokenRecord(secret: secret, vdiUUID: r.uuid, readOnly: ro,
+                              expiresAt: life.map { Date().addingTimeInterval($0) }, revoked: false, created: Date(),
+                              label: tag, mode: mode)
         try dbWrite { try tok.insert($0) }
         let name = "/\(r.uuid)?token=\(secret)"
         tlsIdentityLock.lock()
@@ -27,14 +33,19 @@ extension SR {
         }
     }
 
-    /// Revokes every token of a VDI, or the one named.
+    /// Revokes every token of a VDI, or the one named; the live connections that used them
+    /// are told to close (`onTokensRevoked`).
     public func revokeTokens(vdi uuid: String, exportName: String? = nil) throws -> Int {
         let u = try SR.validUUID(uuid)
-        return try dbWrite { db in
-            var q = TokenRecord.filter(Column("vdi_uuid") == u)
+        let secrets: [String] = try dbWrite { db in
+            var q = TokenRecord.filter(Column("vdi_uuid") == u && Column("revoked") == false)
             if let n = exportName, let s = SR.secret(fromExportName: n) { q = q.filter(Column("secret") == s) }
-            return try q.updateAll(db, Column("revoked").set(to: true))
+            let hit = try q.fetchAll(db).map(\.secret)
+            _ = try q.updateAll(db, Column("revoked").set(to: true))
+            return hit
         }
+        if !secrets.isEmpty { onTokensRevoked?(Set(secrets)) }
+        return secrets.count
     }
 
     static func secret(fromExportName name: String) -> String? {
@@ -45,12 +56,20 @@ extension SR {
     public struct ExportGrant: Sendable {
         public var vdi: VDIRecord
         public var readOnly: Bool
+        /// The token's secret (the attachment's key; never shown) and label (shown).
+        public var secret: String
+        public var label: String
+        public var mode: AttachMode
     }
 
     public enum ExportRefusal: Error, Sendable, CustomStringConvertible {
         case malformed, unknown, expired, revoked, vdiGone
+        /// Not sharable, and read-write attached through another token.
+        case attachedElsewhere(uuid: String, by: String)
         public var description: String {
             switch self {
+            case .attachedElsewhere(let u, let by):
+                return "VDI \(u) is not sharable and is attached read-write by \(by); only one read-write attachment at a time"
             case .malformed: return "export name is not of the form /<vdi-uuid>?token=<secret>"
             case .unknown: return "unknown export token"
             case .expired: return "export token expired"
@@ -73,7 +92,11 @@ extension SR {
         if tok.revoked { return .failure(.revoked) }
         if let e = tok.expiresAt, e < Date() { return .failure(.expired) }
         guard let r = try? storedRecord(tok.vdiUUID), r.type != .cbtMetadata else { return .failure(.vdiGone) }
-        return .success(ExportGrant(vdi: r, readOnly: tok.readOnly || r.readOnly))
+        let g = ExportGrant(vdi: r, readOnly: tok.mode == .scratch ? tok.readOnly : tok.readOnly || r.readOnly,
+                            secret: secret, label: tok.label.isEmpty ? "token" : tok.label, mode: tok.mode)
+        // Checked again under the family lock at attach; here so GO fails with the reason.
+        if let other = conflictingAttachment(r, grant: g) { return .failure(.attachedElsewhere(uuid: r.uuid, by: other.token)) }
+        return .success(g)
     }
 
 }

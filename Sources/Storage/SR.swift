@@ -65,6 +65,10 @@ public final class SR: @unchecked Sendable {
     public let tasks = TaskTable()
     /// Leaf merges in progress: every handle of the VDI records its writes here (family lock).
     var mergeTrackers: [String: ChangeTracker] = [:]
+    /// Live attachments: VDI uuid -> token secret -> what the record shows.
+    let attachmentTable = Mutex<[String: [String: Attachment]]>([:])
+    /// Called with the secrets `revokeTokens` revoked: the server closes their connections.
+    public var onTokensRevoked: (@Sendable (Set<String>) -> Void)?
     /// CBT ancestry by VDI, with the `ChangeLog.generation` it was read at.
     let ancestryCache = Mutex<[String: (generation: Int, ancestors: [String])]>([:])
     /// How long a VDI's open chain outlives its last connection, so a client that connects

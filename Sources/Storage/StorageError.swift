@@ -30,6 +30,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case srBackendFailureNumbered(number: Int, message: String)
     /// `TASK_CANCELLED`
     case taskCancelled(task: String)
+    /// `VDI_TOO_SMALL`: the VDI must be at least `minimum` bytes.
+    case vdiTooSmall(uuid: String, minimum: UInt64)
 
     /// XenServer refuses a snapshot that would make a chain deeper than this.
     public static let maxChainDepth = 30
@@ -54,6 +56,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .vdiOnBootModeIncompatible: return "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION"
         case .srBackendFailureNumbered(let n, _): return "SR_BACKEND_FAILURE_\(n)"
         case .taskCancelled: return "TASK_CANCELLED"
+        case .vdiTooSmall: return "VDI_TOO_SMALL"
         }
     }
 
@@ -74,6 +77,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .vdiOnBootModeIncompatible(let u): return [u]
         case .srBackendFailureNumbered(_, let m): return ["", m, ""]
         case .taskCancelled(let t): return [t]
+        case .vdiTooSmall(let u, let m): return [u, String(m)]
         }
     }
 

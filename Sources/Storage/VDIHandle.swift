@@ -11,6 +11,11 @@ public final class VDIHandle: @unchecked Sendable {
     public let uuid: String
     /// The VDI's family (whose lock guards attach, detach and chain changes).
     let family: String
+    /// Where the handles table keeps it: the VDI's uuid, or for an overlay attachment (a
+    /// scratch view, an on_boot=reset VDI) the uuid and the token's secret.
+    var key: String
+    /// An overlay attachment's throw-away leaf, deleted when the attachment ends.
+    var overlayPath: String?
     private var chain: any DiskImage
     /// The VDI's change log while CBT is enabled. Changed only with all I/O held off.
     var cbt: ChangeLog?
@@ -34,6 +39,7 @@ public final class VDIHandle: @unchecked Sendable {
         self.uuid = uuid
         self.family = family
         self.chain = chain
+        self.key = uuid
     }
 
     public var virtualSize: UInt64 { withChain { $0.virtualSize } }

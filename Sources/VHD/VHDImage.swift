@@ -29,6 +29,8 @@ extension VHDChain: DiskImage {
     public var depth: Int { layers.count }
     public var layerPaths: [String] { layers.map(\.path) }
 
+    public func setAllocationBarrier(_ on: Bool) { leaf.barrierOnAllocate = on }
+
     /// The leaf's own data as exact byte ranges (sector-precise where a block is partial).
     public func leafDataRuns(offset: UInt64, length: UInt64) throws -> [Range<UInt64>] {
         let end = min(offset + length, leaf.virtualSize)

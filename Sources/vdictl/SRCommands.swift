@@ -73,26 +73,57 @@ struct SRParamRemove: ParsableCommand {
 struct VDIParamSet: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vdi-param-set",
-        abstract: "Set VDI other-config keys (other-config:leaf-coalesce=false keeps a leaf's chain as it is).")
+        abstract: "Set VDI fields and other-config keys.",
+        discussion: """
+        Fields: name-label=, name-description=, on-boot=persist|reset, allow-caching=, sharable=, read-only=
+        (true or false). other-config:KEY=VALUE sets a key (other-config:leaf-coalesce=false keeps a leaf's chain).
+        """)
     @OptionGroup var options: ControlOptions
-    @Argument(help: "uuid=UUID other-config:KEY=VALUE ...") var args: [String] = []
+    @Argument(help: "uuid=UUID [FIELD=VALUE ...] [other-config:KEY=VALUE ...]") var args: [String] = []
+    static let fields = ["name-label": "VDI.set_name_label", "name-description": "VDI.set_name_description",
+                         "on-boot": "VDI.set_on_boot", "allow-caching": "VDI.set_allow_caching", "sharable": "VDI.set_sharable",
+                         "read-only": "VDI.set_read_only"]
     func run() throws {
         guard let u = args.first(where: { $0.hasPrefix("uuid=") }) else { throw ValidationError("uuid= is required") }
         let uuid = String(u.dropFirst(5))
-        for (k, v) in try mapSettings(args.filter { !$0.hasPrefix("uuid=") }, map: "other-config") {
+        let rest = args.filter { !$0.hasPrefix("uuid=") }
+        let maps = rest.filter { $0.hasPrefix("other-config:") }
+        let plain = try keyValues(rest.filter { !$0.hasPrefix("other-config:") }, allowed: Set(Self.fields.keys))
+        for (k, v) in plain.sorted(by: { $0.key < $1.key }) {
+            let bools: Set<String> = ["allow-caching", "sharable", "read-only"]
+            if bools.contains(k), v != "true", v != "false" { throw ValidationError("\(k)=\(v): expected true or false") }
+            _ = try rpc(options, Self.fields[k]!, [.string(uuid), bools.contains(k) ? .bool(v == "true") : .string(v)])
+        }
+        for (k, v) in try mapSettings(maps, map: "other-config") {
             _ = try rpc(options, "VDI.add_to_other_config", [.string(uuid), .string(k), .string(v)])
         }
     }
 }
 
-struct VDIParamRemove: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "vdi-param-remove", abstract: "Remove a VDI other-config key.")
+struct VDIParamAdd: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-param-add", abstract: "Add a tag to a VDI.")
     @OptionGroup var options: ControlOptions
-    @Argument(help: "uuid=UUID param-name=other-config param-key=KEY") var args: [String] = []
+    @Argument(help: "uuid=UUID param-name=tags param-key=TAG") var args: [String] = []
     func run() throws {
         let kv = try keyValues(args, allowed: ["uuid", "param-name", "param-key"])
-        guard try require(kv, "param-name") == "other-config" else { throw ValidationError("param-name must be other-config") }
-        _ = try rpc(options, "VDI.remove_from_other_config", [.string(try require(kv, "uuid")), .string(try require(kv, "param-key"))])
+        guard try require(kv, "param-name") == "tags" else { throw ValidationError("param-name must be tags") }
+        _ = try rpc(options, "VDI.add_tags", [.string(try require(kv, "uuid")), .string(try require(kv, "param-key"))])
+    }
+}
+
+struct VDIParamRemove: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-param-remove", abstract: "Remove a VDI other-config key or tag.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID param-name=other-config|tags param-key=KEY") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid", "param-name", "param-key"])
+        let method: String
+        switch try require(kv, "param-name") {
+        case "other-config": method = "VDI.remove_from_other_config"
+        case "tags": method = "VDI.remove_tags"
+        default: throw ValidationError("param-name must be other-config or tags")
+        }
+        _ = try rpc(options, method, [.string(try require(kv, "uuid")), .string(try require(kv, "param-key"))])
     }
 }
 

@@ -165,10 +165,12 @@ struct VDIGetNBDInfo: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "vdi-get-nbd-info",
                                                     abstract: "Mint an export token; print how to reach the VDI over NBD.")
     @OptionGroup var options: ControlOptions
-    @Argument(help: "uuid=UUID [read-only=true] [lifetime=SECONDS]") var args: [String] = []
+    @Argument(help: "uuid=UUID [read-only=true] [lifetime=SECONDS] [mode=direct|scratch] [label=NAME]") var args: [String] = []
     func run() throws {
-        let kv = try keyValues(args, allowed: ["uuid", "read-only", "lifetime"])
+        let kv = try keyValues(args, allowed: ["uuid", "read-only", "lifetime", "mode", "label"])
         var opts: [String: JSONValue] = [:]
+        if let m = kv["mode"] { opts["mode"] = .string(m) }
+        if let l = kv["label"] { opts["label"] = .string(l) }
         if let r = kv["read-only"] { opts["read_only"] = .bool(r == "true") }
         if let l = kv["lifetime"] {
             guard let n = Double(l), n > 0 else { throw ValidationError("lifetime=\(l): expected seconds") }
@@ -330,7 +332,8 @@ struct VDICtl: ParsableCommand {
         abstract: "Administer a vdinbd storage repository (xe-style key=value arguments).",
         subcommands: [VDICreate.self, VDIList.self, VDIParamList.self, VDISnapshot.self, VDIResize.self, VDIDestroy.self, VDIGetNBDInfo.self,
                       VDIEnableCBT.self, VDIDisableCBT.self, VDIDataDestroy.self, VDIListChangedBlocks.self,
-                      VDIParamSet.self, VDIParamRemove.self, SRScan.self, SRGCStatus.self, SRParamSet.self, SRParamRemove.self,
+                      VDIParamSet.self, VDIParamAdd.self, VDIParamRemove.self, VDIClone.self, VDICopy.self, VDIForget.self,
+                      VDIUpdate.self, SRScan.self, SRGCStatus.self, SRParamSet.self, SRParamRemove.self,
                       TaskList.self, TaskParamList.self, TaskCancel.self,
                       VHDCreateCommand.self, VHDSnapshotCommand.self, VHDInfoCommand.self, VHDCheckCommand.self, VHDReadCommand.self])
 }

@@ -1,0 +1,176 @@
+// `VDI.copy(vdi, sr, base_vdi, into_vdi)` as seed 001 describes it: the whole VDI, or only
+// the blocks that differ from `base_vdi`, into a fresh VDI or into an existing one.
+//
+// What is copied: without a base, the source's allocated ranges (holes stay holes; a
+// chunk of zeros is skipped in a fresh target, written as zeros into an existing one, and
+// an existing target's ranges the source does not hold are zeroed). With a base, the
+// ranges any layer holds that the two chains do not share (a structural difference: a
+// layer both read through holds the same bytes for both); when the chains share no layer,
+// the contents are compared chunk by chunk. The target is written through its handle (the
+// one its connections share, CBT tracked), so a client attached to it sees the copy as
+// writes. A fresh target is filled without a sync per allocation and flushed once at the
+// end; a copy that fails or is cancelled destroys it.
+
+import Foundation
+import Image
+
+extension SR {
+    static let copyChunk = 4 << 20
+
+    public func copy(_ uuid: String, base: String?, into: String?, task: TaskContext?) throws -> VDIRecord {
+        let src = try record(uuid)
+        guard src.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: src.uuid, type: src.type.rawValue) }
+        try requireFile(src)
+        let baseRec = try base.map { try record($0) }
+        if let b = baseRec {
+            guard b.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: b.uuid, type: b.type.rawValue) }
+            try requireFile(b)
+        }
+        var target: VDIRecord
+        let fresh = into == nil
+        if let i = into {
+            target = try record(i)
+            if target.uuid == src.uuid { throw StorageError.operationNotAllowed(reason: "a VDI cannot be copied into itself") }
+            if target.type == .cbtMetadata { throw StorageError.vdiIncompatibleType(uuid: target.uuid, type: target.type.rawValue) }
+            if target.readOnly || target.isASnapshot { throw StorageError.vdiReadonly(uuid: target.uuid) }
+            try requireFile(target)
+            guard target.virtualSize >= src.virtualSize else {
+                throw StorageError.vdiTooSmall(uuid: target.uuid, minimum: src.virtualSize)
+            }
+        } else {
+            var cp = CreateParams(nameLabel: src.nameLabel, virtualSize: src.virtualSize)
+            cp.nameDescription = src.nameDescription
+            cp.tags = src.tags
+            target = try create(cp)
+        }
+        do {
+            try copyData(from: src, base: baseRec, into: target, fresh: fresh, task: task)
+        } catch {
+            if fresh {
+                try? destroy(target.uuid)
+                logger.info("copy of \(src.uuid) failed or was cancelled: its target \(target.uuid) is destroyed (\(error))")
+            }
+            if error is StorageError { throw error }
+            throw StorageError.vdiIOError(uuid: target.uuid, detail: "copy from \(src.uuid): \(error)")
+        }
+        logger.info("copied VDI \(src.uuid)\(baseRec.map { " (blocks differing from \($0.uuid))" } ?? "") into \(target.uuid)")
+        return try record(target.uuid)
+    }
+
+    private func copyData(from src: VDIRecord, base: VDIRecord?, into target: VDIRecord, fresh: Bool, task: TaskContext?) throws {
+        let source = try format.open(path: imagePath(src.uuid), writable: false)
+        defer { source.close() }
+        let size = src.virtualSize
+        var plan = try copyPlan(source, size: size, base: base)
+        if fresh { plan.zero = [] }  // a fresh target reads zeros there already
+        let h = try attach(target.uuid)
+        defer { detach(h) }
+        if fresh { h.withChain { $0.setAllocationBarrier(false) } }
+        defer { if fresh { h.withChain { $0.setAllocationBarrier(true) } } }
+        let total = plan.work.reduce(0) { $0 + $1.range.count } + plan.zero.reduce(0) { $0 + $1.count }
+        var done: UInt64 = 0
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096)
+        defer { buf.deallocate() }
+        let baseChain = try plan.compareWith.map { try format.open(path: imagePath($0), writable: false) }
+        defer { baseChain?.close() }
+        let other = baseChain.map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096) }
+        defer { other?.deallocate() }
+        var holes: [Range<Int>] = []
+        for item in plan.work {
+            var pos = item.range.lowerBound
+            while pos < item.range.upperBound {
+                try task?.checkCancelled()
+                let n = Int(min(UInt64(Self.copyChunk), item.range.upperBound - pos))
+                let piece = UnsafeMutableRawBufferPointer(rebasing: buf[0..<n])
+                try source.read(into: piece, at: pos, cachedOnly: false, holes: &holes)
+                var write = true
+                if let bc = baseChain, let o = other {
+                    // No shared layer: copy only what reads differently.
+                    let op = UnsafeMutableRawBufferPointer(rebasing: o[0..<n])
+                    var h2: [Range<Int>] = []
+                    try bc.read(into: op, at: pos, cachedOnly: false, holes: &h2)
+                    write = memcmp(piece.baseAddress!, op.baseAddress!, n) != 0
+                } else if fresh && !item.exact && isZero(UnsafeRawBufferPointer(piece)) {
+                    write = false  // a fresh target reads zeros there already
+                }
+                if write {
+                    if !fresh && isZero(UnsafeRawBufferPointer(piece)) {
+                        try h.writeZeroes(offset: pos, length: UInt64(n), punch: true, fastOnly: false)
+                    } else {
+                        try h.write(UnsafeRawBufferPointer(piece), at: pos)
+                    }
+                }
+                pos += UInt64(n)
+                done += UInt64(n)
+                task?.setProgress(total == 0 ? 1 : Double(done) / Double(total))
+            }
+        }
+        for r in plan.zero {
+            try task?.checkCancelled()
+            try h.writeZeroes(offset: r.lowerBound, length: UInt64(r.count), punch: true, fastOnly: false)
+            done += UInt64(r.count)
+            task?.setProgress(total == 0 ? 1 : Double(done) / Double(total))
+        }
+        try h.flush()
+        task?.setProgress(1)
+    }
+
+    /// What to copy: ranges to read and write (`exact`: a structural difference, written
+    /// even if zeros), ranges to zero in the target, or a base to compare contents with.
+    struct CopyPlan {
+        var work: [(range: Range<UInt64>, exact: Bool)] = []
+        var zero: [Range<UInt64>] = []
+        var compareWith: String?
+    }
+
+    private func copyPlan(_ source: any DiskImage, size: UInt64, base: VDIRecord?) throws -> CopyPlan {
+        var plan = CopyPlan()
+        guard let base else {
+            var pos: UInt64 = 0
+            for run in try source.allocationRuns(offset: 0, length: size) {
+                let r = pos..<(pos + run.length)
+                if run.allocated { plan.work.append((r, false)) } else { plan.zero.append(r) }
+                pos += run.length
+            }
+            return plan
+        }
+        let baseChain = try format.open(path: imagePath(base.uuid), writable: false)
+        let basePaths = baseChain.layerPaths
+        baseChain.close()
+        let srcPaths = source.layerPaths
+        let shared = Set(srcPaths).intersection(basePaths)
+        if shared.isEmpty {
+            // Nothing in common: compare every byte either side may hold.
+            plan.compareWith = base.uuid
+            plan.work = [(0..<size, false)]
+            return plan
+        }
+        // Ranges some unshared layer (of either chain) holds: there the two may differ.
+        var ranges: [Range<UInt64>] = []
+        for p in srcPaths.filter({ !shared.contains($0) }) + basePaths.filter({ !shared.contains($0) }) {
+            let layer = try format.openLayer(path: p)
+            defer { layer.close() }
+            ranges += try layer.leafDataRuns(offset: 0, length: min(size, layer.virtualSize))
+        }
+        plan.work = Self.merged(ranges).map { ($0.clamped(to: 0..<size), true) }.filter { !$0.0.isEmpty }
+        return plan
+    }
+
+    static func merged(_ rs: [Range<UInt64>]) -> [Range<UInt64>] {
+        var out: [Range<UInt64>] = []
+        for r in rs.sorted(by: { $0.lowerBound < $1.lowerBound }) where !r.isEmpty {
+            if let last = out.last, r.lowerBound <= last.upperBound {
+                out[out.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
+            } else {
+                out.append(r)
+            }
+        }
+        return out
+    }
+
+    func isZero(_ b: UnsafeRawBufferPointer) -> Bool {
+        guard let p = b.baseAddress, b.count > 0 else { return true }
+        // First byte zero and the buffer equal to itself shifted by one: all zeros.
+        return p.load(as: UInt8.self) == 0 && memcmp(p, p + 1, b.count - 1) == 0
+    }
+}

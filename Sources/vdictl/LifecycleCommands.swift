@@ -1,0 +1,91 @@
+import ArgumentParser
+import Control
+import Foundation
+
+struct VDIClone: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-clone",
+                                                    abstract: "Clone a VDI (a writable VDI sharing its chain); prints the clone's uuid.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID [driver-params:KEY=VALUE ...]") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args.filter { !$0.hasPrefix("driver-params:") }, allowed: ["uuid"])
+        var dp: [String: JSONValue] = [:]
+        for (k, v) in try mapSettings(args.filter { $0.hasPrefix("driver-params:") }, map: "driver-params") { dp[k] = .string(v) }
+        print(display(try rpc(options, "VDI.clone", [.string(try require(kv, "uuid")), .object(dp)])))
+    }
+}
+
+struct VDICopy: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vdi-copy",
+        abstract: "Copy a VDI into a fresh VDI, or into an existing one; prints the uuid written.",
+        discussion: "With base-vdi=, only the blocks that differ from it. Runs as a task; Ctrl-C cancels it.")
+    @OptionGroup var options: ControlOptions
+    @Flag(name: .long, help: "Show progress (the default on a terminal).") var progress = false
+    @Flag(name: .long, help: "No progress.") var quiet = false
+    @Argument(help: "uuid=UUID [base-vdi=UUID] [into-vdi=UUID]") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid", "base-vdi", "into-vdi"])
+        let ref: (String) -> JSONValue = { kv[$0].map { .string($0) } ?? .string("") }
+        let task = display(try rpc(options, "Async.VDI.copy",
+                                   [.string(try require(kv, "uuid")), .string(""), ref("base-vdi"), ref("into-vdi")]))
+        let result = try waitForTask(options, task, label: "copy", show: (progress || isatty(1) != 0) && !quiet)
+        print(result)
+    }
+}
+
+/// Polls a task until it ends, showing progress; on SIGINT, cancels it. Returns its result.
+func waitForTask(_ o: ControlOptions, _ task: String, label: String, show: Bool) throws -> String {
+    signal(SIGINT, SIG_IGN)
+    let sig = DispatchSource.makeSignalSource(signal: SIGINT, queue: .global())
+    let cancelled = NSLock()
+    var askedToCancel = false
+    sig.setEventHandler {
+        cancelled.lock(); askedToCancel = true; cancelled.unlock()
+        _ = try? rpc(o, "Task.cancel", [.string(task)])
+    }
+    sig.resume()
+    defer { sig.cancel(); signal(SIGINT, SIG_DFL) }
+    let started = Date()
+    while true {
+        let rec = try rpc(o, "Task.get_record", [.string(task)]).objectValue ?? [:]
+        let status = rec["status"]?.stringValue ?? ""
+        if show, case .number(let p)? = rec["progress"] {
+            let secs = Date().timeIntervalSince(started)
+            let eta = p > 0.01 ? String(format: " ETA %.0f s", secs / p - secs) : ""
+            FileHandle.standardError.write(Data(String(format: "\r%@: %5.1f%%%@   ", label, p * 100, eta).utf8))
+        }
+        switch status {
+        case "pending", "cancelling":
+            Thread.sleep(forTimeInterval: 0.2)
+        case "success":
+            if show { FileHandle.standardError.write(Data("\n".utf8)) }
+            _ = try? rpc(o, "Task.destroy", [.string(task)])
+            let r = rec["result"]?.stringValue ?? ""
+            // The result is JSON-encoded (a uuid arrives quoted).
+            if let d = r.data(using: .utf8), let v = try? JSONDecoder().decode(JSONValue.self, from: d) { return display(v) }
+            return r
+        default:
+            if show { FileHandle.standardError.write(Data("\n".utf8)) }
+            let info = rec["error_info"]?.arrayValue?.compactMap(\.stringValue) ?? [status]
+            _ = try? rpc(o, "Task.destroy", [.string(task)])
+            cancelled.lock(); let c = askedToCancel; cancelled.unlock()
+            throw CLIError("error: " + info.joined(separator: ": ") + (c ? " (cancelled)" : ""))
+        }
+    }
+}
+
+struct VDIForget: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-forget",
+                                                    abstract: "Drop a VDI's record, keeping its file (sr-scan brings it back).")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws { try UUIDCommand.run(options, args, "VDI.forget") }
+}
+
+struct VDIUpdate: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "vdi-update", abstract: "Refresh a VDI's record from its file.")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "uuid=UUID") var args: [String] = []
+    func run() throws { try UUIDCommand.run(options, args, "VDI.update") }
+}
