@@ -99,19 +99,12 @@ public final class Collector: @unchecked Sendable {
         cond.unlock()
     }
 
-    /// Makes the calling thread background work. SCHED_IDLE: a connection's thread that
-    /// wakes takes the CPU at once instead of waiting out the collector's time slice (at
-    /// nice 10 a reader at queue depth 8 lost half its IOPS on two cores while the CPU sat
-    /// 20% idle, every request's wake-up queued behind a copy burst). Where it is refused,
-    /// nice 10.
+    /// Makes the calling thread background work: nice 10 (Linux applies it to the calling
+    /// thread). Not SCHED_IDLE: under a load that keeps both cores busy the collector then
+    /// never ran (merges starved for as long as clients wrote), and a switch that holds a
+    /// VDI's gate must not wait for idle time either.
     static func yieldToForeground() {
-        #if os(Linux)
-        var param = sched_param()
-        // SCHED_IDLE is 5 on Linux.
-        if pthread_setschedparam(pthread_self(), 5, &param) != 0 {
-            setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
-        }
-        #endif
+        setpriority(__priority_which_t(PRIO_PROCESS.rawValue), 0, 10)
     }
 
     /// Asks for a pass soon (after a destroy, data_destroy, snapshot, scan).

@@ -5,9 +5,12 @@
 requires nbdinfo nbdsh
 start_vdinbd
 u=$(vdictl vdi-create name-label=t virtual-size=8MiB)
-U=$(uri "$u")
+# One token for every connection: the VDI is not sharable, so a second read-write token
+# would be refused while the first client is attached.
+info=$(vdictl vdi-get-nbd-info "uuid=$u")
+U=$(echo "$info" | sed -n 's/^uri: //p')
 # A client that stays connected throughout.
-export PORT SOCK NAME=$(export_name "$u") LOG=$TMP/server.log URI=$(uri "$u")
+export PORT SOCK NAME=$(echo "$info" | sed -n 's/^exportname: //p') LOG=$TMP/server.log URI=$U
 nbdsh -u "$U" -c '
 import socket, struct, sys, time, json, subprocess, os
 h.pwrite(b"A" * 4096, 0)

@@ -108,7 +108,8 @@ assert got == touches[4] | touches[5], sorted(got ^ (touches[4] | touches[5]))[:
 # The export's dirty bitmaps follow the log chain as it is now (the server caches it):
 # the destroyed snapshot is gone from the list, its neighbours and the newest are there.
 def contexts(uuid):
-    info = json.loads(ctl("vdi-get-nbd-info", "uuid=" + uuid, "--json"))[0]
+    # Read-only: the guest holds the one read-write attachment.
+    info = json.loads(ctl("vdi-get-nbd-info", "uuid=" + uuid, "read-only=true", "--json"))[0]
     h = nbd.NBD(); h.set_opt_mode(True); h.set_export_name(info["exportname"])
     h.connect_tcp(info["address"], str(info["port"]))
     names = []

@@ -7,7 +7,9 @@ start_vdinbd
 u=$(vdictl vdi-create name-label=t virtual-size=24MiB)
 export PYTHONHASHSEED=0
 run_round() {
-$PY - "$(uri "$u")" "$(uri "$u")" "$1" "$TMP/model.bin" <<'PY'
+# Both connections use one token: one attachment (the VDI is not sharable).
+local U; U=$(uri "$u")
+$PY - "$U" "$U" "$1" "$TMP/model.bin" <<'PY'
 import nbd, os, random, sys
 uri1, uri2, seed, path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 size = 24 << 20
