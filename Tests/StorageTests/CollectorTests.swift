@@ -144,7 +144,7 @@ final class CollectorTests: XCTestCase {
         for step in 0..<80 {
             let live = try sr.allRecords().filter { $0.type != .cbtMetadata }
             let leaves = live.filter { !$0.isASnapshot }
-            switch Int.random(in: 0..<10, using: &rng) {
+            switch Int.random(in: 0..<13, using: &rng) {
             case 0 where leaves.count < 4, _ where live.isEmpty:
                 let r = try sr.create(.init(nameLabel: "v\(step)", virtualSize: 6 << 20))
                 models[r.uuid] = [UInt8](repeating: 0, count: 6 << 20)
@@ -166,6 +166,25 @@ final class CollectorTests: XCTestCase {
                 guard let s = live.filter({ $0.isASnapshot && $0.cbtEnabled }).randomElement(using: &rng) else { continue }
                 try sr.dataDestroy(s.uuid)
                 models[s.uuid] = nil
+            case 9:
+                // A clone of a VDI or a snapshot: a new writable VDI with the same bytes.
+                guard let v = live.randomElement(using: &rng) else { continue }
+                do {
+                    let c = try sr.clone(v.uuid)
+                    models[c.uuid] = models[v.uuid]
+                } catch let e as StorageError where e.code == "SR_BACKEND_FAILURE_109" { continue }
+            case 10:
+                // A copy, into a fresh VDI or over another leaf.
+                guard let v = live.randomElement(using: &rng) else { continue }
+                let into = leaves.filter { $0.uuid != v.uuid }.randomElement(using: &rng).flatMap { Bool.random(using: &rng) ? $0 : nil }
+                let t = try sr.copy(v.uuid, base: nil, into: into?.uuid, task: nil)
+                models[t.uuid] = models[v.uuid]
+            case 11:
+                // forget, then scan brings it back with the same bytes (without CBT).
+                guard let v = leaves.filter({ !$0.cbtEnabled }).randomElement(using: &rng) else { continue }
+                try sr.forget(v.uuid)
+                XCTAssertThrowsError(try sr.record(v.uuid))
+                XCTAssertTrue(try sr.scan().introduced.contains(v.uuid), "step \(step): forgotten \(v.uuid) not reintroduced")
             default:
                 _ = try sr.scan()
             }
