@@ -187,7 +187,8 @@ public final class Collector: @unchecked Sendable {
     /// What there is to do, from the records (files with records; hidden bases included).
     func plan() throws -> [Work] {
         // A family with an overlay attachment open keeps its files where the overlay reads them.
-        let held = sr.familiesWithOverlays()
+        // So does a family with a forgotten VDI's file, which reads through its bases.
+        let held = sr.familiesWithOverlays().union(sr.familiesWithForgottenFiles())
         let all = try sr.dbRead { try VDIRecord.fetchAll($0) }.filter { $0.type != .cbtMetadata && !held.contains($0.family) }
         let byUUID = Dictionary(all.map { ($0.uuid, $0) }, uniquingKeysWith: { a, _ in a })
         var children: [String: [VDIRecord]] = [:]

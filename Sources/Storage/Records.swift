@@ -177,10 +177,13 @@ enum Schema {
                 t.add(column: "label", .text).notNull().defaults(to: "")
                 t.add(column: "mode", .text).notNull().defaults(to: "direct")
             }
+            // Its family stays pinned meanwhile: the collector plans from records, and the
+            // file still reads through its bases.
             try db.create(table: "forgotten") { t in
                 t.primaryKey("uuid", .text)
                 t.column("name_label", .text).notNull()
                 t.column("name_description", .text).notNull()
+                t.column("family", .text).notNull()
             }
         }
         return m

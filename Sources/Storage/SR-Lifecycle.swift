@@ -60,13 +60,22 @@ extension SR {
                     _ = try VDIRecord.deleteOne(db, key: u)
                     _ = try TokenRecord.filter(Column("vdi_uuid") == u).deleteAll(db)
                     if hasFile {
-                        try db.execute(sql: "INSERT OR REPLACE INTO forgotten (uuid, name_label, name_description) VALUES (?, ?, ?)",
-                                       arguments: [u, r.nameLabel, r.nameDescription])
+                        try db.execute(sql: "INSERT OR REPLACE INTO forgotten (uuid, name_label, name_description, family) VALUES (?, ?, ?, ?)",
+                                       arguments: [u, r.nameLabel, r.nameDescription, r.family])
                     }
                 }
                 logger.info("forgot VDI \(u)\(hasFile ? " (its file stays; SR.scan reintroduces it)" : "")")
             }
         }
+    }
+
+    /// Families with a forgotten VDI whose file is still there: the collector leaves them
+    /// as they are until scan brings the VDI back (or its file goes).
+    func familiesWithForgottenFiles() -> Set<String> {
+        let rows = (try? dbRead { try Row.fetchAll($0, sql: "SELECT uuid, family FROM forgotten") }) ?? []
+        return Set(rows.compactMap { r -> String? in
+            FileManager.default.fileExists(atPath: imagePath(r["uuid"])) ? r["family"] : nil
+        })
     }
 
     /// `VDI.update`: rereads what the record shows of the file (its size on disk is read at

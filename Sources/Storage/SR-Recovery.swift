@@ -134,8 +134,8 @@ extension SR {
         // Journalled work in progress is the collector's, not an orphan.
         let inProgress = Set(journal.entries().valid.flatMap { [$0.child] + ($0.parent.map { [$0] } ?? []) })
         let forgotten = try dbRead { db in
-            Dictionary(try Row.fetchAll(db, sql: "SELECT uuid, name_label, name_description FROM forgotten").map {
-                ($0["uuid"] as String, ($0["name_label"] as String, $0["name_description"] as String))
+            Dictionary(try Row.fetchAll(db, sql: "SELECT uuid, name_label, name_description, family FROM forgotten").map {
+                ($0["uuid"] as String, ($0["name_label"] as String, $0["name_description"] as String, $0["family"] as String))
             }, uniquingKeysWith: { a, _ in a })
         }
         for n in names.sorted() where n.hasSuffix(ext) {
@@ -146,6 +146,7 @@ extension SR {
                 // A VDI.forget: back under its old name, whatever the file holds.
                 var r = VDIRecord(uuid: u, nameLabel: f.0, nameDescription: f.1, virtualSize: size)
                 r.parent = parentUUID(ofFile: p).flatMap { known[$0] != nil ? $0 : nil }
+                r.family = f.2
                 if let par = r.parent, let pr = known[par] { r.family = pr.family }
                 let rr = r
                 try dbWrite { db in

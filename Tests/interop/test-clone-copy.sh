@@ -97,6 +97,7 @@ assert ctl("vdi-copy", "uuid=" + s3, "base-vdi=" + s1, "into-vdi=" + e, "--quiet
 assert read_all(e) == bytes(mc), "copy with a shared-layer base did not make the target equal"
 assert ctl("vdi-copy", "uuid=" + s3, "base-vdi=" + f, "into-vdi=" + f, "--quiet") == f
 assert read_all(f) == bytes(mc), "copy with an unrelated base did not make the target equal"
+qemu_equal(e, mc); qemu_equal(f, mc)   # each a single dynamic VHD, as qemu-img sees it
 delta = ctl("vdi-copy", "uuid=" + s3, "base-vdi=" + s1, "--quiet")
 du = json.loads(ctl("vdi-param-list", "uuid=" + delta, "--json"))["physical_utilisation"]
 fu = json.loads(ctl("vdi-param-list", "uuid=" + d, "--json"))["physical_utilisation"]
@@ -162,5 +163,9 @@ assert os.path.exists(vhd(d))
 ctl("sr-scan")
 assert json.loads(ctl("vdi-param-list", "uuid=" + d, "--json"))["name_label"] == "a"
 assert read_all(d) == bytes(read_all(d))
+# qemu-img opens every file of the SR (the chains' files one by one).
+for n in os.listdir(os.environ["SR"]):
+    if n.endswith(".vhd"):
+        subprocess.run(["qemu-img", "info", "-f", "vpc", os.path.join(os.environ["SR"], n)], check=True, capture_output=True)
 print("ok")
 PY

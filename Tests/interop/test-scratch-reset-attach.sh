@@ -79,7 +79,11 @@ else:
         h.shutdown()
         time.sleep(0.2)
     assert not overlays()
-    assert "VDI_IN_USE" not in ctl("vdi-param-list", "uuid=" + a)
+    # A snapshot of a reset VDI holds the recorded state (what the next attachment sees).
+    rs = ctl("vdi-snapshot", "uuid=" + a)
+    hr = connect(info(rs)); assert hr.pread(SIZE, 0) == recorded; hr.shutdown()
+    h = connect(info(a)); assert h.pread(SIZE, 0) == recorded; h.pwrite(b"z" * 512, 0); h.shutdown()
+    time.sleep(0.2)
     ctl("vdi-param-set", "uuid=" + a, "on-boot=persist")
     h = connect(info(a)); assert h.pread(SIZE, 0) == recorded; h.shutdown()
     time.sleep(0.2)
