@@ -28,8 +28,10 @@ extension SR {
         tlsIdentityLock.lock()
         let id = tlsIdentity
         tlsIdentityLock.unlock()
+        let dir = certificatesDirectory
         return endpoints.map {
-            NBDInfoRecord(exportname: name, address: $0.address, port: $0.port, cert: id.pem, subject: id.subject)
+            NBDInfoRecord(exportname: name, address: $0.address, port: $0.port, cert: id.pem, subject: id.subject,
+                          certificatesDirectory: dir)
         }
     }
 

@@ -36,13 +36,36 @@ public struct NBDEndpoint: Sendable, Equatable {
     }
 }
 
-/// One `get_nbd_info` record.
+/// One `get_nbd_info` record: XenAPI's `vdi_nbd_server_info` fields, and `uri`, the NBD
+/// URI libnbd's tools (nbdinfo, nbdcopy, nbdsh, fio's nbd engine) take as it is: the
+/// export name percent-encoded, and with TLS on, `tls-certificates=<the server's
+/// certificate directory>` in the query (libnbd then trusts its CA; nbdinfo 1.14 has no
+/// `--tls-certificates` option).
 public struct NBDInfoRecord: Codable, Sendable, Equatable {
     public var exportname: String
     public var address: String
     public var port: Int
     public var cert: String
     public var subject: String
+    public var uri: String
+
+    init(exportname: String, address: String, port: Int, cert: String, subject: String, certificatesDirectory: String?) {
+        self.exportname = exportname
+        self.address = address
+        self.port = port
+        self.cert = cert
+        self.subject = subject
+        let host = address.contains(":") ? "[\(address)]" : address
+        // The path after the first "/" is the export name; "?" inside it must be encoded.
+        let name = exportname.replacingOccurrences(of: "%", with: "%25").replacingOccurrences(of: "?", with: "%3F")
+        var u = "\(cert.isEmpty ? "nbd" : "nbds")://\(host):\(port)/\(name)"
+        if !cert.isEmpty, let dir = certificatesDirectory {
+            var allowed = CharacterSet.urlQueryAllowed
+            allowed.remove(charactersIn: "&=+?#")
+            u += "?tls-certificates=" + (dir.addingPercentEncoding(withAllowedCharacters: allowed) ?? dir)
+        }
+        self.uri = u
+    }
 }
 
 public final class SR: @unchecked Sendable {
@@ -84,6 +107,13 @@ public final class SR: @unchecked Sendable {
     let tlsIdentityLock = NSLock()
 
     /// What `get_nbd_info` hands out as `cert` and `subject`; replaced on certificate reload.
+    /// The directory holding the server's CA (absolute), for the `uri` of `get_nbd_info`.
+    public var certificatesDirectory: String? {
+        get { tlsIdentityLock.lock(); defer { tlsIdentityLock.unlock() }; return certsDir }
+        set { tlsIdentityLock.lock(); certsDir = newValue; tlsIdentityLock.unlock() }
+    }
+    private var certsDir: String?
+
     public func setTLSIdentity(certificatePEM: String, subject: String) {
         tlsIdentityLock.lock(); defer { tlsIdentityLock.unlock() }
         tlsIdentity = (certificatePEM, subject)

@@ -181,12 +181,8 @@ struct VDIGetNBDInfo: ParsableCommand {
         for rec in r.arrayValue ?? [] {
             guard let o = rec.objectValue else { continue }
             for f in ["exportname", "address", "port", "subject"] { print("\(f): \(display(o[f] ?? .null))") }
-            let addr = display(o["address"] ?? .null)
-            let host = addr.contains(":") ? "[\(addr)]" : addr
-            let scheme = display(o["cert"] ?? .null).isEmpty ? "nbd" : "nbds"
-            // In an NBD URI the path after the first "/" is the export name, percent-encoded.
-            let name = display(o["exportname"] ?? .null).replacingOccurrences(of: "?", with: "%3F")
-            print("uri: \(scheme)://\(host):\(display(o["port"] ?? .null))/\(name)")
+            // The server's NBD URI: libnbd tools and fio take it as it is (TLS: it names the CA directory).
+            print("uri: \(display(o["uri"] ?? .null))")
             print("")
         }
     }

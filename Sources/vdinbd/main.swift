@@ -105,6 +105,7 @@ struct VDINBD: ParsableCommand {
                 let creds = try loadCredentials()
                 config.tlsCredentials = creds
                 repo.setTLSIdentity(certificatePEM: creds.trustAnchorPEM, subject: creds.subject)
+                repo.certificatesDirectory = URL(fileURLWithPath: certs).standardizedFileURL.path
             } catch {
                 throw ValidationError("TLS: \(error)")
             }
@@ -128,14 +129,13 @@ struct VDINBD: ParsableCommand {
         }
 
         let ctl = controlSocket == nil && sr == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
-        let tlsArg = tls == .off ? "" : "--tls-certificates=\(certs) "
         print("""
             vdinbd: serving SR \(repo.path) on \(server.boundEndpoints.map { "\($0.address):\($0.port)" }.joined(separator: ", ")) (TLS \(tls.rawValue))
             vdinbd: control socket \(socketPath)
             Create a disk and attach it:
               uuid=$(swift run \(ctl) vdi-create name-label=disk1 virtual-size=1GiB)
               swift run \(ctl) vdi-get-nbd-info uuid=$uuid
-              nbdinfo \(tlsArg)"<uri printed above>"
+              nbdinfo "<uri printed above>"
             """)
         fflush(stdout)
         // Coalesce and garbage collection in the background (SR other_config:gc=false stops it).

@@ -307,3 +307,15 @@ final class SRTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: sr.imagePath(r.uuid) + ".new"))
     }
 }
+
+/// The `uri` of a `get_nbd_info` record, as libnbd's tools take it.
+final class NBDInfoURITests: XCTestCase {
+    func testPlainTLSAndIPv6URIs() {
+        let plain = NBDInfoRecord(exportname: "/u?token=s", address: "127.0.0.1", port: 10809, cert: "", subject: "",
+                                  certificatesDirectory: "/etc/vdinbd/certs")
+        XCTAssertEqual(plain.uri, "nbd://127.0.0.1:10809//u%3Ftoken=s", "no TLS: no certificate directory")
+        let tls = NBDInfoRecord(exportname: "/u?token=s", address: "::1", port: 10809, cert: "PEM", subject: "x",
+                                certificatesDirectory: "/srv/my certs&keys")
+        XCTAssertEqual(tls.uri, "nbds://[::1]:10809//u%3Ftoken=s?tls-certificates=/srv/my%20certs%26keys")
+    }
+}

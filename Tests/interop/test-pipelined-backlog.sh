@@ -56,8 +56,7 @@ for mode in simple structured extended; do
     done
 done
 # And a real client reads back what the pipelined writes put there.
-U=$(uri "$u")
-case "$U" in nbds://*) U="$U?tls-certificates=$CERTS" ;; esac
+U=$(uri "$u")   # with TLS on, the uri names the CA directory itself
 nbdcopy "$U" "$TMP/out.raw"
 $PY - "$TMP/out.raw" <<'PY' || fail "nbdcopy read back differs from the pipelined writes"
 import struct, sys
