@@ -75,7 +75,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "VHDTests", dependencies: ["VHD"]),
+        .testTarget(name: "VHDTests", dependencies: ["VHD", "CBT"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS"]),
         .testTarget(name: "CBTTests", dependencies: ["CBT"]),
         .testTarget(

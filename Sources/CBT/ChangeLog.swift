@@ -576,7 +576,9 @@ public enum ChangedBlocks {
     /// MSB-first bitmap → byte ranges of changed blocks, clamped to `size`.
     public static func ranges(_ msb: [UInt8], size: UInt64) -> [(offset: UInt64, length: UInt64)] {
         var out: [(UInt64, UInt64)] = []
-        let blocks = Int((size + ChangeLog.blockSize - 1) / ChangeLog.blockSize)
+        // A bitmap shorter than `size` says (a server's answer, say) ends the ranges early:
+        // never an index past it.
+        let blocks = min(Int((min(size, UInt64(Int.max) / 2) + ChangeLog.blockSize - 1) / ChangeLog.blockSize), msb.count * 8)
         var i = 0
         while i < blocks {
             guard msb[i / 8] & (0x80 >> UInt8(i % 8)) != 0 else { i += 1; continue }

@@ -70,12 +70,20 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
         }
     }
 
+    /// The offset as a file offset, when the whole range fits one (an offset read from a
+    /// crafted header may be anything up to 2^64).
+    @inline(__always) func fileOffset(_ offset: UInt64, _ count: Int) throws(VHDError) -> Int64 {
+        guard offset <= UInt64(Int64.max) - UInt64(count) else { throw .io(path: path, errno: .invalidArgument) }
+        return Int64(offset)
+    }
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) {
+        let start = try fileOffset(offset, buffer.count)
         var done = 0
         while done < buffer.count {
             let n: Int
             do {
-                n = try fd.read(fromAbsoluteOffset: Int64(offset) + Int64(done),
+                n = try fd.read(fromAbsoluteOffset: start + Int64(done),
                                 into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), retryOnInterrupt: true)
             } catch let e as Errno {
                 throw .io(path: path, errno: e)
@@ -91,10 +99,11 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
 
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) -> Bool {
         #if os(Linux)
+        let start = try fileOffset(offset, buffer.count)
         var iov = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
         while true {
             // RWF_NOWAIT: fail with EAGAIN instead of waiting for the disk.
-            let n = c_preadv2(fd.rawValue, &iov, 1, Int(offset), 0x08)
+            let n = c_preadv2(fd.rawValue, &iov, 1, Int(start), 0x08)
             if n == buffer.count { return true }
             if n >= 0 { return false }  // short: part of it is not cached (or past EOF)
             if errno == EINTR { continue }
@@ -107,8 +116,9 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
     }
 
     public func writeAll(_ buffer: UnsafeRawBufferPointer, toAbsoluteOffset offset: UInt64) throws(VHDError) {
+        let start = try fileOffset(offset, buffer.count)
         do {
-            _ = try fd.writeAll(toAbsoluteOffset: Int64(offset), buffer)
+            _ = try fd.writeAll(toAbsoluteOffset: start, buffer)
         } catch let e as Errno {
             throw .io(path: path, errno: e)
         } catch { throw .io(path: path, errno: .ioError) }
@@ -160,8 +170,8 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
 
     func map(offset: UInt64, count: Int, populate: Bool) -> UnsafeRawBufferPointer? {
         #if os(Linux)
-        let end = offset + UInt64(count)
-        guard count > 0 else { return nil }
+        let (end, over) = offset.addingReportingOverflow(UInt64(max(count, 0)))
+        guard count > 0, !over, end <= UInt64(Int.max) else { return nil }
         let base: UnsafeRawPointer? = mappings.withLock { m in
             if end > m.knownLength {
                 var st = stat()
@@ -208,13 +218,22 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) {
+        // Past the end reads zeros, whatever the offset (a crafted one may be near 2^64).
+        guard offset < UInt64(bytes.count) else {
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            return
+        }
         for i in 0..<buffer.count {
             let o = Int(offset) + i
             buffer[i] = o < bytes.count ? bytes[o] : 0
         }
     }
 
+    /// An in-memory file grows to this at most (what a test or a fuzzer's input can need).
+    static let maxLength: UInt64 = 1 << 32
+
     public func writeAll(_ buffer: UnsafeRawBufferPointer, toAbsoluteOffset offset: UInt64) throws(VHDError) {
+        guard offset <= Self.maxLength - min(UInt64(buffer.count), Self.maxLength) else { throw .io(path: path, errno: .fileTooLarge) }
         let end = Int(offset) + buffer.count
         if end > bytes.count { bytes += [UInt8](repeating: 0, count: end - bytes.count) }
         for i in 0..<buffer.count { bytes[Int(offset) + i] = buffer[i] }
@@ -228,6 +247,7 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
 
     public func length() throws(VHDError) -> UInt64 { UInt64(bytes.count) }
     public func truncate(toLength length: UInt64) throws(VHDError) {
+        guard length <= Self.maxLength else { throw .io(path: path, errno: .fileTooLarge) }
         if Int(length) < bytes.count { bytes.removeLast(bytes.count - Int(length)) } else {
             bytes += [UInt8](repeating: 0, count: Int(length) - bytes.count)
         }

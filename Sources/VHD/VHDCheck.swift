@@ -68,7 +68,12 @@ public enum VHDCheck {
                         ("BAT", h.tableOffset..<(h.tableOffset + UInt64(BlockAllocationTable.byteLength(entries: bat.entries.count)))),
                     ]
                     for (i, l) in h.parentLocatorEntries.enumerated() where l.platformCode != .none && l.platformDataLength > 0 {
-                        extents.append(("parent locator \(i)", l.platformDataOffset..<(l.platformDataOffset + UInt64(l.platformDataLength))))
+                        let (stop, over) = l.platformDataOffset.addingReportingOverflow(UInt64(l.platformDataLength))
+                        guard !over, stop <= len else {
+                            problems.append("\(path): parent locator \(i) at byte \(l.platformDataOffset) lies past the end of the file")
+                            continue
+                        }
+                        extents.append(("parent locator \(i)", l.platformDataOffset..<stop))
                     }
                     for (i, e) in bat.entries.enumerated() where e != BlockAllocationTable.unallocated {
                         extents.append(("block \(i) at \(UInt64(e) * 512)", (UInt64(e) * 512)..<(UInt64(e) * 512 + span)))

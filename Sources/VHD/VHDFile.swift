@@ -116,7 +116,8 @@ public final class VHDFile: @unchecked Sendable {
                                     reason: "does not match current size \(footer.currentSize) (needs \(needed))")
             }
             let batBytes = UInt64(h.maxTableEntries) * 4
-            guard h.tableOffset >= 512, h.tableOffset + batBytes <= length else {
+            // Checked without adding first: a crafted offset near 2^64 must not trap.
+            guard h.tableOffset >= 512, h.tableOffset <= length, batBytes <= length - h.tableOffset else {
                 throw .invalidField(structure: "dynamic disk header", field: "tableOffset", value: h.tableOffset,
                                     reason: "BAT of \(batBytes) bytes does not fit in the file of \(length) bytes")
             }
@@ -167,9 +168,15 @@ public final class VHDFile: @unchecked Sendable {
                 bat = table
                 batChecked = true
             }
-            for l in h.parentLocatorEntries where l.platformCode != .none && l.platformDataOffset > 0 {
+            for (i, l) in h.parentLocatorEntries.enumerated() where l.platformCode != .none && l.platformDataOffset > 0 {
                 let space = l.platformDataSpace < 512 ? UInt64(l.platformDataSpace) * 512 : UInt64(l.platformDataSpace)
-                end = max(end, l.platformDataOffset + max(space, UInt64(l.platformDataLength)))
+                let (stop, over) = l.platformDataOffset.addingReportingOverflow(max(space, UInt64(l.platformDataLength)))
+                guard !over, stop <= length else {
+                    // Not where anything else is placed, and unreadable: reported, never trusted.
+                    warnings.append("parent locator \(i) at byte \(l.platformDataOffset) lies past the end of the file (\(length))")
+                    continue
+                }
+                end = max(end, stop)
             }
             if footer.diskType == .dynamic, h.parentLocatorEntries.contains(where: { $0.platformCode != .none }) {
                 warnings.append("dynamic disk carries parent locators")
