@@ -87,3 +87,15 @@ let package = Package(
     ],
     swiftLanguageModes: [.v5]
 )
+
+// libFuzzer targets (`Tools/fuzz`): built only with VDINBD_FUZZ=1 set, with
+// `-sanitize=fuzzer,address` (libFuzzer supplies `main`), so a plain build never sees them.
+if Context.environment["VDINBD_FUZZ"] != nil {
+    for (name, deps) in [("fuzz-vhd", ["VHD"]), ("fuzz-nbd-request", ["NBD"]), ("fuzz-nbd-handshake", ["NBD"]), ("fuzz-cbt", ["CBT"])] {
+        package.targets.append(.executableTarget(
+            name: name,
+            dependencies: deps.map { .target(name: $0) } + [.product(name: "NIOCore", package: "swift-nio")],
+            path: "Tools/fuzz/\(name)",
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])]))
+    }
+}

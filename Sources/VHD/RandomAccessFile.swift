@@ -223,10 +223,11 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
             buffer.initializeMemory(as: UInt8.self, repeating: 0)
             return
         }
-        for i in 0..<buffer.count {
-            let o = Int(offset) + i
-            buffer[i] = o < bytes.count ? bytes[o] : 0
+        let n = min(buffer.count, bytes.count - Int(offset))
+        bytes.withUnsafeBytes { b in
+            UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]).copyMemory(from: UnsafeRawBufferPointer(rebasing: b[Int(offset)..<(Int(offset) + n)]))
         }
+        if n < buffer.count { UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
     }
 
     /// An in-memory file grows to this at most (what a test or a fuzzer's input can need).
@@ -236,7 +237,9 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
         guard offset <= Self.maxLength - min(UInt64(buffer.count), Self.maxLength) else { throw .io(path: path, errno: .fileTooLarge) }
         let end = Int(offset) + buffer.count
         if end > bytes.count { bytes += [UInt8](repeating: 0, count: end - bytes.count) }
-        for i in 0..<buffer.count { bytes[Int(offset) + i] = buffer[i] }
+        bytes.withUnsafeMutableBytes { b in
+            UnsafeMutableRawBufferPointer(rebasing: b[Int(offset)..<end]).copyMemory(from: buffer)
+        }
         writeLog.append((offset, buffer.count))
     }
 
