@@ -81,6 +81,12 @@ extension SR {
             while pos < item.range.upperBound {
                 try task?.checkCancelled()
                 let n = Int(min(UInt64(Self.copyChunk), item.range.upperBound - pos))
+                if fresh, baseChain == nil, try copyMapped(from: source, at: pos, count: n, exact: item.exact, into: h) {
+                    pos += UInt64(n)
+                    done += UInt64(n)
+                    task?.setProgress(total == 0 ? 1 : Double(done) / Double(total))
+                    continue
+                }
                 let piece = UnsafeMutableRawBufferPointer(rebasing: buf[0..<n])
                 try source.read(into: piece, at: pos, cachedOnly: false, holes: &holes)
                 var write = true
@@ -113,6 +119,32 @@ extension SR {
         }
         try h.flush()
         task?.setProgress(1)
+    }
+
+    /// A fresh target's chunk written straight from the source files' mapped pages (one
+    /// copy, into the target's page cache, instead of a read into a buffer and a write out
+    /// of it). Stretches no layer holds are left as holes, and data that is all zeros too
+    /// unless `exact`. False where a file cannot be mapped: the caller reads instead.
+    private func copyMapped(from source: any DiskImage, at pos: UInt64, count n: Int, exact: Bool, into h: VDIHandle) throws -> Bool {
+        let plan = try source.plan(offset: pos, length: n)
+        var maps: [UnsafeRawBufferPointer?] = []
+        for p in plan.pieces {
+            if case .data(let f, let off, let c) = p {
+                guard let m = f.mapped(offset: off, count: c) else { return false }
+                maps.append(m)
+            } else {
+                maps.append(nil)
+            }
+        }
+        var at = pos
+        for (p, m) in zip(plan.pieces, maps) {
+            if let m, exact || !isZero(m) { try h.write(m, at: at) }
+            if m == nil, exact {
+                try h.writeZeroes(offset: at, length: UInt64(p.count), punch: false, fastOnly: false)
+            }
+            at += UInt64(p.count)
+        }
+        return true
     }
 
     /// What to copy: ranges to read and write (`exact`: a structural difference, written
