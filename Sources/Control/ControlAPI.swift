@@ -103,7 +103,10 @@ public final class ControlAPI: @unchecked Sendable {
             return .array(try sr.allRecords().map { .string($0.uuid) })
         case "VDI.get_all_records":
             var out: [String: JSONValue] = [:]
-            for r in try sr.allRecords() { out[r.uuid] = try recordJSON(r) }
+            // One pass over the records for every record's `snapshots`, not one per record.
+            let all = try sr.allRecords()
+            let snapshots = Dictionary(grouping: all.filter { $0.snapshotOf != nil }, by: { $0.snapshotOf! }).mapValues { $0.map(\.uuid) }
+            for r in all { out[r.uuid] = try recordJSON(r, snapshots: snapshots[r.uuid] ?? []) }
             return .object(out)
         case "VDI.get_by_name_label":
             let label = try p.string(0, "label")
@@ -191,7 +194,8 @@ public final class ControlAPI: @unchecked Sendable {
         return try sr.create(cp)
     }
 
-    func recordJSON(_ r: VDIRecord) throws -> JSONValue {
+    /// `snapshots`: the uuids of the VDI's snapshots when the caller has them (nil: read them).
+    func recordJSON(_ r: VDIRecord, snapshots: [String]? = nil) throws -> JSONValue {
         guard case .object(var o) = try JSONValue.from(r) else { return .null }
         o["managed"] = nil
         o["created"] = nil
@@ -212,7 +216,8 @@ public final class ControlAPI: @unchecked Sendable {
         })
         o["allowed_operations"] = .array(sr.allowedOperations(r).map { .string($0.rawValue) })
         o["current_operations"] = .object([:])
-        o["snapshots"] = .array(((try? sr.allRecords()) ?? []).filter { $0.snapshotOf == r.uuid }.map { .string($0.uuid) })
+        let snaps = snapshots ?? ((try? sr.allRecords()) ?? []).filter { $0.snapshotOf == r.uuid }.map(\.uuid)
+        o["snapshots"] = .array(snaps.map { .string($0) })
         o["storage_lock"] = .bool(false)
         o["is_tools_iso"] = .bool(false)
         o["xenstore_data"] = .object([:])
