@@ -32,6 +32,10 @@ final class Gate: @unchecked Sendable {
 /// While a VDI's leaf is merged into its parent with clients writing: the ranges written,
 /// zeroed or trimmed since the merge began, in 2 MiB units, so the final pass (with I/O
 /// held off) copies only those again.
+///
+/// A range is marked only once its data is visible to reads through the handle (written,
+/// or parked), never before: the merge's catch-up takes the marks and then reads, so a
+/// write marked first and landing after that read would be taken, copied stale, and lost.
 final class ChangeTracker: Sendable {
     static let unit: UInt64 = 2 << 20
     private let units = Mutex<Set<UInt64>>([])

@@ -137,7 +137,8 @@ public final class VDIHandle: @unchecked Sendable {
         if parked.lastOverlapping(offset, UInt64(buf.count)) != nil { waitParked() }
         gate.lockShared()
         defer { gate.unlock() }
-        tracker?.mark(offset, UInt64(buf.count))
+        // Marked once the data has landed (see `ChangeTracker`); the defer runs first.
+        defer { tracker?.mark(offset, UInt64(buf.count)) }
         do {
             guard let log = cbt, log.markDirty(offset: offset, length: UInt64(buf.count)) else {
                 return try chain.write(buf, at: offset)
@@ -169,7 +170,6 @@ public final class VDIHandle: @unchecked Sendable {
         }
         gate.lockShared()
         ops.add(1, ordering: .relaxed)
-        tracker?.mark(offset, UInt64(length))
         if let log = cbt, log.markDirty(offset: offset, length: UInt64(length)) {
             // The leaf holds the space: park the data and acknowledge now; it is written
             // once its bits are durable.
@@ -184,6 +184,8 @@ public final class VDIHandle: @unchecked Sendable {
                     return done(error)
                 }
                 if let seq {
+                    // Parked: reads through the handle see the data from now on.
+                    tracker?.mark(offset, UInt64(length))
                     gate.unlock()
                     done(nil)
                     log.commitLazily { failure in
@@ -203,12 +205,14 @@ public final class VDIHandle: @unchecked Sendable {
             }
             defer { gate.unlock() }
             do {
+                defer { tracker?.mark(offset, UInt64(length)) }
                 try withBytes { try chain.write($0, at: offset, beforeVisible: commitOnce(log)) }
             } catch { return done(error) }
             return done(nil)
         }
         defer { gate.unlock() }
         do {
+            defer { tracker?.mark(offset, UInt64(length)) }
             try withBytes { try chain.write($0, at: offset) }
         } catch { return done(error) }
         done(nil)
@@ -231,7 +235,7 @@ public final class VDIHandle: @unchecked Sendable {
         gate.lockShared()
         defer { gate.unlock() }
         do {
-            tracker?.mark(offset, UInt64(length))
+            defer { tracker?.mark(offset, UInt64(length)) }
             if let now = cbt, now !== log { try track(offset: offset, length: UInt64(length)) }
             try withBytes { try chain.write($0, at: offset) }
         } catch { return done(error) }
@@ -248,7 +252,7 @@ public final class VDIHandle: @unchecked Sendable {
         if parked.lastOverlapping(offset, length) != nil { waitParked() }
         gate.lockShared()
         defer { gate.unlock() }
-        tracker?.mark(offset, length)
+        defer { tracker?.mark(offset, length) }
         do {
             try track(offset: offset, length: length)
             try chain.writeZeroes(offset: offset, length: length, punch: punch, fastOnly: fastOnly)

@@ -243,6 +243,12 @@ public final class VHDFile: @unchecked Sendable {
         let start = UInt64(e) * 512
         if !batChecked {
             let span = UInt64(h.bitmapBytes) + UInt64(h.blockSize)
+            if start >= 512, start + span > openedLength, let now = try? file.length(), now > openedLength {
+                // Another opening of the file (a merge writing into this layer) allocated
+                // the block after this one opened: its data and footer were written before
+                // the entry, so the file has grown past it.
+                openedLength = now
+            }
             guard start >= 512, start + span <= openedLength else {
                 throw .invalidField(structure: "BAT", field: "entry[\(blockIndex)]", value: UInt64(e),
                                     reason: "block at byte \(start) + \(span) lies past the end of the file (\(openedLength))")

@@ -121,3 +121,24 @@ final class LazyTableTests: TemporaryDirectoryTestCase {
         XCTAssertEqual(VHDChain.lastComponent("C:/images/p.vhd"), "p.vhd")
     }
 }
+
+/// A merge writes into a layer that clients' chains hold open read-only: a block it
+/// allocates after they opened lies past the length they saw, and is read, not refused.
+final class GrownLayerTests: TemporaryDirectoryTestCase {
+    func testAReadOnlyOpeningReadsABlockAnotherOpeningAllocatedLater() throws {
+        let p = dir + "/g.vhd"
+        try VHDCreate.createDynamic(path: p, size: 16 << 20)
+        let reader = try VHDChain.open(path: p, writable: false)
+        defer { reader.close() }
+        var before = [UInt8](repeating: 0xEE, count: 4096)
+        try before.withUnsafeMutableBytes { try reader.read(into: $0, at: 3 << 21) }
+        XCTAssertEqual(before, [UInt8](repeating: 0, count: 4096))
+        let writer = try VHDChain.open(path: p, writable: true)
+        try writer.write([UInt8](repeating: 0x5A, count: 4096), at: 3 << 21)
+        try writer.flush()
+        writer.close()
+        var after = [UInt8](repeating: 0xEE, count: 4096)
+        try after.withUnsafeMutableBytes { try reader.read(into: $0, at: 3 << 21) }
+        XCTAssertEqual(after, [UInt8](repeating: 0x5A, count: 4096))
+    }
+}
