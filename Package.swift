@@ -15,6 +15,7 @@ let package = Package(
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.0.0"),
         .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
         .package(url: "https://github.com/apple/swift-collections", from: "1.1.0"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.0.0"),
     ],
     targets: [
         // The storage seam: what Storage and Server know of a disk image (pure: no I/O).
@@ -60,10 +61,20 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Export and import over HTTP (seed 000's handlers), on its own listener.
+        .target(
+            name: "HTTP",
+            dependencies: [
+                "Storage",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "vdinbd",
             dependencies: [
-                "Server", "Control", "Storage", "TLS",
+                "Server", "Control", "Storage", "TLS", "HTTP",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -75,7 +86,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "VHDTests", dependencies: ["VHD", "CBT"]),
+        .testTarget(name: "VHDTests", dependencies: ["VHD", "CBT", "Image"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS"]),
         .testTarget(name: "CBTTests", dependencies: ["CBT"]),
         .testTarget(

@@ -14,13 +14,18 @@ extension ControlAPI {
     func dispatchMore(_ method: String, _ p: Params, task: TaskContext?) throws -> JSONValue {
         if method.hasPrefix("Async.") {
             let inner = String(method.dropFirst("Async.".count))
-            guard Self.methods.contains(inner) || Self.moreMethods.contains(inner) || Self.lifecycleMethods.contains(inner),
-                  !inner.hasPrefix("Task.") else {
+            guard Self.methods.contains(inner) || Self.moreMethods.contains(inner) || Self.lifecycleMethods.contains(inner)
+                    || Self.transferMethods.contains(inner), !inner.hasPrefix("Task.") else {
                 throw RPCError.methodNotFound(method)
             }
             try checkArity(inner, p)
+            // The task outlives the request: it keeps copies of the passed descriptors.
+            var own = p
+            own.fds = p.fds.map { dup($0) }.filter { $0 >= 0 }
+            let params = own
             let uuid = sr.tasks.run(name: inner) { [self] ctx in
-                let v = try dispatch(inner, p, task: ctx)
+                defer { for fd in params.fds { close(fd) } }
+                let v = try dispatch(inner, params, task: ctx)
                 return String(decoding: try JSONEncoder().encode(v), as: UTF8.self)
             }
             return .string(uuid)
@@ -84,6 +89,7 @@ extension ControlAPI {
             return .null
         default:
             if let v = try dispatchLifecycle(method, p, task: task) { return v }
+            if let v = try dispatchTransfer(method, p, task: task) { return v }
             throw RPCError.methodNotFound(method)
         }
     }

@@ -13,12 +13,14 @@ public final class ControlAPI: @unchecked Sendable {
     }
 
     /// Handles one decoded request; never throws.
-    public func handle(_ req: RPCRequest) -> RPCResponse {
+    public func handle(_ req: RPCRequest, fds: [Int32] = []) -> RPCResponse {
         guard req.jsonrpc == "2.0" else {
             return RPCResponse(result: nil, error: .invalidRequest("jsonrpc must be \"2.0\""), id: req.id)
         }
         do {
-            let result = try dispatch(req.method, Params(req.params), task: nil)
+            var params = Params(req.params)
+            params.fds = fds
+            let result = try dispatch(req.method, params, task: nil)
             return RPCResponse(result: result, error: nil, id: req.id)
         } catch let e as RPCError {
             return RPCResponse(result: nil, error: e, id: req.id)
@@ -32,7 +34,9 @@ public final class ControlAPI: @unchecked Sendable {
     }
 
     /// Handles one line of input: parse errors answer with a null id.
-    public func handle(line: Data) -> RPCResponse {
+    /// `fds`: descriptors passed with the line; they stay the caller's (closed after the
+    /// answer), an `Async.` call takes copies of its own.
+    public func handle(line: Data, fds: [Int32] = []) -> RPCResponse {
         let value: JSONValue
         do {
             value = try JSONDecoder().decode(JSONValue.self, from: line)
@@ -49,13 +53,15 @@ public final class ControlAPI: @unchecked Sendable {
             return RPCResponse(result: nil, error: .invalidRequest("params must be an array or an object"), id: o["id"])
         }
         let req = RPCRequest(jsonrpc: o["jsonrpc"]?.stringValue ?? "", method: m, params: o["params"], id: o["id"])
-        return handle(req)
+        return handle(req, fds: fds)
     }
 
     /// Positional (XenAPI style) or named params.
     struct Params: Sendable {
         let positional: [JSONValue]
         let named: [String: JSONValue]
+        /// Descriptors passed with the request (owned by the caller of `handle`).
+        var fds: [Int32] = []
         init(_ v: JSONValue?) {
             switch v {
             case .array(let a)?:
@@ -94,7 +100,7 @@ public final class ControlAPI: @unchecked Sendable {
         try checkArity(method, p)
         switch method {
         case "system.listMethods":
-            return .array((Self.methods + Self.moreMethods + Self.lifecycleMethods).map { .string($0) })
+            return .array((Self.methods + Self.moreMethods + Self.lifecycleMethods + Self.transferMethods).map { .string($0) })
         case "VDI.create":
             return .string(try create(p.object(0, "args")).uuid)
         case "VDI.get_record":

@@ -23,6 +23,12 @@ public final class ControlServer: @unchecked Sendable {
     /// that waits for the collector, a snapshot's syncs) holds up only its own client;
     /// the poll thread only reads.
     var queues: [Int32: DispatchQueue] = [:]
+    /// Descriptors passed with each client's bytes (SCM_RIGHTS), with the position in its
+    /// stream of the first byte they came with: they belong to the line holding that byte.
+    var passed: [Int32: [(pos: Int, fd: Int32)]] = [:]
+    /// Bytes received from each client / the stream position of its buffer's first byte.
+    var received: [Int32: Int] = [:]
+    var lineStart: [Int32: Int] = [:]
     /// Longest request line accepted.
     static let maxLine = 1 << 20
 
@@ -89,9 +95,12 @@ public final class ControlServer: @unchecked Sendable {
     func readable(_ fd: Int32) {
         var chunk = [UInt8](repeating: 0, count: 65536)
         while true {
-            let n = read(fd, &chunk, chunk.count)
+            var fds: [Int32] = []
+            let n = chunk.withUnsafeMutableBytes { receive(fd, $0, fds: &fds) }
+            if !fds.isEmpty { passed[fd, default: []] += fds.map { (received[fd, default: 0], $0) } }
             if n > 0 {
                 buffers[fd, default: Data()].append(contentsOf: chunk[0..<n])
+                received[fd, default: 0] += n
                 continue
             }
             if n < 0 && errno == EINTR { continue }
@@ -110,14 +119,43 @@ public final class ControlServer: @unchecked Sendable {
         }
     }
 
+    /// One recvmsg: bytes into `buf`, passed descriptors (close-on-exec) into `fds`.
+    func receive(_ fd: Int32, _ buf: UnsafeMutableRawBufferPointer, fds: inout [Int32]) -> Int {
+        let space = ControlFD.space(count: 8)
+        let control = UnsafeMutableRawBufferPointer.allocate(byteCount: space, alignment: 8)
+        defer { control.deallocate() }
+        var iov = iovec(iov_base: buf.baseAddress, iov_len: buf.count)
+        return withUnsafeMutablePointer(to: &iov) { iovp in
+            var msg = msghdr()
+            msg.msg_iov = iovp
+            msg.msg_iovlen = 1
+            msg.msg_control = control.baseAddress
+            msg.msg_controllen = space
+            let n = recvmsg(fd, &msg, Int32(MSG_CMSG_CLOEXEC))
+            if n >= 0 { fds = ControlFD.parse(UnsafeRawBufferPointer(rebasing: control[0..<Int(msg.msg_controllen)])) }
+            return n
+        }
+    }
+
     /// Answers every whole line buffered for `fd`.
     func serveLines(_ fd: Int32) {
         while let data = buffers[fd], let nl = data.firstIndex(of: 0x0A) {
             let line = data[data.startIndex..<nl]
             buffers[fd] = Data(data[(nl + 1)...])
-            if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
+            let start = lineStart[fd, default: 0]
+            let end = start + (nl - data.startIndex) + 1
+            lineStart[fd] = end
+            let mine = (passed[fd] ?? []).filter { $0.pos < end }.map(\.fd)
+            passed[fd] = (passed[fd] ?? []).filter { $0.pos >= end }
+            if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) {
+                for f in mine { Glibc.close(f) }
+                continue
+            }
             let request = Data(line)
-            queues[fd]?.async { [self] in respond(fd, api.handle(line: request)) }
+            queues[fd]?.async { [self] in
+                respond(fd, api.handle(line: request, fds: mine))
+                for f in mine { Glibc.close(f) }
+            }
         }
     }
 
@@ -165,6 +203,9 @@ public final class ControlServer: @unchecked Sendable {
     /// Stops reading the client; its descriptor closes once its queued requests are answered.
     func drop(_ fd: Int32) {
         guard buffers.removeValue(forKey: fd) != nil else { return }
+        for p in passed.removeValue(forKey: fd) ?? [] { Glibc.close(p.fd) }
+        received[fd] = nil
+        lineStart[fd] = nil
         if let q = queues.removeValue(forKey: fd) { q.async { _ = Glibc.close(fd) } } else { Glibc.close(fd) }
     }
 }
@@ -201,13 +242,18 @@ public final class ControlClient {
     deinit { Glibc.close(fd) }
 
     /// Calls a method; returns its result or throws the RPCError.
-    public func call(_ method: String, _ params: [JSONValue]) throws -> JSONValue {
+    /// `passing`: a descriptor sent with the request (SCM_RIGHTS) for `VDI.export` and
+    /// `VDI.import`.
+    public func call(_ method: String, _ params: [JSONValue], passing passed: Int32? = nil) throws -> JSONValue {
         let req = RPCRequest(method: method, params: params, id: nextID)
         nextID += 1
         var data = try JSONEncoder().encode(req)
         data.append(0x0A)
         try data.withUnsafeBytes { raw in
             var done = 0
+            if let pass = passed {
+                done = try ControlFD.send(fd, raw, passing: pass)
+            }
             while done < raw.count {
                 let n = send(fd, raw.baseAddress! + done, raw.count - done, Int32(MSG_NOSIGNAL))
                 guard n > 0 else { throw RPCError(code: -32000, message: "send: \(String(cString: strerror(errno)))") }
@@ -230,5 +276,55 @@ public final class ControlClient {
         let resp = try JSONDecoder().decode(RPCResponse.self, from: line)
         if let e = resp.error { throw e }
         return resp.result ?? .null
+    }
+}
+
+/// SCM_RIGHTS control messages, laid out as Linux's CMSG_* macros do.
+enum ControlFD {
+    static let header = MemoryLayout<cmsghdr>.size
+    static func align(_ n: Int) -> Int { (n + MemoryLayout<Int>.size - 1) & ~(MemoryLayout<Int>.size - 1) }
+    static func space(count: Int) -> Int { align(header) + align(count * 4) }
+
+    /// The descriptors in a received control buffer.
+    static func parse(_ control: UnsafeRawBufferPointer) -> [Int32] {
+        var out: [Int32] = []
+        var at = 0
+        while at + header <= control.count {
+            let h = control.loadUnaligned(fromByteOffset: at, as: cmsghdr.self)
+            let len = Int(h.cmsg_len)
+            guard len >= header, at + len <= control.count else { break }
+            if h.cmsg_level == SOL_SOCKET && h.cmsg_type == Int32(SCM_RIGHTS) {
+                for k in 0..<((len - align(header)) / 4) {
+                    out.append(control.loadUnaligned(fromByteOffset: at + align(header) + 4 * k, as: Int32.self))
+                }
+            }
+            at += align(len)
+        }
+        return out
+    }
+
+    /// Sends the first bytes of `raw` with `fd` attached; returns how many were sent.
+    static func send(_ sock: Int32, _ raw: UnsafeRawBufferPointer, passing fd: Int32) throws -> Int {
+        let space = space(count: 1)
+        let control = UnsafeMutableRawBufferPointer.allocate(byteCount: space, alignment: 8)
+        defer { control.deallocate() }
+        control.initializeMemory(as: UInt8.self, repeating: 0)
+        var h = cmsghdr()
+        h.cmsg_len = numericCast(align(header) + 4)
+        h.cmsg_level = SOL_SOCKET
+        h.cmsg_type = Int32(SCM_RIGHTS)
+        control.storeBytes(of: h, toByteOffset: 0, as: cmsghdr.self)
+        control.storeBytes(of: fd, toByteOffset: align(header), as: Int32.self)
+        var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: raw.baseAddress), iov_len: raw.count)
+        let n = withUnsafeMutablePointer(to: &iov) { iovp -> Int in
+            var msg = msghdr()
+            msg.msg_iov = iovp
+            msg.msg_iovlen = 1
+            msg.msg_control = control.baseAddress
+            msg.msg_controllen = space
+            return sendmsg(sock, &msg, Int32(MSG_NOSIGNAL))
+        }
+        guard n > 0 else { throw RPCError(code: -32000, message: "sendmsg: \(String(cString: strerror(errno)))") }
+        return n
     }
 }

@@ -155,7 +155,7 @@ extension SR {
         var compareWith: String?
     }
 
-    private func copyPlan(_ source: any DiskImage, size: UInt64, base: VDIRecord?) throws -> CopyPlan {
+    func copyPlan(_ source: any DiskImage, size: UInt64, base: VDIRecord?) throws -> CopyPlan {
         var plan = CopyPlan()
         guard let base else {
             var pos: UInt64 = 0

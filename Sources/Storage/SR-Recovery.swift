@@ -45,6 +45,7 @@ extension SR {
     /// Finishes or undoes unjournalled operations a crash interrupted.
     func recover() throws {
         removeOverlays()
+        removeImportStaging()
         let fm = FileManager.default
         let ext = "." + format.fileExtension
         let names = (try? fm.contentsOfDirectory(atPath: path)) ?? []

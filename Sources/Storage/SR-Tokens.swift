@@ -29,9 +29,12 @@ extension SR {
         let id = tlsIdentity
         tlsIdentityLock.unlock()
         let dir = certificatesDirectory
+        let http = httpBase.map { "\($0)/export_raw_vdi?vdi=\(r.uuid)&format=vhd&token=\(secret)" } ?? ""
         return endpoints.map {
-            NBDInfoRecord(exportname: name, address: $0.address, port: $0.port, cert: id.pem, subject: id.subject,
-                          certificatesDirectory: dir)
+            var info = NBDInfoRecord(exportname: name, address: $0.address, port: $0.port, cert: id.pem, subject: id.subject,
+                                     certificatesDirectory: dir)
+            info.http = http
+            return info
         }
     }
 
@@ -81,6 +84,18 @@ extension SR {
         }
     }
 
+    /// Checks a token for `vdi` (the HTTP transfers' check; NBD's adds the attachment rule).
+    public func resolve(token secret: String, vdi: String) -> Result<ExportGrant, ExportRefusal> {
+        guard let tok = try? dbRead({ try TokenRecord.fetchOne($0, key: secret) }),
+              tok.vdiUUID == vdi.lowercased()
+        else { return .failure(.unknown) }
+        if tok.revoked { return .failure(.revoked) }
+        if let e = tok.expiresAt, e < Date() { return .failure(.expired) }
+        guard let r = try? storedRecord(tok.vdiUUID), r.type != .cbtMetadata else { return .failure(.vdiGone) }
+        return .success(ExportGrant(vdi: r, readOnly: tok.mode == .scratch ? tok.readOnly : tok.readOnly || r.readOnly,
+                                    secret: secret, label: tok.label.isEmpty ? "token" : tok.label, mode: tok.mode))
+    }
+
     /// Checks an export name. The uuid part must match the token's VDI.
     public func resolve(exportName: String) -> Result<ExportGrant, ExportRefusal> {
         // The leading slash is optional: some URI parsers drop it.
@@ -88,14 +103,12 @@ extension SR {
         guard let secret = SR.secret(fromExportName: name), !secret.isEmpty,
               let uuidPart = name.split(separator: "?").first
         else { return .failure(.malformed) }
-        guard let tok = try? dbRead({ try TokenRecord.fetchOne($0, key: secret) }),
-              tok.vdiUUID == uuidPart.lowercased()
-        else { return .failure(.unknown) }
-        if tok.revoked { return .failure(.revoked) }
-        if let e = tok.expiresAt, e < Date() { return .failure(.expired) }
-        guard let r = try? storedRecord(tok.vdiUUID), r.type != .cbtMetadata else { return .failure(.vdiGone) }
-        let g = ExportGrant(vdi: r, readOnly: tok.mode == .scratch ? tok.readOnly : tok.readOnly || r.readOnly,
-                            secret: secret, label: tok.label.isEmpty ? "token" : tok.label, mode: tok.mode)
+        let g: ExportGrant
+        switch resolve(token: secret, vdi: String(uuidPart)) {
+        case .success(let v): g = v
+        case .failure(let e): return .failure(e)
+        }
+        let r = g.vdi
         // Checked again under the family lock at attach; here so GO fails with the reason.
         if let other = conflictingAttachment(r, grant: g) { return .failure(.attachedElsewhere(uuid: r.uuid, by: other.token)) }
         return .success(g)

@@ -48,6 +48,8 @@ public struct NBDInfoRecord: Codable, Sendable, Equatable {
     public var cert: String
     public var subject: String
     public var uri: String
+    /// The HTTP export URL of the VDI with this token (empty when HTTP is off).
+    public var http: String = ""
 
     init(exportname: String, address: String, port: Int, cert: String, subject: String, certificatesDirectory: String?) {
         self.exportname = exportname
@@ -103,6 +105,8 @@ public final class SR: @unchecked Sendable {
     let lingerQueue = DispatchQueue(label: "vdinbd.sr.linger")
 
     public var endpoints: [NBDEndpoint] = []
+    /// Where the HTTP transfers listen ("http://127.0.0.1:10810"), nil when off.
+    public var httpBase: String?
     var tlsIdentity = (pem: "", subject: "")
     let tlsIdentityLock = NSLock()
 

@@ -32,6 +32,8 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
     case taskCancelled(task: String)
     /// `VDI_TOO_SMALL`: the VDI must be at least `minimum` bytes.
     case vdiTooSmall(uuid: String, minimum: UInt64)
+    /// `IMPORT_ERROR`: an import stream was refused (nothing of it was applied).
+    case importError(reason: String)
 
     /// XenServer refuses a snapshot that would make a chain deeper than this.
     public static let maxChainDepth = 30
@@ -57,6 +59,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .srBackendFailureNumbered(let n, _): return "SR_BACKEND_FAILURE_\(n)"
         case .taskCancelled: return "TASK_CANCELLED"
         case .vdiTooSmall: return "VDI_TOO_SMALL"
+        case .importError: return "IMPORT_ERROR"
         }
     }
 
@@ -78,6 +81,7 @@ public enum StorageError: Error, Equatable, Sendable, CustomStringConvertible {
         case .srBackendFailureNumbered(_, let m): return ["", m, ""]
         case .taskCancelled(let t): return [t]
         case .vdiTooSmall(let u, let m): return [u, String(m)]
+        case .importError(let r): return [r]
         }
     }
 

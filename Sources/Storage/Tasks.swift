@@ -19,9 +19,13 @@ public struct TaskRecord: Codable, Sendable, Equatable {
     public var result: String
     /// On failure: the XenAPI error code and its parameters.
     public var errorInfo: [String]
+    /// What the operation tells its watchers besides progress (a transfer's `total_bytes`
+    /// and `bytes_done`).
+    public var otherConfig: [String: String] = [:]
 
     enum CodingKeys: String, CodingKey {
         case uuid, nameLabel = "name_label", status, progress, created, finished, result, errorInfo = "error_info"
+        case otherConfig = "other_config"
     }
 }
 
@@ -36,6 +40,7 @@ public final class TaskContext: @unchecked Sendable {
 
     public var isCancelled: Bool { table.record(uuid)?.status == .cancelling }
     public func setProgress(_ p: Double) { table.update(uuid) { $0.progress = min(1, max(0, p)) } }
+    public func setOther(_ key: String, _ value: String) { table.update(uuid) { $0.otherConfig[key] = value } }
     /// Throws `TASK_CANCELLED` once a cancel was asked for.
     public func checkCancelled() throws {
         if isCancelled { throw StorageError.taskCancelled(task: uuid) }
@@ -63,27 +68,63 @@ public final class TaskTable: @unchecked Sendable {
         let ctx = TaskContext(uuid: uuid, table: self)
         let t = Thread { [self] in
             do {
-                let result = try body(ctx)
-                update(uuid) { r in
-                    r.status = r.status == .cancelling ? .cancelled : .success
-                    if r.status == .success { r.result = result; r.progress = 1 }
-                    r.finished = Date()
-                }
+                finish(ctx, result: try body(ctx))
             } catch {
-                update(uuid) { r in
-                    if case StorageError.taskCancelled = error {
-                        r.status = .cancelled
-                    } else {
-                        r.status = .failure
-                    }
-                    if let e = error as? StorageError { r.errorInfo = [e.code] + e.params } else { r.errorInfo = ["INTERNAL_ERROR", "\(error)"] }
-                    r.finished = Date()
-                }
+                finish(ctx, error: error)
             }
         }
         t.name = "vdinbd.task"
         t.start()
         return uuid
+    }
+
+    /// A task for an operation its caller runs itself (an HTTP transfer): pending until
+    /// `finish`. With `adopting`, the pending task of that uuid a client made with
+    /// `Task.create` (xapi's `task_id=`), if there is one.
+    public func begin(name: String, adopting existing: String? = nil) -> TaskContext {
+        lock.lock()
+        defer { lock.unlock() }
+        if let u = existing?.lowercased(), var r = tasks[u], r.status == .pending, r.otherConfig["owner"] == "client" {
+            r.otherConfig["owner"] = "server"
+            tasks[u] = r
+            return TaskContext(uuid: u, table: self)
+        }
+        let uuid = UUID().uuidString.lowercased()
+        tasks[uuid] = TaskRecord(uuid: uuid, nameLabel: name, status: .pending, progress: 0, created: Date(),
+                                 finished: nil, result: "", errorInfo: [])
+        return TaskContext(uuid: uuid, table: self)
+    }
+
+    /// `Task.create`: a pending task nothing runs until a transfer adopts it (`task_id=`).
+    public func create(name: String) -> String {
+        lock.lock()
+        defer { lock.unlock() }
+        let uuid = UUID().uuidString.lowercased()
+        var r = TaskRecord(uuid: uuid, nameLabel: name, status: .pending, progress: 0, created: Date(),
+                           finished: nil, result: "", errorInfo: [])
+        r.otherConfig["owner"] = "client"
+        tasks[uuid] = r
+        return uuid
+    }
+
+    public func finish(_ ctx: TaskContext, result: String) {
+        update(ctx.uuid) { r in
+            r.status = r.status == .cancelling ? .cancelled : .success
+            if r.status == .success { r.result = result; r.progress = 1 }
+            r.finished = Date()
+        }
+    }
+
+    public func finish(_ ctx: TaskContext, error: Error) {
+        update(ctx.uuid) { r in
+            if case StorageError.taskCancelled = error {
+                r.status = .cancelled
+            } else {
+                r.status = .failure
+            }
+            if let e = error as? StorageError { r.errorInfo = [e.code] + e.params } else { r.errorInfo = ["INTERNAL_ERROR", "\(error)"] }
+            r.finished = Date()
+        }
     }
 
     public func record(_ uuid: String) -> TaskRecord? {

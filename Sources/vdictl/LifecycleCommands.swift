@@ -29,7 +29,7 @@ struct VDICopy: ParsableCommand {
         let ref: (String) -> JSONValue = { kv[$0].map { .string($0) } ?? .string("") }
         let task = display(try rpc(options, "Async.VDI.copy",
                                    [.string(try require(kv, "uuid")), .string(""), ref("base-vdi"), ref("into-vdi")]))
-        let result = try waitForTask(options, task, label: "copy", show: (progress || isatty(1) != 0) && !quiet)
+        let result = try waitForTask(options, task, label: "copy", show: (progress || isatty(2) != 0) && !quiet)
         print(result)
     }
 }
@@ -51,9 +51,9 @@ func waitForTask(_ o: ControlOptions, _ task: String, label: String, show: Bool)
         let rec = try rpc(o, "Task.get_record", [.string(task)]).objectValue ?? [:]
         let status = rec["status"]?.stringValue ?? ""
         if show, case .number(let p)? = rec["progress"] {
-            let secs = Date().timeIntervalSince(started)
-            let eta = p > 0.01 ? String(format: " ETA %.0f s", secs / p - secs) : ""
-            FileHandle.standardError.write(Data(String(format: "\r%@: %5.1f%%%@   ", label, p * 100, eta).utf8))
+            let line = progressLine(label: label, progress: p, other: rec["other_config"]?.objectValue ?? [:],
+                                    elapsed: Date().timeIntervalSince(started))
+            FileHandle.standardError.write(Data(("\r" + line + "   ").utf8))
         }
         switch status {
         case "pending", "cancelling":

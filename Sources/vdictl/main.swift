@@ -183,6 +183,8 @@ struct VDIGetNBDInfo: ParsableCommand {
             for f in ["exportname", "address", "port", "subject"] { print("\(f): \(display(o[f] ?? .null))") }
             // The server's NBD URI: libnbd tools and fio take it as it is (TLS: it names the CA directory).
             print("uri: \(display(o["uri"] ?? .null))")
+            // The same token downloads the VDI over HTTP (curl -o disk.vhd "<http>").
+            if let h = o["http"]?.stringValue, !h.isEmpty { print("http: \(h)") }
             print("")
         }
     }
@@ -328,7 +330,7 @@ struct VDICtl: ParsableCommand {
         abstract: "Administer a vdinbd storage repository (xe-style key=value arguments).",
         subcommands: [VDICreate.self, VDIList.self, VDIParamList.self, VDISnapshot.self, VDIResize.self, VDIDestroy.self, VDIGetNBDInfo.self,
                       VDIEnableCBT.self, VDIDisableCBT.self, VDIDataDestroy.self, VDIListChangedBlocks.self,
-                      VDIParamSet.self, VDIParamAdd.self, VDIParamRemove.self, VDIClone.self, VDICopy.self, VDIForget.self,
+                      VDIParamSet.self, VDIParamAdd.self, VDIParamRemove.self, VDIClone.self, VDICopy.self, VDIExport.self, VDIImport.self, VDIForget.self,
                       VDIUpdate.self, SRScan.self, SRGCStatus.self, SRParamSet.self, SRParamRemove.self,
                       TaskList.self, TaskParamList.self, TaskCancel.self,
                       VHDCreateCommand.self, VHDSnapshotCommand.self, VHDInfoCommand.self, VHDCheckCommand.self, VHDReadCommand.self])

@@ -4,6 +4,7 @@ import Dispatch
 import Foundation
 import Logging
 
+import HTTP
 import Server
 import Storage
 import TLS
@@ -59,6 +60,9 @@ struct VDINBD: ParsableCommand {
     @ArgumentParser.Option(name: .long, help: "Seconds a VDI's open chain outlives its last connection, so reconnecting is cheap (0: close at once).")
     var attachLinger: Double = 10
 
+    @ArgumentParser.Option(name: .long, help: "HTTP export/import listener, HOST:PORT, or off (default 127.0.0.1:10810; if that port is taken, HTTP stays off with a warning).")
+    var http: String?
+
     @ArgumentParser.Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error.")
     var logLevel: String = "info"
 
@@ -68,6 +72,9 @@ struct VDINBD: ParsableCommand {
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level \(logLevel) is not a level") }
         guard maxConnections > 0 else { throw ValidationError("--max-connections must be positive") }
+        if let h = http, h != "off", parseListen(h) == nil {
+            throw ValidationError("--http \(h): expected HOST:PORT (e.g. 127.0.0.1:10810) or off")
+        }
     }
 
     func run() throws {
@@ -128,10 +135,26 @@ struct VDINBD: ParsableCommand {
             throw ValidationError("cannot create control socket: \(error)")
         }
 
+        var httpLine = "off"
+        if http != "off" {
+            let (host, port) = parseListen(http ?? "127.0.0.1:10810")!
+            do {
+                let bound = try HTTPTransferServer(sr: repo, logger: Logger(label: "vdinbd.http")).start(host: host, port: port)
+                let h = host.contains(":") ? "[\(host)]" : host
+                repo.httpBase = "http://\(h):\(bound)"
+                httpLine = repo.httpBase! + " (export_raw_vdi, import_raw_vdi)"
+            } catch {
+                if http != nil { throw ValidationError("cannot listen for HTTP on \(http!): \(error)") }
+                logger.warning("HTTP stays off: cannot listen on 127.0.0.1:10810 (\(error)); choose another with --http")
+                httpLine = "off (127.0.0.1:10810 is taken; see --http)"
+            }
+        }
+
         let ctl = controlSocket == nil && sr == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
         print("""
             vdinbd: serving SR \(repo.path) on \(server.boundEndpoints.map { "\($0.address):\($0.port)" }.joined(separator: ", ")) (TLS \(tls.rawValue))
             vdinbd: control socket \(socketPath)
+            vdinbd: http \(httpLine)
             Create a disk and attach it:
               uuid=$(swift run \(ctl) vdi-create name-label=disk1 virtual-size=1GiB)
               swift run \(ctl) vdi-get-nbd-info uuid=$uuid

@@ -44,15 +44,18 @@ requires() {
 
 free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# start_vdinbd [extra args]: sets PORT, SR, SOCK. TLS is off unless the args say otherwise.
+# start_vdinbd [extra args]: sets PORT, HTTP_PORT, SR, SOCK. TLS is off unless the args
+# say otherwise; HTTP listens on a free port of its own (the same again on a restart).
 start_vdinbd() {
     PORT=$(free_port)
+    HTTP_PORT=${HTTP_PORT:-$(free_port)}
     SR=$TMP/sr
     SOCK=$SR/control.sock
-    local tls=(--tls off)
+    local tls=(--tls off) http=(--http "127.0.0.1:$HTTP_PORT")
     case " $* " in *" --tls "*) tls=() ;; esac
+    case " $* " in *" --http "*) http=() ;; esac
     rm -f "$SOCK"  # a killed server's socket file: wait for the new one
-    "$VDINBD_BIN/vdinbd" --sr "$SR" --listen "127.0.0.1:$PORT" "${tls[@]}" "$@" >"$TMP/server.log" 2>&1 &
+    "$VDINBD_BIN/vdinbd" --sr "$SR" --listen "127.0.0.1:$PORT" "${tls[@]}" "${http[@]}" "$@" >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do
         [ -S "$SOCK" ] && return 0

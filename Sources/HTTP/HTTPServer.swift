@@ -1,0 +1,254 @@
+// Export and import over HTTP, as xapi serves them (seed 000), on a listener of its own:
+//
+//   GET /export_raw_vdi?vdi=U[&format=raw|vhd][&base=B][&task_id=T]
+//   PUT /import_raw_vdi?vdi=U[&format=raw|vhd][&chunked=true][&task_id=T]
+//
+// Authorised by an export token bound to that VDI (`?token=`, `Authorization: Bearer`, or
+// basic auth with the token as the password); a read-only token exports only. Each
+// transfer is a task (its uuid in the `task-id` header; `task_id=` adopts one made with
+// `Task.create`). Exports carry Content-Length, and a stable one (a snapshot or read-only
+// VDI exported whole) answers `Range:` with 206. The disk is read and written on NIO's
+// blocking pool, a bounded chunk at a time, so memory stays bounded and a slow client
+// slows only its own transfer (the writer waits for the socket).
+
+import Foundation
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+import NIOPosix
+import Storage
+
+public final class HTTPTransferServer: @unchecked Sendable {
+    let sr: SR
+    let logger: Logger
+    /// Bytes read from the disk per step of an export.
+    static let chunk = 1 << 20
+
+    public init(sr: SR, logger: Logger) {
+        self.sr = sr
+        self.logger = logger
+    }
+
+    /// Binds `host:port` and serves in the background; returns the bound port, or throws
+    /// if the address cannot be bound.
+    public func start(host: String, port: Int) throws -> Int {
+        let router = Router()
+        router.get("export_raw_vdi") { [self] req, _ in try await export(req) }
+        router.head("export_raw_vdi") { [self] req, _ in try await export(req, headOnly: true) }
+        router.put("import_raw_vdi") { [self] req, _ in try await importVDI(req) }
+        let bound = BoundPort()
+        let app = Application(
+            router: router,
+            configuration: .init(address: .hostname(host, port: port), serverName: "vdinbd"),
+            onServerRunning: { channel in bound.set(.success(channel.localAddress?.port ?? port)) },
+            logger: logger)
+        Task {
+            do {
+                try await app.runService(gracefulShutdownSignals: [])
+            } catch {
+                bound.set(.failure(error))
+            }
+        }
+        return try bound.wait()
+    }
+
+    // MARK: export
+
+    func export(_ req: Request, headOnly: Bool = false) async throws -> Response {
+        let q = req.uri.queryParameters
+        let vdi = q["vdi"].map(String.init) ?? ""
+        if let refused = authorise(req, vdi: vdi, writing: false) { return refused }
+        let format = q["format"].map(String.init) ?? "raw"
+        let base = q["base"].map(String.init).flatMap { $0.isEmpty ? nil : $0 }
+        let stream: ExportStream
+        do {
+            stream = try await NIOThreadPool.singleton.runIfActive { [sr] in try sr.openExport(vdi, format: format, base: base) }
+        } catch {
+            return failure(error, "export of \(vdi)")
+        }
+        let length = stream.length
+        var headers: HTTPFields = [.contentType: stream.format.contentType]
+        var status = HTTPResponse.Status.ok
+        var range = 0..<length
+        if stream.stable {
+            headers[.acceptRanges] = "bytes"
+            headers[.eTag] = stream.etag
+            let ifRange = req.headers[.ifRange]
+            if ifRange == nil || ifRange == stream.etag {
+                switch ByteRange.parse(req.headers[.range], length: length) {
+                case .none: break
+                case .range(let r):
+                    range = r.lowerBound..<(r.upperBound + 1)
+                    status = .partialContent
+                    headers[.contentRange] = "bytes \(r.lowerBound)-\(r.upperBound)/\(length)"
+                case .unsatisfiable:
+                    stream.close()
+                    return Response(status: .rangeNotSatisfiable, headers: [.contentRange: "bytes */\(length)"])
+                }
+            }
+        }
+        let name = "VDI.export \(stream.uuid) (\(stream.format.name)\(base.map { ", base \($0)" } ?? ""))"
+        let task = sr.tasks.begin(name: name, adopting: q["task_id"].map(String.init))
+        task.setOther("total_bytes", String(range.count))
+        headers[HTTPField.Name("task-id")!] = task.uuid
+        headers[.contentLength] = String(range.count)
+        if headOnly {
+            stream.close()
+            sr.tasks.finish(task, result: "")
+            return Response(status: status, headers: headers)
+        }
+        let tasks = sr.tasks, logger = self.logger, span = range
+        let body = ResponseBody(contentLength: Int(span.count)) { writer in
+            defer { stream.close() }
+            var pos = span.lowerBound
+            do {
+                while pos < span.upperBound {
+                    try task.checkCancelled()
+                    let n = Int(min(UInt64(Self.chunk), span.upperBound - pos))
+                    let at = pos
+                    let buffer = try await NIOThreadPool.singleton.runIfActive { () -> ByteBuffer in
+                        var b = ByteBufferAllocator().buffer(capacity: n)
+                        var holes: [Range<Int>] = []
+                        let got = try b.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
+                            try stream.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]), holes: &holes)
+                        }
+                        guard got == n else { throw StorageError.vdiIOError(uuid: stream.uuid, detail: "export ended early") }
+                        return b
+                    }
+                    try await writer.write(buffer)
+                    pos += UInt64(n)
+                    task.setOther("bytes_done", String(pos - span.lowerBound))
+                    task.setProgress(Double(pos - span.lowerBound) / Double(max(1, span.count)))
+                }
+                try await writer.finish(nil)
+                tasks.finish(task, result: String(span.count))
+            } catch {
+                logger.info("HTTP export of \(stream.uuid) ended at \(pos) of \(span.upperBound): \(error)")
+                tasks.finish(task, error: error as? StorageError ?? StorageError.vdiIOError(uuid: stream.uuid, detail: "the client went away: \(error)"))
+                throw error
+            }
+        }
+        logger.info("HTTP export of \(stream.uuid) as \(stream.format.name): bytes \(range.lowerBound)-\(range.upperBound) of \(length), task \(task.uuid)")
+        return Response(status: status, headers: headers, body: body)
+    }
+
+    // MARK: import
+
+    func importVDI(_ req: Request) async throws -> Response {
+        let q = req.uri.queryParameters
+        let vdi = q["vdi"].map(String.init) ?? ""
+        if let refused = authorise(req, vdi: vdi, writing: true) {
+            var body = req.body.makeAsyncIterator()
+            await drain(&body)
+            return refused
+        }
+        let format = q["format"].map(String.init) ?? "raw"
+        let chunked = q["chunked"].map { $0 == "true" } ?? false
+        let task = sr.tasks.begin(name: "VDI.import \(vdi) (\(format)\(chunked ? ", chunked" : ""))",
+                                  adopting: q["task_id"].map(String.init))
+        let taskHeader: HTTPFields = [HTTPField.Name("task-id")!: task.uuid]
+        let session: ImportSession
+        do {
+            session = try await NIOThreadPool.singleton.runIfActive { [sr] in
+                try sr.beginImport(vdi, format: format, chunked: chunked, task: task)
+            }
+        } catch {
+            sr.tasks.finish(task, error: error)
+            var body = req.body.makeAsyncIterator()
+            await drain(&body)
+            return failure(error, "import into \(vdi)", headers: taskHeader)
+        }
+        if let l = req.headers[.contentLength].flatMap(UInt64.init) {
+            session.expectedLength = l
+            task.setOther("total_bytes", String(l))
+        }
+        var body = req.body.makeAsyncIterator()
+        do {
+            while let buffer = try await body.next() {
+                try await NIOThreadPool.singleton.runIfActive {
+                    try buffer.withUnsafeReadableBytes { try session.feed($0) }
+                }
+            }
+            try await NIOThreadPool.singleton.runIfActive { try session.finish() }
+        } catch {
+            session.abort()
+            let e: StorageError = error as? StorageError ?? .importError(reason: "the upload was cut: \(error)")
+            sr.tasks.finish(task, error: e)
+            logger.info("HTTP import into \(vdi) refused after \(session.consumed) bytes: \(error)")
+            // What is left of the body is read and dropped, so the client reads the answer.
+            await drain(&body)
+            return failure(e, "import into \(vdi)", headers: taskHeader)
+        }
+        sr.tasks.finish(task, result: "")
+        logger.info("HTTP import into \(vdi): \(session.consumed) bytes, task \(task.uuid)")
+        return Response(status: .ok, headers: taskHeader, body: ResponseBody(byteBuffer: ByteBuffer(string: task.uuid + "\n")))
+    }
+
+    // MARK: answers
+
+    /// Reads and drops what is left of a refused upload: a client still sending its body
+    /// reads no answer until it has sent it (curl's `Expect: 100-continue` spares the
+    /// upload; a plain client would otherwise stall).
+    func drain(_ body: inout RequestBody.AsyncIterator) async {
+        while true {
+            do {
+                guard try await body.next() != nil else { return }
+            } catch {
+                return
+            }
+        }
+    }
+
+    /// Nil when the request's token allows it; else the refusal to send.
+    func authorise(_ req: Request, vdi: String, writing: Bool) -> Response? {
+        guard !vdi.isEmpty else { return plain(.badRequest, "vdi= is required") }
+        guard let token = HTTPAuth.token(query: req.uri.queryParameters["token"].map(String.init),
+                                         authorization: req.headers[.authorization]) else {
+            return plain(.unauthorized, "an export token is required: ?token=, Authorization: Bearer, or basic auth with the token as the password",
+                         headers: [.wwwAuthenticate: "Basic realm=\"vdinbd\", Bearer"])
+        }
+        switch sr.resolve(token: token, vdi: vdi) {
+        case .failure(let why):
+            logger.info("HTTP \(req.method) \(req.uri.path) for \(vdi) refused: \(why)")
+            return plain(.unauthorized, "\(why)", headers: [.wwwAuthenticate: "Basic realm=\"vdinbd\", Bearer"])
+        case .success(let g):
+            if writing && (g.readOnly || g.mode == .scratch) {
+                return plain(.forbidden, "this token is read-only: it exports \(vdi) and cannot import into it")
+            }
+            return nil
+        }
+    }
+
+    func failure(_ error: Error, _ what: String, headers: HTTPFields = [:]) -> Response {
+        let e = error as? StorageError ?? StorageError.vdiIOError(uuid: "", detail: "\(error)")
+        logger.info("HTTP \(what) failed: \(e)")
+        return plain(e.httpStatus, e.description, headers: headers)
+    }
+
+    func plain(_ status: HTTPResponse.Status, _ text: String, headers: HTTPFields = [:]) -> Response {
+        var h = headers
+        h[.contentType] = "text/plain; charset=utf-8"
+        return Response(status: status, headers: h, body: ResponseBody(byteBuffer: ByteBuffer(string: text + "\n")))
+    }
+}
+
+/// The outcome of binding, handed from the server's task to `start`.
+final class BoundPort: @unchecked Sendable {
+    let cond = NSCondition()
+    var result: Result<Int, Error>?
+
+    func set(_ r: Result<Int, Error>) {
+        cond.lock()
+        if result == nil { result = r }
+        cond.broadcast()
+        cond.unlock()
+    }
+
+    func wait() throws -> Int {
+        cond.lock()
+        defer { cond.unlock() }
+        while result == nil { cond.wait() }
+        return try result!.get()
+    }
+}

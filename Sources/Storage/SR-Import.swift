@@ -1,0 +1,206 @@
+// Import (seed 000): a raw or VHD stream onto a VDI. Whether it replaces the contents or
+// applies a delta is the stream's to say (a differencing VHD, xapi's chunked framing).
+//
+// Nothing reaches the VDI until the whole stream is in and valid: the data goes to a
+// sparse staging file beside the VDI (`<uuid>.import-<id>`, removed at start-up if a crash
+// leaves one), with the byte ranges it holds kept in memory; only when the decoder has
+// accepted the end of the stream is it committed through the VDI's handle (the one its
+// NBD connections share, CBT tracked): the ranges written, and for a replacing stream
+// zeros everywhere else. A stream that is refused, cut or cancelled changes nothing.
+
+import Foundation
+import Image
+
+public final class ImportSession: @unchecked Sendable {
+    let sr: SR
+    public let uuid: String
+    let size: UInt64
+    var decoder: any StreamDecoder
+    let stagingPath: String
+    let fd: Int32
+    /// Byte ranges of the staging file that hold the stream's data, in arrival order.
+    var written: [Range<UInt64>] = []
+    public let task: TaskContext?
+    /// The stream's length when known (Content-Length, a file's size): for progress.
+    public var expectedLength: UInt64?
+    var finished = false
+    /// From the stream's header event (the decoder is busy while it reports events).
+    var replaces = true
+
+    init(sr: SR, uuid: String, size: UInt64, decoder: any StreamDecoder, task: TaskContext?) throws {
+        self.sr = sr
+        self.uuid = uuid
+        self.size = size
+        self.decoder = decoder
+        self.task = task
+        stagingPath = "\(sr.path)/\(uuid).import-\(UUID().uuidString.lowercased().prefix(8))"
+        fd = open(stagingPath, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw StorageError.srBackendFailure(detail: "import staging file \(stagingPath): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    deinit { abort() }
+
+    /// Takes the next bytes of the stream.
+    public func feed(_ bytes: UnsafeRawBufferPointer) throws {
+        try task?.checkCancelled()
+        do {
+            try decoder.feed(bytes) { try self.handle($0) }
+        } catch let e as StreamError {
+            throw StorageError.importError(reason: e.description)
+        }
+        if let total = expectedLength, total > 0 {
+            task?.setProgress(0.9 * Double(decoder.consumed) / Double(total))
+        }
+        task?.setOther("bytes_done", String(decoder.consumed))
+    }
+
+    public var consumed: UInt64 { decoder.consumed }
+
+    func handle(_ e: StreamEvent) throws {
+        switch e {
+        case .header(let v, let r):
+            replaces = r
+            if let v, v > size { throw StorageError.vdiTooSmall(uuid: uuid, minimum: v) }
+        case .data(let offset, let bytes):
+            guard offset <= size, UInt64(bytes.count) <= size - offset else {
+                // A raw stream's length, when known, is the size it needs.
+                let needed = replaces ? max(expectedLength ?? 0, offset + UInt64(bytes.count)) : offset + UInt64(bytes.count)
+                throw StorageError.vdiTooSmall(uuid: uuid, minimum: needed)
+            }
+            // A whole disk need not stage its zeros: what it does not hold is zeroed.
+            if replaces && sr.isZero(bytes) { return }
+            try sr.writeAll(fd, bytes, at: offset)
+            let r = offset..<(offset + UInt64(bytes.count))
+            if let last = written.last, last.upperBound == r.lowerBound {
+                written[written.count - 1] = last.lowerBound..<r.upperBound
+            } else {
+                written.append(r)
+            }
+        }
+    }
+
+    /// The stream has ended: validates it, then commits it onto the VDI.
+    public func finish() throws {
+        guard decoder.consumed > 0 else { throw StorageError.importError(reason: "the stream is empty") }
+        do {
+            try decoder.finish { try self.handle($0) }
+        } catch let e as StreamError {
+            throw StorageError.importError(reason: e.description)
+        }
+        try task?.checkCancelled()
+        try commit()
+        finished = true
+        abort()
+    }
+
+    func commit() throws {
+        let runs = SR.merged(written)
+        let h = try sr.attach(uuid)
+        defer { sr.detach(h) }
+        var zero: [Range<UInt64>] = []
+        if replaces {
+            var pos: UInt64 = 0
+            for r in runs + [size..<size] {
+                if r.lowerBound > pos { zero.append(pos..<r.lowerBound) }
+                pos = max(pos, r.upperBound)
+            }
+        }
+        let total = runs.reduce(0) { $0 + $1.count } + zero.reduce(0) { $0 + $1.count }
+        var done: UInt64 = 0
+        func step(_ n: UInt64) {
+            done += n
+            task?.setProgress(0.9 + 0.1 * (total == 0 ? 1 : Double(done) / Double(total)))
+        }
+        do {
+            for r in zero {
+                try h.writeZeroes(offset: r.lowerBound, length: UInt64(r.count), punch: true, fastOnly: false)
+                step(UInt64(r.count))
+            }
+            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: SR.copyChunk, alignment: 4096)
+            defer { buf.deallocate() }
+            for r in runs {
+                var pos = r.lowerBound
+                while pos < r.upperBound {
+                    let n = Int(min(UInt64(buf.count), r.upperBound - pos))
+                    var got = 0
+                    while got < n {
+                        let k = pread(fd, buf.baseAddress! + got, n - got, off_t(pos) + off_t(got))
+                        if k < 0 && errno == EINTR { continue }
+                        guard k > 0 else {
+                            throw StorageError.srBackendFailure(detail: "import staging file: \(String(cString: strerror(errno)))")
+                        }
+                        got += k
+                    }
+                    try h.write(UnsafeRawBufferPointer(rebasing: buf[0..<n]), at: pos)
+                    pos += UInt64(n)
+                    step(UInt64(n))
+                }
+            }
+            try h.flush()
+        } catch let e as DiskError {
+            throw StorageError.vdiIOError(uuid: uuid, detail: "import: \(e)")
+        }
+        sr.logger.info("imported \(decoder.consumed) bytes into \(uuid) (\(replaces ? "its whole contents" : "a delta"): \(runs.count) runs)")
+    }
+
+    /// Drops the staging file (the VDI is left as it was unless `finish` committed).
+    public func abort() {
+        guard !stagingRemoved else { return }
+        stagingRemoved = true
+        _ = close(fd)
+        unlink(stagingPath)
+    }
+    private var stagingRemoved = false
+}
+
+extension SR {
+    /// Starts an import into `uuid`; feed it the stream, then `finish` (or `abort`).
+    public func beginImport(_ uuid: String, format formatName: String, chunked: Bool = false, task: TaskContext?) throws -> ImportSession {
+        let rec = try record(uuid)
+        guard rec.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: rec.uuid, type: rec.type.rawValue) }
+        if rec.readOnly || rec.isASnapshot { throw StorageError.vdiReadonly(uuid: rec.uuid) }
+        let sf = try streamFormat(formatName)
+        try requireFile(rec)
+        var decoder = sf.decoder()
+        if chunked {
+            guard sf.name == "raw" else {
+                throw StorageError.valueNotSupported(field: "chunked", value: "true", reason: "xapi's chunked framing carries raw data only")
+            }
+            decoder = XapiChunkedDecoder()
+        }
+        return try ImportSession(sr: self, uuid: rec.uuid, size: rec.virtualSize, decoder: decoder, task: task)
+    }
+
+    /// Reads a whole import from `fd` (`vdictl vdi-import`) and commits it.
+    public func importStream(_ uuid: String, format: String, from fd: Int32, task: TaskContext?) throws {
+        let session = try beginImport(uuid, format: format, task: task)
+        defer { session.abort() }
+        var st = stat()
+        if fstat(fd, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG {
+            session.expectedLength = UInt64(st.st_size)
+            task?.setOther("total_bytes", String(st.st_size))
+        }
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buf.deallocate() }
+        while true {
+            let n = read(fd, buf.baseAddress!, buf.count)
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else {
+                throw StorageError.importError(reason: "reading the input: \(String(cString: strerror(errno)))")
+            }
+            if n == 0 { break }
+            try session.feed(UnsafeRawBufferPointer(rebasing: buf[0..<n]))
+        }
+        try session.finish()
+    }
+
+    /// Start-up: staging files of imports that ended with the last run.
+    func removeImportStaging() {
+        for n in (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? [] where n.contains(".import-") {
+            unlink("\(path)/\(n)")
+            logger.warning("recovery: removed \(n), the staging file of an import cut by the end of the last run (the VDI was left as it was)")
+        }
+    }
+}
