@@ -14,9 +14,12 @@
 import Foundation
 import HTTPTypes
 import Hummingbird
+import HummingbirdCore
+import HummingbirdTLS
 import Logging
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Storage
 
 public final class HTTPTransferServer: @unchecked Sendable {
@@ -31,8 +34,16 @@ public final class HTTPTransferServer: @unchecked Sendable {
     }
 
     /// Binds `host:port` and serves in the background; returns the bound port, or throws
-    /// if the address cannot be bound.
-    public func start(host: String, port: Int) throws -> Int {
+    /// if the address cannot be bound. With `certsDirectory`, HTTPS with its
+    /// `server-cert.pem` and `server-key.pem` (the NBD listener's).
+    public func start(host: String, port: Int, certsDirectory: String? = nil) throws -> Int {
+        var server = HTTPServerBuilder.http1()
+        if let dir = certsDirectory {
+            let chain = try NIOSSLCertificate.fromPEMFile(dir + "/server-cert.pem").map { NIOSSLCertificateSource.certificate($0) }
+            let key = try NIOSSLPrivateKey(file: dir + "/server-key.pem", format: .pem)
+            let tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+            server = try .tls(.http1(), tlsConfiguration: tls)
+        }
         let router = Router()
         router.get("export_raw_vdi") { [self] req, _ in try await export(req) }
         router.head("export_raw_vdi") { [self] req, _ in try await export(req, headOnly: true) }
@@ -40,6 +51,7 @@ public final class HTTPTransferServer: @unchecked Sendable {
         let bound = BoundPort()
         let app = Application(
             router: router,
+            server: server,
             configuration: .init(address: .hostname(host, port: port), serverName: "vdinbd"),
             onServerRunning: { channel in bound.set(.success(channel.localAddress?.port ?? port)) },
             logger: logger)

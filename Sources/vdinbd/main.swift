@@ -139,9 +139,11 @@ struct VDINBD: ParsableCommand {
         if http != "off" {
             let (host, port) = parseListen(http ?? "127.0.0.1:10810")!
             do {
-                let bound = try HTTPTransferServer(sr: repo, logger: Logger(label: "vdinbd.http")).start(host: host, port: port)
+                // HTTPS whenever NBD has TLS, with the same certificate.
+                let bound = try HTTPTransferServer(sr: repo, logger: Logger(label: "vdinbd.http"))
+                    .start(host: host, port: port, certsDirectory: tls == .off ? nil : certs)
                 let h = host.contains(":") ? "[\(host)]" : host
-                repo.httpBase = "http://\(h):\(bound)"
+                repo.httpBase = "\(tls == .off ? "http" : "https")://\(h):\(bound)"
                 httpLine = repo.httpBase! + " (export_raw_vdi, import_raw_vdi)"
             } catch {
                 if http != nil { throw ValidationError("cannot listen for HTTP on \(http!): \(error)") }
