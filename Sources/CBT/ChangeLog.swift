@@ -327,6 +327,10 @@ public final class ChangeLog: @unchecked Sendable {
         if let result { throw result }
     }
 
+    /// Told of each batch commit's sync: how many writes it covered and how long it took
+    /// (for metrics; set once at start-up).
+    nonisolated(unsafe) public static var onBatchSynced: (@Sendable (_ writes: Int, _ nanoseconds: UInt64) -> Void)?
+
     /// Calls `done` once every bit set before the call is durable, without blocking: a
     /// write waiting for its bits holds no thread. Waiters that arrive while a batch syncs
     /// form the next batch, so one write and one fdatasync cover all of them. `done` runs
@@ -393,7 +397,9 @@ public final class ChangeLog: @unchecked Sendable {
             let written = pending
             lock.unlock()
             if failure == nil {
+                let began = DispatchTime.now().uptimeNanoseconds
                 do { try sync() } catch { failure = error }
+                ChangeLog.onBatchSynced?(batch.count, DispatchTime.now().uptimeNanoseconds - began)
             }
             lock.lock()
             if failure == nil {

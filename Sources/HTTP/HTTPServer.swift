@@ -48,6 +48,11 @@ public final class HTTPTransferServer: @unchecked Sendable {
         router.get("export_raw_vdi") { [self] req, _ in try await export(req) }
         router.head("export_raw_vdi") { [self] req, _ in try await export(req, headOnly: true) }
         router.put("import_raw_vdi") { [self] req, _ in try await importVDI(req) }
+        router.get("metrics") { [sr] _, _ in
+            let text = try await NIOThreadPool.singleton.runIfActive { MetricsExport.scrape(sr) }
+            return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
+                            body: ResponseBody(byteBuffer: ByteBuffer(bytes: text)))
+        }
         let bound = BoundPort()
         let app = Application(
             router: router,

@@ -43,12 +43,15 @@ extension Connection {
             // Fast path: small reads whose data is all in the page cache are answered right
             // here, without two queue hops. preadv2(RWF_NOWAIT) never waits for the disk;
             // anything else (a miss, an error) goes the normal way on the I/O queue.
-            if length <= Self.inlineReadLimit,
-               let reply = try? Replies.read(h, r, offset: offset, length: length, df: df, cachedOnly: true, pool: replyBuffers) {
-                send(reply)
-                return
+            if length <= Self.inlineReadLimit {
+                let started = DispatchTime.now().uptimeNanoseconds
+                if let reply = try? Replies.read(h, r, offset: offset, length: length, df: df, cachedOnly: true, pool: replyBuffers) {
+                    send(reply)
+                    metrics?.done(.read, bytes: Int(length), started: started)
+                    return
+                }
             }
-            run(r, bytes: Int(length), what: Work("read", offset, UInt64(length)), chunked: r.framing != nil) {
+            run(r, bytes: Int(length), what: Work(.read, offset, UInt64(length)), chunked: r.framing != nil) {
                 // Large reads go straight from the files' page cache, without a copy of ours.
                 if length >= Self.mappedReadMinimum,
                    let pieces = try Replies.readMapped(h, r, offset: offset, length: length, df: df) {
@@ -58,7 +61,7 @@ extension Connection {
             }
         case .write(let cookie, let offset, let payload, let fua):
             // No thread waits while the change log syncs: the write resumes after it.
-            runAsync(to(cookie, offset), bytes: payload.readableBytes, what: Work("write", offset, UInt64(payload.readableBytes))) {
+            runAsync(to(cookie, offset), bytes: payload.readableBytes, what: Work(.write, offset, UInt64(payload.readableBytes))) {
                 [ioQueue] finish in
                 h.write(length: payload.readableBytes, at: offset, on: ioQueue,
                         withBytes: { body in try payload.withUnsafeReadableBytes(body) }) { error in
@@ -70,28 +73,28 @@ extension Connection {
                 }
             }
         case .flush(let cookie):
-            run(to(cookie, 0), bytes: 0, what: Work("flush", 0, 0)) {
+            run(to(cookie, 0), bytes: 0, what: Work(.flush, 0, 0)) {
                 try h.flush()
                 return .none
             }
         case .trim(let cookie, let offset, let length, let fua):
-            run(to(cookie, offset), bytes: 0, what: Work("trim", offset, length)) {
+            run(to(cookie, offset), bytes: 0, what: Work(.trim, offset, length)) {
                 try h.writeZeroes(offset: offset, length: length, punch: true, fastOnly: false)
                 if fua { try h.flush() }
                 return .none
             }
         case .writeZeroes(let cookie, let offset, let length, let fua, let noHole, let fastZero):
-            run(to(cookie, offset), bytes: 0, what: Work("write zeroes", offset, length), fastZero: fastZero) {
+            run(to(cookie, offset), bytes: 0, what: Work(.writeZeroes, offset, length), fastZero: fastZero) {
                 try h.writeZeroes(offset: offset, length: length, punch: !noHole, fastOnly: fastZero)
                 if fua { try h.flush() }
                 return .none
             }
         case .cache(let cookie, let offset, let length):
             // Every read goes to the page cache already; CACHE only checks the range.
-            run(to(cookie, offset), bytes: 0, what: Work("cache", offset, length)) { .none }
+            run(to(cookie, offset), bytes: 0, what: Work(.cache, offset, length)) { .none }
         case .blockStatus(let cookie, let offset, let length, let reqOne, let contexts):
             let r = to(cookie, offset)
-            run(r, bytes: 0, what: Work("block status", offset, length), chunked: true) {
+            run(r, bytes: 0, what: Work(.blockStatus, offset, length), chunked: true) {
                 .buffer(try Replies.blockStatus(h, r, offset: offset, length: length, reqOne: reqOne, contexts: contexts) {
                     try self.server.sr.changedBlocks(from: $0, to: h.uuid)
                 })
@@ -142,15 +145,18 @@ extension Connection {
         case .success(.none):
             reply(error: nil, to: to)
         }
+        metrics?.done(what.kind, bytes: what.kind == .read || what.kind == .write ? bytes : 0, started: what.started)
         end(bytes: bytes)
     }
 
     func begin(bytes: Int) {
+        NBDMetrics.inFlight.increment()
         inFlight += 1
         inFlightBytes += bytes
     }
 
     func end(bytes: Int) {
+        NBDMetrics.inFlight.decrement()
         inFlight -= 1
         inFlightBytes -= bytes
         if isClosed {
@@ -167,6 +173,7 @@ extension Connection {
     /// A reply without data: simple, unless extended headers make every reply a chunk, or a
     /// `message` asks for a structured error chunk (READ and BLOCK_STATUS errors).
     func reply(error: ErrorValue?, to: ReplyTo, message: String? = nil) {
+        if let e = error { NBDMetrics.error(e) }
         sendSmall { b in
         switch (to.framing, error) {
         case (.extended?, nil):
@@ -185,15 +192,18 @@ extension Connection {
 
 /// What a request does, for log lines; formatted only when one is written.
 struct Work: CustomStringConvertible, Sendable {
-    let name: StaticString
+    let kind: CommandKind
     let offset: UInt64
     let length: UInt64
-    init(_ name: StaticString, _ offset: UInt64, _ length: UInt64) {
-        self.name = name
+    /// When the request was taken up (for its latency).
+    let started: UInt64
+    init(_ kind: CommandKind, _ offset: UInt64, _ length: UInt64) {
+        self.kind = kind
         self.offset = offset
         self.length = length
+        started = DispatchTime.now().uptimeNanoseconds
     }
-    var description: String { length == 0 ? "\(name)" : "\(name) at \(offset)+\(length)" }
+    var description: String { length == 0 ? "\(kind.name)" : "\(kind.name) at \(offset)+\(length)" }
 }
 
 /// Requests finished on I/O threads, waiting for the connection queue. One queue hop

@@ -64,6 +64,8 @@ final class Connection: @unchecked Sendable {
 
     var transmission: TransmissionState?
     var handle: VDIHandle?
+    /// Request counters for the export attached (set on entering transmission).
+    var metrics: RequestMetrics?
     /// The token this connection attached with (its attachment's key).
     var grant: SR.ExportGrant?
     var requestDecoder = RequestDecoder()
@@ -125,6 +127,7 @@ final class Connection: @unchecked Sendable {
             t.schedule(deadline: .now() + server.config.handshakeTimeout)
             t.setEventHandler { [weak self] in
                 guard let self, !self.inTransmission else { return }
+                NBDMetrics.refusedTimeout.increment()
                 self.close(reason: "handshake timed out")
             }
             t.resume()
@@ -146,6 +149,7 @@ final class Connection: @unchecked Sendable {
                 reply.encode(into: &b)
                 if reply.type.rawValue & 0x8000_0000 != 0 {
                     logger.info("\(reply.option) refused: \(reply.type) \(String(decoding: reply.data, as: UTF8.self))")
+                    NBDMetrics.refusedOption.increment()
                 }
                 send(b)
             case .sendExportNameReply(let size, let flags, let noZeroes):
@@ -199,6 +203,7 @@ final class Connection: @unchecked Sendable {
             case .done:
                 transport = TLSTransport(session: session)
                 handshake.tlsEstablished()
+                NBDMetrics.tlsHandshakes.increment()
                 resolver.grants = [:]
                 phase = .optionHaggling
                 inbound.clear()
@@ -211,6 +216,7 @@ final class Connection: @unchecked Sendable {
                 if wantsWrite { armWriteSource() }
             }
         } catch {
+            NBDMetrics.tlsFailures.increment()
             close(reason: "TLS handshake failed: \(error)")
         }
     }
@@ -226,6 +232,7 @@ final class Connection: @unchecked Sendable {
         do {
             handle = try server.sr.attach(vdi, familyHint: granted.family, grant: g)
             grant = g
+            metrics = RequestMetrics(export: vdi)
         } catch {
             logger.error("cannot attach VDI \(vdi): \(error)")
             close(reason: "attach failed")

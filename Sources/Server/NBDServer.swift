@@ -114,19 +114,21 @@ public final class NBDServer: @unchecked Sendable {
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             if connections.count >= config.maxConnections {
                 logger.warning("connection limit \(config.maxConnections) reached: refusing \(peerName(fd))")
+                NBDMetrics.refusedLimit.increment()
                 Glibc.close(fd)
                 continue
             }
             let c = Connection(id: nextID, fd: fd, server: self)
             nextID += 1
             connections[c.id] = c
+            NBDMetrics.connections.increment()
             c.start()
         }
     }
 
     func connectionClosed(_ c: Connection) {
         queue.async { [self] in
-            connections[c.id] = nil
+            if connections.removeValue(forKey: c.id) != nil { NBDMetrics.connections.decrement() }
             if connections.isEmpty {
                 // Hand freed read/write buffers back to the system while nobody is connected.
                 _ = c_malloc_trim(0)

@@ -97,6 +97,8 @@ extension Collector {
             }
             return bytes
         }
+        StorageMetrics.coalesces.increment()
+        StorageMetrics.coalescedBytes.increment(by: Int(bytes))
         sr.logger.info("collector: coalesced \(x) into \(p) (\(bytes) bytes in \(String(format: "%.2f", Date().timeIntervalSince(started))) s)")
     }
 
@@ -174,6 +176,8 @@ extension Collector {
             }
             return bytes
         }
+        StorageMetrics.coalesces.increment()
+        StorageMetrics.coalescedBytes.increment(by: Int(bytes))
         sr.logger.info("collector: leaf-coalesced \(c) into \(p) (\(bytes) bytes in \(String(format: "%.2f", Date().timeIntervalSince(started))) s)")
     }
 

@@ -158,6 +158,7 @@ public final class Collector: @unchecked Sendable {
             running = false
             lastRun = Date()
             pending = left
+            StorageMetrics.gcPending.record(left.count)
             finishedGeneration = max(finishedGeneration, gen)
             cond.broadcast()
             if generation == gen {
@@ -242,6 +243,7 @@ public final class Collector: @unchecked Sendable {
     }
 
     private func record(error: String) {
+        StorageMetrics.gcErrors.increment()
         cond.lock()
         lastError = error
         cond.unlock()

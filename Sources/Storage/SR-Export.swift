@@ -27,6 +27,7 @@ public final class ExportStream: @unchecked Sendable {
         self.stable = stable
         self.etag = etag
         self.image = image
+        StorageMetrics.activeExports.increment()
     }
 
     /// Fills `buffer` with the stream's bytes at `offset`; returns how many (fewer only at
@@ -54,10 +55,20 @@ public final class ExportStream: @unchecked Sendable {
             }
             at += piece.count
         }
+        StorageMetrics.exportBytes.increment(by: at)
         return at
     }
 
-    public func close() { image.close() }
+    private let closed = NSLock()
+    private var isClosed = false
+    public func close() {
+        closed.lock()
+        defer { closed.unlock() }
+        guard !isClosed else { return }
+        isClosed = true
+        image.close()
+        StorageMetrics.activeExports.decrement()
+    }
 }
 
 extension SR {

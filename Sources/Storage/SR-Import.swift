@@ -38,6 +38,7 @@ public final class ImportSession: @unchecked Sendable {
         guard fd >= 0 else {
             throw StorageError.srBackendFailure(detail: "import staging file \(stagingPath): \(String(cString: strerror(errno)))")
         }
+        StorageMetrics.activeImports.increment()
     }
 
     deinit { abort() }
@@ -45,6 +46,7 @@ public final class ImportSession: @unchecked Sendable {
     /// Takes the next bytes of the stream.
     public func feed(_ bytes: UnsafeRawBufferPointer) throws {
         try task?.checkCancelled()
+        StorageMetrics.importBytes.increment(by: bytes.count)
         do {
             try decoder.feed(bytes) { try self.handle($0) }
         } catch let e as StreamError {
@@ -149,6 +151,7 @@ public final class ImportSession: @unchecked Sendable {
     public func abort() {
         guard !stagingRemoved else { return }
         stagingRemoved = true
+        StorageMetrics.activeImports.decrement()
         _ = close(fd)
         unlink(stagingPath)
     }

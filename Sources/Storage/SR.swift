@@ -130,6 +130,7 @@ public final class SR: @unchecked Sendable {
     /// Opens (creating if need be) the SR at `path` and recovers what a crash interrupted.
     /// The collector does not run until `startCollector()`.
     public init(path: String, logger: Logger = Logger(label: "vdinbd.sr"), format: any ImageFormat = Formats.default) throws {
+        _ = StorageMetrics.installed
         self.path = URL(fileURLWithPath: path).standardizedFileURL.path
         self.logger = logger
         self.format = format

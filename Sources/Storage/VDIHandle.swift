@@ -184,6 +184,7 @@ public final class VDIHandle: @unchecked Sendable {
                     return done(error)
                 }
                 if let seq {
+                    StorageMetrics.parkedWrites.increment()
                     // Parked: reads through the handle see the data from now on.
                     tracker?.mark(offset, UInt64(length))
                     gate.unlock()

@@ -86,6 +86,8 @@ struct VDINBD: ParsableCommand {
         }
         let logger = Logger(label: "vdinbd")
         signal(SIGPIPE, SIG_IGN)
+        // Before any metric is made: they report to the registry `/metrics` serves.
+        MetricsExport.bootstrap()
 
         let repo: SR
         do {
@@ -144,7 +146,7 @@ struct VDINBD: ParsableCommand {
                     .start(host: host, port: port, certsDirectory: tls == .off ? nil : certs)
                 let h = host.contains(":") ? "[\(host)]" : host
                 repo.httpBase = "\(tls == .off ? "http" : "https")://\(h):\(bound)"
-                httpLine = repo.httpBase! + " (export_raw_vdi, import_raw_vdi)"
+                httpLine = repo.httpBase! + " (export_raw_vdi, import_raw_vdi, metrics)"
             } catch {
                 if http != nil { throw ValidationError("cannot listen for HTTP on \(http!): \(error)") }
                 logger.warning("HTTP stays off: cannot listen on 127.0.0.1:10810 (\(error)); choose another with --http")
