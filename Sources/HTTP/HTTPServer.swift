@@ -182,12 +182,21 @@ public final class HTTPTransferServer: @unchecked Sendable {
         }
         var body = req.body.makeAsyncIterator()
         do {
+            // The body arrives in pieces of a few KiB: they are gathered to a chunk before
+            // each hop to the blocking pool.
+            var pending = ByteBufferAllocator().buffer(capacity: Self.chunk)
             while let buffer = try await body.next() {
-                try await NIOThreadPool.singleton.runIfActive {
-                    try buffer.withUnsafeReadableBytes { try session.feed($0) }
-                }
+                pending.writeImmutableBuffer(buffer)
+                guard pending.readableBytes >= Self.chunk else { continue }
+                let b = pending
+                try await NIOThreadPool.singleton.runIfActive { try b.withUnsafeReadableBytes { try session.feed($0) } }
+                pending.clear()
             }
-            try await NIOThreadPool.singleton.runIfActive { try session.finish() }
+            let rest = pending
+            try await NIOThreadPool.singleton.runIfActive {
+                if rest.readableBytes > 0 { try rest.withUnsafeReadableBytes { try session.feed($0) } }
+                try session.finish()
+            }
         } catch {
             session.abort()
             let e: StorageError = error as? StorageError ?? .importError(reason: "the upload was cut: \(error)")

@@ -59,8 +59,51 @@ public final class ExportStream: @unchecked Sendable {
         return at
     }
 
+    /// An export whose HTTP body was never sent (the client went first) closes here.
+    deinit { close() }
+
     private let closed = NSLock()
     private var isClosed = false
+    /// Writes `[offset, offset+count)` of the stream into a regular file straight from the
+    /// layers' mapped pages (one copy, into the file's page cache), leaving holes where
+    /// nothing is held. False where a file cannot be mapped: the caller reads instead.
+    func writeMapped(at offset: UInt64, count: Int, to fd: Int32,
+                     writer: (Int32, UnsafeRawBufferPointer, UInt64?) throws -> Void) throws -> Bool {
+        var plans: [(at: UInt64, piece: StreamPiece, plan: ReadPlan?)] = []
+        var at = offset
+        for piece in layout.pieces(offset: offset, length: UInt64(count)) {
+            var plan: ReadPlan?
+            if case .disk(let o, let n) = piece {
+                do { plan = try image.plan(offset: o, length: n) } catch {
+                    throw StorageError.vdiIOError(uuid: uuid, detail: "export read at \(o): \(DiskError(error))")
+                }
+                for p in plan!.pieces {
+                    if case .data(let f, let off, let c) = p, f.mapped(offset: off, count: c) == nil { return false }
+                }
+            }
+            plans.append((at, piece, plan))
+            at += UInt64(piece.count)
+        }
+        for (start, piece, plan) in plans {
+            switch piece {
+            case .bytes(let b):
+                try b.withUnsafeBytes { try writer(fd, $0, start) }
+            case .zeros:
+                break
+            case .disk:
+                var pos = start
+                for p in plan!.pieces {
+                    if case .data(let f, let off, let c) = p, let m = f.mapped(offset: off, count: c) {
+                        try writer(fd, m, pos)
+                    }
+                    pos += UInt64(p.count)
+                }
+            }
+        }
+        StorageMetrics.exportBytes.increment(by: count)
+        return true
+    }
+
     public func close() {
         closed.lock()
         defer { closed.unlock() }
@@ -173,6 +216,12 @@ extension SR {
         while pos < total {
             try task?.checkCancelled()
             let n = Int(min(UInt64(buf.count), total - pos))
+            if seekable, try stream.writeMapped(at: pos, count: n, to: fd, writer: writeAll) {
+                pos += UInt64(n)
+                task?.setOther("bytes_done", String(pos))
+                task?.setProgress(total == 0 ? 1 : Double(pos) / Double(total))
+                continue
+            }
             let got = try stream.read(at: pos, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<n]), holes: &holes)
             if seekable {
                 var at = 0

@@ -122,10 +122,25 @@ public final class ImportSession: @unchecked Sendable {
             }
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: SR.copyChunk, alignment: 4096)
             defer { buf.deallocate() }
+            // The staging file's pages are written from its mapping (one copy fewer than a
+            // read into a buffer); only ranges written are touched, all within its length.
+            let mapLength = Int(runs.last?.upperBound ?? 0)
+            var map: UnsafeMutableRawPointer?
+            if mapLength > 0, let p = mmap(nil, mapLength, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED {
+                map = p
+                _ = madvise(p, mapLength, MADV_SEQUENTIAL)
+            }
+            defer { if let map { munmap(map, mapLength) } }
             for r in runs {
                 var pos = r.lowerBound
                 while pos < r.upperBound {
                     let n = Int(min(UInt64(buf.count), r.upperBound - pos))
+                    if let map {
+                        try h.write(UnsafeRawBufferPointer(start: map + Int(pos), count: n), at: pos)
+                        pos += UInt64(n)
+                        step(UInt64(n))
+                        continue
+                    }
                     var got = 0
                     while got < n {
                         let k = pread(fd, buf.baseAddress! + got, n - got, off_t(pos) + off_t(got))
