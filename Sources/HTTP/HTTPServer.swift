@@ -25,8 +25,12 @@ import Storage
 public final class HTTPTransferServer: @unchecked Sendable {
     let sr: SR
     let logger: Logger
-    /// Bytes read from the disk per step of an export.
-    static let chunk = 1 << 20
+    /// Bytes per step of an export (read from the disk) or an import (gathered from the
+    /// body). 4 MiB: at glibc's mmap threshold as vdinbd sets it, so each buffer is its own
+    /// mapping, returned whole when NIO frees it on another thread (1 MiB buffers came
+    /// from the arenas and were kept there: 178 MiB anonymous memory at the peak of four
+    /// parallel exports, against 33-36 MiB now).
+    static let chunk = 4 << 20
 
     public init(sr: SR, logger: Logger) {
         self.sr = sr
