@@ -18,6 +18,8 @@ struct JournalEntry: Codable, Equatable, Sendable {
         case leafCoalesce = "leaf-coalesce"
         /// Removing a hidden base no record and no file needs.
         case delete
+        /// A validated import's image (`staging`) taking the place of a VDI's file.
+        case replace
     }
 
     enum Phase: String, Codable, Sendable {
@@ -36,6 +38,8 @@ struct JournalEntry: Codable, Equatable, Sendable {
     var parent: String?
     var phase: Phase
     var started: Date
+    /// `replace`: the staging file's path.
+    var staging: String? = nil
 }
 
 final class Journal: @unchecked Sendable {

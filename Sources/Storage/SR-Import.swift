@@ -2,13 +2,21 @@
 // applies a delta is the stream's to say (a differencing VHD, xapi's chunked framing).
 //
 // Nothing reaches the VDI until the whole stream is in and valid: the data goes to a
-// sparse staging file beside the VDI (`<uuid>.import-<id>`, removed at start-up if a crash
+// staging file beside the VDI (`<uuid>.import-<id>`, removed at start-up if a crash
 // leaves one), with the byte ranges it holds kept in memory; only when the decoder has
-// accepted the end of the stream is it committed through the VDI's handle (the one its
+// accepted the end of the stream is it committed. A stream that is refused, cut or
+// cancelled changes nothing.
+//
+// A stream that replaces the contents is staged as a new image of the SR's format, the
+// size of the VDI. If the VDI is then not attached, has no CBT log to keep and no child,
+// the commit is a journalled rename: the image becomes the VDI's file (one layer, its old
+// bases left to the collector), so the data is written once. Otherwise, and for deltas
+// (staged in a sparse raw file), the commit goes through the VDI's handle (the one its
 // NBD connections share, CBT tracked): the ranges written, and for a replacing stream
-// zeros everywhere else. A stream that is refused, cut or cancelled changes nothing.
+// zeros everywhere else.
 
 import Foundation
+import GRDB
 import Image
 
 public final class ImportSession: @unchecked Sendable {
@@ -17,7 +25,10 @@ public final class ImportSession: @unchecked Sendable {
     let size: UInt64
     var decoder: any StreamDecoder
     let stagingPath: String
-    let fd: Int32
+    /// The raw staging file (deltas), open from the start, or -1.
+    var fd: Int32 = -1
+    /// The staged image (replacing streams), made at the stream's header.
+    var image: (any DiskImage)?
     /// Byte ranges of the staging file that hold the stream's data, in arrival order.
     var written: [Range<UInt64>] = []
     public let task: TaskContext?
@@ -34,10 +45,6 @@ public final class ImportSession: @unchecked Sendable {
         self.decoder = decoder
         self.task = task
         stagingPath = "\(sr.path)/\(uuid).import-\(UUID().uuidString.lowercased().prefix(8))"
-        fd = open(stagingPath, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
-        guard fd >= 0 else {
-            throw StorageError.srBackendFailure(detail: "import staging file \(stagingPath): \(String(cString: strerror(errno)))")
-        }
         StorageMetrics.activeImports.increment()
     }
 
@@ -65,6 +72,7 @@ public final class ImportSession: @unchecked Sendable {
         case .header(let v, let r):
             replaces = r
             if let v, v > size { throw StorageError.vdiTooSmall(uuid: uuid, minimum: v) }
+            try makeStaging()
         case .data(let offset, let bytes):
             guard offset <= size, UInt64(bytes.count) <= size - offset else {
                 // A raw stream's length, when known, is the size it needs.
@@ -73,7 +81,13 @@ public final class ImportSession: @unchecked Sendable {
             }
             // A whole disk need not stage its zeros: what it does not hold is zeroed.
             if replaces && sr.isZero(bytes) { return }
-            try sr.writeAll(fd, bytes, at: offset)
+            if let image {
+                do { try image.write(bytes, at: offset) } catch {
+                    throw StorageError.srBackendFailure(detail: "import staging image: \(DiskError(error))")
+                }
+            } else {
+                try sr.writeAll(fd, bytes, at: offset)
+            }
             let r = offset..<(offset + UInt64(bytes.count))
             if let last = written.last, last.upperBound == r.lowerBound {
                 written[written.count - 1] = last.lowerBound..<r.upperBound
@@ -97,7 +111,38 @@ public final class ImportSession: @unchecked Sendable {
         abort()
     }
 
+    func makeStaging() throws {
+        guard image == nil, fd < 0 else { return }
+        if replaces {
+            do {
+                try sr.format.create(path: stagingPath, size: size)
+                let i = try sr.format.open(path: stagingPath, writable: true)
+                // Nothing relies on it before the final flush (a crash drops it).
+                i.setAllocationBarrier(false)
+                image = i
+            } catch {
+                unlink(stagingPath)
+                throw StorageError.srBackendFailure(detail: "import staging image \(stagingPath): \(DiskError(error))")
+            }
+            return
+        }
+        fd = open(stagingPath, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw StorageError.srBackendFailure(detail: "import staging file \(stagingPath): \(String(cString: strerror(errno)))")
+        }
+    }
+
     func commit() throws {
+        if let image {
+            do { try image.flush() } catch { throw StorageError.srBackendFailure(detail: "import staging image: \(DiskError(error))") }
+            if try sr.replaceContents(uuid, with: stagingPath, closing: image) {
+                self.image = nil
+                stagingRemoved = true
+                StorageMetrics.activeImports.decrement()
+                sr.logger.info("imported \(decoder.consumed) bytes into \(uuid): its file is now the imported image")
+                return
+            }
+        }
         let runs = SR.merged(written)
         let h = try sr.attach(uuid)
         defer { sr.detach(h) }
@@ -126,7 +171,7 @@ public final class ImportSession: @unchecked Sendable {
             // read into a buffer); only ranges written are touched, all within its length.
             let mapLength = Int(runs.last?.upperBound ?? 0)
             var map: UnsafeMutableRawPointer?
-            if mapLength > 0, let p = mmap(nil, mapLength, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED {
+            if fd >= 0, mapLength > 0, let p = mmap(nil, mapLength, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED {
                 map = p
                 _ = madvise(p, mapLength, MADV_SEQUENTIAL)
             }
@@ -137,6 +182,15 @@ public final class ImportSession: @unchecked Sendable {
                     let n = Int(min(UInt64(buf.count), r.upperBound - pos))
                     if let map {
                         try h.write(UnsafeRawBufferPointer(start: map + Int(pos), count: n), at: pos)
+                        pos += UInt64(n)
+                        step(UInt64(n))
+                        continue
+                    }
+                    if let image {
+                        do { try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<n]), at: pos) } catch {
+                            throw StorageError.srBackendFailure(detail: "import staging image: \(DiskError(error))")
+                        }
+                        try h.write(UnsafeRawBufferPointer(rebasing: buf[0..<n]), at: pos)
                         pos += UInt64(n)
                         step(UInt64(n))
                         continue
@@ -167,7 +221,9 @@ public final class ImportSession: @unchecked Sendable {
         guard !stagingRemoved else { return }
         stagingRemoved = true
         StorageMetrics.activeImports.decrement()
-        _ = close(fd)
+        image?.close()
+        image = nil
+        if fd >= 0 { _ = close(fd) }
         unlink(stagingPath)
     }
     private var stagingRemoved = false
@@ -179,6 +235,8 @@ extension SR {
         let rec = try record(uuid)
         guard rec.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: rec.uuid, type: rec.type.rawValue) }
         if rec.readOnly || rec.isASnapshot { throw StorageError.vdiReadonly(uuid: rec.uuid) }
+        // Its file is written no more while the mode lasts: an import would land in an overlay.
+        if rec.onBoot == .reset { throw StorageError.vdiOnBootModeIncompatible(uuid: rec.uuid) }
         let sf = try streamFormat(formatName)
         try requireFile(rec)
         var decoder = sf.decoder()
@@ -212,6 +270,43 @@ extension SR {
             try session.feed(UnsafeRawBufferPointer(rebasing: buf[0..<n]))
         }
         try session.finish()
+    }
+
+    /// A replacing import's validated image takes the place of the VDI's file, when
+    /// nothing else needs that file to stay: no attachment, no CBT log (it would have to
+    /// record every block), no child. Journalled: redone at start-up once begun. False:
+    /// the caller commits through the handle instead.
+    func replaceContents(_ uuid: String, with staging: String, closing image: any DiskImage) throws -> Bool {
+        try withFamily(of: uuid) { rec in
+            closeLingering(uuid)
+            let children = try dbRead { try VDIRecord.filter(Column("parent") == uuid).fetchCount($0) }
+            guard lookUp(uuid) == nil, !rec.cbtEnabled, rec.onBoot == .persist, children == 0,
+                  !familiesWithOverlays().contains(rec.family) else { return false }
+            image.close()
+            let e = JournalEntry(id: UUID().uuidString.lowercased(), operation: .replace, child: uuid, parent: nil,
+                                 phase: .switching, started: Date(), staging: staging)
+            try journal.write(e)
+            try finishReplace(uuid, with: staging)
+            journal.remove(e.id)
+            collector.kick()
+            return true
+        }
+    }
+
+    /// The last step of a replace (redone at recovery): the file, then the record.
+    func finishReplace(_ uuid: String, with staging: String) throws {
+        if !staging.isEmpty, FileManager.default.fileExists(atPath: staging) {
+            guard rename(staging, imagePath(uuid)) == 0 else {
+                throw StorageError.vdiIOError(uuid: uuid, detail: "rename \(staging): \(String(cString: strerror(errno)))")
+            }
+            try syncDirectory()
+        }
+        try dbWrite { db in
+            if var r = try VDIRecord.fetchOne(db, key: uuid) {
+                r.parent = nil
+                try r.update(db)
+            }
+        }
     }
 
     /// Start-up: staging files of imports that ended with the last run.

@@ -22,6 +22,9 @@ extension SR {
             case (.delete, _):
                 try finishDelete(e.child)
                 logger.warning("recovery: finished removing base \(e.child)")
+            case (.replace, _):
+                try finishReplace(e.child, with: e.staging ?? "")
+                logger.warning("recovery: finished replacing \(e.child)'s contents with a validated import")
             case (.coalesce, .copying), (.leafCoalesce, .copying):
                 // The child still holds everything the parent was given: nothing to undo.
                 logger.warning("recovery: dropped an interrupted coalesce of \(e.child) into \(e.parent ?? "?") (it is planned again)")

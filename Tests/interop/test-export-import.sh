@@ -96,6 +96,24 @@ assert read_all(w) == m1
 ctl("vdi-import", "uuid=" + w, "filename=" + f, "format=vhd", "--quiet")
 assert read_all(w) == bytes(model)
 
+# A replacing import into an unattached VDI without CBT becomes its file: one layer, its
+# snapshots keep their bytes. With a client attached, or CBT on, it goes through the
+# handle: the client reads the new bytes, and list_changed_blocks sees the import.
+r = create(name="r"); scribble(r, bytearray(SIZE), 5); rs = ctl("vdi-snapshot", "uuid=" + r); rs_bytes = read_all(rs)
+ctl("vdi-import", "uuid=" + r, "filename=" + f, "format=vhd", "--quiet")
+assert read_all(r) == bytes(model) and read_all(rs) == rs_bytes
+assert json.loads(ctl("vdi-param-list", "uuid=" + r, "--json")).get("parent", "") in ("", None), "the imported VDI still has a parent"
+h = connect(r)
+ctl("vdi-import", "uuid=" + r, "filename=" + T + "/s1.raw", "--quiet")
+assert b"".join(h.pread(8 * MIB, o) for o in range(0, SIZE, 8 * MIB)) == m1, "an attached client does not read the import"
+h.shutdown()
+ctl("vdi-enable-cbt", "uuid=" + r); cb = ctl("vdi-snapshot", "uuid=" + r)
+ctl("vdi-import", "uuid=" + r, "filename=" + f, "format=vhd", "--quiet")
+assert read_all(r) == bytes(model)
+changed = rpc("VDI.list_changed_blocks", [cb, r])["result"]
+import base64; bits = base64.b64decode(changed)
+assert any(bits), "CBT did not see the import"
+
 # VHDs qemu-img writes: dynamic and fixed.
 src = bytearray(SIZE)
 for _ in range(8):
