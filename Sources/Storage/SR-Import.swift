@@ -296,10 +296,17 @@ extension SR {
     /// The last step of a replace (redone at recovery): the file, then the record.
     func finishReplace(_ uuid: String, with staging: String) throws {
         if !staging.isEmpty, FileManager.default.fileExists(atPath: staging) {
+            // The old file keeps a second name until the rename is done, so freeing its
+            // blocks (a tenth of a second a GiB) happens after the commit, not inside it;
+            // a crash leaves the name to start-up's sweep of `.import-` files.
+            let old = staging + "-old"
+            let kept = link(imagePath(uuid), old) == 0
             guard rename(staging, imagePath(uuid)) == 0 else {
+                if kept { unlink(old) }
                 throw StorageError.vdiIOError(uuid: uuid, detail: "rename \(staging): \(String(cString: strerror(errno)))")
             }
             try syncDirectory()
+            if kept { DispatchQueue.global(qos: .utility).async { unlink(old) } }
         }
         try dbWrite { db in
             if var r = try VDIRecord.fetchOne(db, key: uuid) {

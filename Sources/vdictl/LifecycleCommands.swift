@@ -57,7 +57,8 @@ func waitForTask(_ o: ControlOptions, _ task: String, label: String, show: Bool)
         }
         switch status {
         case "pending", "cancelling":
-            Thread.sleep(forTimeInterval: 0.2)
+            // Often at first (most tasks are short), then five times a second.
+            Thread.sleep(forTimeInterval: Date().timeIntervalSince(started) < 2 ? 0.02 : 0.2)
         case "success":
             if show { FileHandle.standardError.write(Data("\n".utf8)) }
             _ = try? rpc(o, "Task.destroy", [.string(task)])
