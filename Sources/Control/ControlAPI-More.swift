@@ -96,9 +96,18 @@ extension ControlAPI {
 
     func taskJSON(_ t: TaskRecord) throws -> JSONValue {
         guard case .object(var o) = try JSONValue.from(t) else { return .null }
-        let f = ISO8601DateFormatter()
-        o["created"] = .string(f.string(from: t.created))
-        o["finished"] = .string(t.finished.map { f.string(from: $0) } ?? "19700101T00:00:00Z")
+        o["created"] = .string(Self.iso8601(t.created))
+        o["finished"] = .string(t.finished.map(Self.iso8601) ?? "19700101T00:00:00Z")
         return .object(o)
+    }
+
+    /// One formatter, shared under a lock: making one costs more than a task poll's
+    /// other work (vdictl polls a running transfer every 50 ms).
+    static let formatter = ISO8601DateFormatter()
+    static let formatterLock = NSLock()
+    static func iso8601(_ d: Date) -> String {
+        formatterLock.lock()
+        defer { formatterLock.unlock() }
+        return formatter.string(from: d)
     }
 }

@@ -205,7 +205,7 @@ public final class ControlAPI: @unchecked Sendable {
         guard case .object(var o) = try JSONValue.from(r) else { return .null }
         o["managed"] = nil
         o["created"] = nil
-        o["snapshot_time"] = .string(r.snapshotTime.map { ISO8601DateFormatter().string(from: $0) } ?? "19700101T00:00:00Z")
+        o["snapshot_time"] = .string(r.snapshotTime.map(Self.iso8601) ?? "19700101T00:00:00Z")
         o["snapshot_of"] = .string(r.snapshotOf ?? "")
         o["parent"] = .string(r.parent ?? "")
         o["SR"] = .string(sr.path)
@@ -215,10 +215,9 @@ public final class ControlAPI: @unchecked Sendable {
         o["managed"] = .bool(true)
         let attachments = sr.attachments(of: r.uuid)
         o["currently_attached"] = .bool(!attachments.isEmpty)
-        let f = ISO8601DateFormatter()
         o["nbd_attachments"] = .array(attachments.map { a in
             .object(["token": .string(a.token), "read_only": .bool(a.readOnly), "mode": .string(a.mode.rawValue),
-                     "connections": .number(Double(a.connections)), "since": .string(f.string(from: a.since))])
+                     "connections": .number(Double(a.connections)), "since": .string(Self.iso8601(a.since))])
         })
         o["allowed_operations"] = .array(sr.allowedOperations(r).map { .string($0.rawValue) })
         o["current_operations"] = .object([:])

@@ -58,7 +58,7 @@ func waitForTask(_ o: ControlOptions, _ task: String, label: String, show: Bool)
         switch status {
         case "pending", "cancelling":
             // Often at first (most tasks are short), then five times a second.
-            Thread.sleep(forTimeInterval: Date().timeIntervalSince(started) < 2 ? 0.02 : 0.2)
+            Thread.sleep(forTimeInterval: Date().timeIntervalSince(started) < 2 ? 0.05 : 0.2)
         case "success":
             if show { FileHandle.standardError.write(Data("\n".utf8)) }
             _ = try? rpc(o, "Task.destroy", [.string(task)])
