@@ -33,15 +33,14 @@ public enum StorageMetrics {
 extension SR {
     /// Each VDI's chain depth (the files its reads may go through), from the records.
     public func chainDepths() -> [(uuid: String, depth: Int)] {
-        guard let all = try? allRecords() else { return [] }
-        let parents = Dictionary(all.map { ($0.uuid, $0.parent) }, uniquingKeysWith: { a, _ in a })
-        let stored = (try? dbRead { try VDIRecord.fetchAll($0) }) ?? []
-        let hidden = Dictionary(stored.map { ($0.uuid, $0.parent) }, uniquingKeysWith: { a, _ in a })
-        return all.filter { $0.type != .cbtMetadata }.map { r in
+        // One read of every record, hidden bases included (the walk goes through them).
+        guard let stored = try? dbRead({ try VDIRecord.fetchAll($0) }) else { return [] }
+        let parent = Dictionary(stored.map { ($0.uuid, $0.parent) }, uniquingKeysWith: { a, _ in a })
+        return stored.filter { $0.managed && $0.type != .cbtMetadata }.map { r in
             var depth = 1, at = r.parent
             while let p = at, depth < 1000 {
                 depth += 1
-                at = parents[p] ?? hidden[p] ?? nil
+                at = parent[p] ?? nil
             }
             return (r.uuid, depth)
         }

@@ -216,20 +216,18 @@ extension SR {
         while pos < total {
             try task?.checkCancelled()
             let n = Int(min(UInt64(buf.count), total - pos))
+            var got = n
             if seekable, try stream.writeMapped(at: pos, count: n, to: fd, writer: writeAll) {
-                pos += UInt64(n)
-                task?.setOther("bytes_done", String(pos))
-                task?.setProgress(total == 0 ? 1 : Double(pos) / Double(total))
-                continue
-            }
-            let got = try stream.read(at: pos, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<n]), holes: &holes)
-            if seekable {
+                // Written straight from the layers' mapped pages.
+            } else if seekable {
+                got = try stream.read(at: pos, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<n]), holes: &holes)
                 var at = 0
                 for h in holes + [got..<got] {
                     if h.lowerBound > at { try writeAll(fd, UnsafeRawBufferPointer(rebasing: buf[at..<h.lowerBound]), at: pos + UInt64(at)) }
                     at = max(at, h.upperBound)
                 }
             } else {
+                got = try stream.read(at: pos, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<n]), holes: &holes)
                 try writeAll(fd, UnsafeRawBufferPointer(rebasing: buf[0..<got]), at: nil)
             }
             pos += UInt64(got)
@@ -244,6 +242,8 @@ extension SR {
         return total
     }
 
+    /// Writes all of `b` to `fd` (at `offset`, or at its position); used by exports (the
+    /// output) and imports (the staging file).
     func writeAll(_ fd: Int32, _ b: UnsafeRawBufferPointer, at offset: UInt64?) throws {
         var done = 0
         while done < b.count {
@@ -251,7 +251,7 @@ extension SR {
                 ?? write(fd, b.baseAddress! + done, b.count - done)
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else {
-                throw StorageError.vdiIOError(uuid: "", detail: "export: writing the output: \(String(cString: strerror(errno)))")
+                throw StorageError.srBackendFailure(detail: "writing descriptor \(fd) at \(offset.map { String($0 + UInt64(done)) } ?? "its position"): \(String(cString: strerror(errno)))")
             }
             done += n
         }
