@@ -21,16 +21,24 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import Storage
+import Synchronization
 
 public final class HTTPTransferServer: @unchecked Sendable {
     let sr: SR
     let logger: Logger
-    /// Bytes per step of an export (read from the disk) or an import (gathered from the
-    /// body). 4 MiB: at glibc's mmap threshold as vdinbd sets it, so each buffer is its own
-    /// mapping, returned whole when NIO frees it on another thread (1 MiB buffers came
-    /// from the arenas and were kept there: 178 MiB anonymous memory at the peak of four
-    /// parallel exports, against 33-36 MiB now).
+    /// Bytes of an import's body handed to the disk at a time.
     static let chunk = 4 << 20
+    /// Bytes per read of an export (each holds four such buffers, reused).
+    static let exportChunk = 1 << 20
+
+    let identity = TLSIdentity()
+
+    /// Reads the certificate and key again (SIGHUP): new HTTPS connections use them,
+    /// transfers under way keep their sessions. Throws (keeping the old ones) if they
+    /// cannot be read.
+    public func reloadCertificates(from dir: String) throws {
+        try identity.load(from: dir)
+    }
 
     public init(sr: SR, logger: Logger) {
         self.sr = sr
@@ -43,9 +51,15 @@ public final class HTTPTransferServer: @unchecked Sendable {
     public func start(host: String, port: Int, certsDirectory: String? = nil) throws -> Int {
         var server = HTTPServerBuilder.http1()
         if let dir = certsDirectory {
-            let chain = try NIOSSLCertificate.fromPEMFile(dir + "/server-cert.pem").map { NIOSSLCertificateSource.certificate($0) }
-            let key = try NIOSSLPrivateKey(file: dir + "/server-key.pem", format: .pem)
-            let tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: .privateKey(key))
+            try identity.load(from: dir)
+            let (chain, key) = identity.current
+            var tls = TLSConfiguration.makeServerConfiguration(certificateChain: chain, privateKey: key)
+            // Each handshake takes the identity loaded last (`reloadCertificates`).
+            tls.sslContextCallback = { [identity] _, promise in
+                var o = NIOSSLContextConfigurationOverride()
+                (o.certificateChain, o.privateKey) = identity.current
+                promise.succeed(o)
+            }
             server = try .tls(.http1(), tlsConfiguration: tls)
         }
         let router = Router()
@@ -122,32 +136,20 @@ public final class HTTPTransferServer: @unchecked Sendable {
         let tasks = sr.tasks, logger = self.logger, span = range
         let body = ResponseBody(contentLength: Int(span.count)) { writer in
             defer { stream.close() }
-            var pos = span.lowerBound
+            let pump = ExportPump(stream: stream, span: span, chunk: Self.exportChunk)
             do {
-                while pos < span.upperBound {
-                    try task.checkCancelled()
-                    let n = Int(min(UInt64(Self.chunk), span.upperBound - pos))
-                    let at = pos
-                    let buffer = try await NIOThreadPool.singleton.runIfActive { () -> ByteBuffer in
-                        var b = ByteBufferAllocator().buffer(capacity: n)
-                        var holes: [Range<Int>] = []
-                        let got = try b.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
-                            try stream.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]), holes: &holes)
-                        }
-                        guard got == n else { throw StorageError.vdiIOError(uuid: stream.uuid, detail: "export ended early") }
-                        return b
-                    }
-                    try await writer.write(buffer)
-                    pos += UInt64(n)
-                    task.setOther("bytes_done", String(pos - span.lowerBound))
-                    task.setProgress(Double(pos - span.lowerBound) / Double(max(1, span.count)))
+                try await pump.run(&writer, checkCancelled: { try task.checkCancelled() }) { done in
+                    task.setOther("bytes_done", String(done))
+                    task.setProgress(Double(done) / Double(max(1, span.count)))
                 }
                 try await writer.finish(nil)
                 tasks.finish(task, result: String(span.count))
             } catch {
-                logger.info("HTTP export of \(stream.uuid) ended at \(pos) of \(span.upperBound): \(error)")
-                tasks.finish(task, error: error as? StorageError ?? StorageError.vdiIOError(uuid: stream.uuid, detail: "the client went away: \(error)"))
-                throw error
+                let at = (error as? ExportPumpError).map { String($0.position) } ?? "the end"
+                let cause = (error as? ExportPumpError)?.underlying ?? error
+                logger.info("HTTP export of \(stream.uuid) ended at \(at) of \(span.upperBound): \(cause)")
+                tasks.finish(task, error: cause as? StorageError ?? StorageError.vdiIOError(uuid: stream.uuid, detail: "the client went away: \(cause)"))
+                throw cause
             }
         }
         logger.info("HTTP export of \(stream.uuid) as \(stream.format.name): bytes \(range.lowerBound)-\(range.upperBound) of \(length), task \(task.uuid)")
@@ -186,21 +188,7 @@ public final class HTTPTransferServer: @unchecked Sendable {
         }
         var body = req.body.makeAsyncIterator()
         do {
-            // The body arrives in pieces of a few KiB: they are gathered to a chunk before
-            // each hop to the blocking pool.
-            var pending = ByteBufferAllocator().buffer(capacity: Self.chunk)
-            while let buffer = try await body.next() {
-                pending.writeImmutableBuffer(buffer)
-                guard pending.readableBytes >= Self.chunk else { continue }
-                let b = pending
-                try await NIOThreadPool.singleton.runIfActive { try b.withUnsafeReadableBytes { try session.feed($0) } }
-                pending.clear()
-            }
-            let rest = pending
-            try await NIOThreadPool.singleton.runIfActive {
-                if rest.readableBytes > 0 { try rest.withUnsafeReadableBytes { try session.feed($0) } }
-                try session.finish()
-            }
+            try await ImportPump(session: session, chunk: Self.chunk).run(&body)
         } catch {
             session.abort()
             let e: StorageError = error as? StorageError ?? .importError(reason: "the upload was cut: \(error)")
@@ -261,6 +249,19 @@ public final class HTTPTransferServer: @unchecked Sendable {
         h[.contentType] = "text/plain; charset=utf-8"
         return Response(status: status, headers: h, body: ResponseBody(byteBuffer: ByteBuffer(string: text + "\n")))
     }
+}
+
+/// The HTTPS listener's certificate chain and key, replaced whole on reload.
+final class TLSIdentity: Sendable {
+    private let pair = Mutex<([NIOSSLCertificateSource], NIOSSLPrivateKeySource)?>(nil)
+
+    func load(from dir: String) throws {
+        let chain = try NIOSSLCertificate.fromPEMFile(dir + "/server-cert.pem").map { NIOSSLCertificateSource.certificate($0) }
+        let key = try NIOSSLPrivateKey(file: dir + "/server-key.pem", format: .pem)
+        pair.withLock { $0 = (chain, .privateKey(key)) }
+    }
+
+    var current: ([NIOSSLCertificateSource], NIOSSLPrivateKeySource) { pair.withLock { $0! } }
 }
 
 /// The outcome of binding, handed from the server's task to `start`.

@@ -20,6 +20,9 @@ struct JournalEntry: Codable, Equatable, Sendable {
         case delete
         /// A validated import's image (`staging`) taking the place of a VDI's file.
         case replace
+        /// A validated import (`staging`) being written onto a VDI through its handle;
+        /// finished from the staging file at the next start.
+        case importCommit = "import-commit"
     }
 
     enum Phase: String, Codable, Sendable {
@@ -38,8 +41,13 @@ struct JournalEntry: Codable, Equatable, Sendable {
     var parent: String?
     var phase: Phase
     var started: Date
-    /// `replace`: the staging file's path.
+    /// `replace`, `importCommit`: the staging file's path.
     var staging: String? = nil
+    /// `importCommit`: the byte ranges staged (pairs of start and end), whether the rest
+    /// of the disk becomes zeros, and whether the staging file is an image (else raw).
+    var runs: [[UInt64]]? = nil
+    var replaces: Bool? = nil
+    var stagedImage: Bool? = nil
 }
 
 final class Journal: @unchecked Sendable {

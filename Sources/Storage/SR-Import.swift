@@ -143,76 +143,23 @@ public final class ImportSession: @unchecked Sendable {
                 return
             }
         }
+        // Through the handle: journalled first, so a crash part-way is finished at the
+        // next start (from the staging file, kept until the entry goes), never left half.
         let runs = SR.merged(written)
-        let h = try sr.attach(uuid)
-        defer { sr.detach(h) }
-        var zero: [Range<UInt64>] = []
-        if replaces {
-            var pos: UInt64 = 0
-            for r in runs + [size..<size] {
-                if r.lowerBound > pos { zero.append(pos..<r.lowerBound) }
-                pos = max(pos, r.upperBound)
-            }
+        if fd >= 0, fsync(fd) != 0 {
+            throw StorageError.srBackendFailure(detail: "import staging file: \(String(cString: strerror(errno)))")
         }
-        let total = runs.reduce(0) { $0 + $1.count } + zero.reduce(0) { $0 + $1.count }
-        var done: UInt64 = 0
-        func step(_ n: UInt64) {
-            done += n
+        var e = JournalEntry(id: UUID().uuidString.lowercased(), operation: .importCommit, child: uuid, parent: nil,
+                             phase: .switching, started: Date(), staging: stagingPath)
+        e.runs = runs.map { [$0.lowerBound, $0.upperBound] }
+        e.replaces = replaces
+        e.stagedImage = image != nil
+        try sr.journal.write(e)
+        let source: StagedImport = image.map { .image($0) } ?? .file(fd)
+        try sr.applyImport(uuid, from: source, runs: runs, replaces: replaces, size: size) { done, total in
             task?.setProgress(0.9 + 0.1 * (total == 0 ? 1 : Double(done) / Double(total)))
         }
-        do {
-            for r in zero {
-                try h.writeZeroes(offset: r.lowerBound, length: UInt64(r.count), punch: true, fastOnly: false)
-                step(UInt64(r.count))
-            }
-            let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: SR.copyChunk, alignment: 4096)
-            defer { buf.deallocate() }
-            // The staging file's pages are written from its mapping (one copy fewer than a
-            // read into a buffer); only ranges written are touched, all within its length.
-            let mapLength = Int(runs.last?.upperBound ?? 0)
-            var map: UnsafeMutableRawPointer?
-            if fd >= 0, mapLength > 0, let p = mmap(nil, mapLength, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED {
-                map = p
-                _ = madvise(p, mapLength, MADV_SEQUENTIAL)
-            }
-            defer { if let map { munmap(map, mapLength) } }
-            for r in runs {
-                var pos = r.lowerBound
-                while pos < r.upperBound {
-                    let n = Int(min(UInt64(buf.count), r.upperBound - pos))
-                    if let map {
-                        try h.write(UnsafeRawBufferPointer(start: map + Int(pos), count: n), at: pos)
-                        pos += UInt64(n)
-                        step(UInt64(n))
-                        continue
-                    }
-                    if let image {
-                        do { try image.read(into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<n]), at: pos) } catch {
-                            throw StorageError.srBackendFailure(detail: "import staging image: \(DiskError(error))")
-                        }
-                        try h.write(UnsafeRawBufferPointer(rebasing: buf[0..<n]), at: pos)
-                        pos += UInt64(n)
-                        step(UInt64(n))
-                        continue
-                    }
-                    var got = 0
-                    while got < n {
-                        let k = pread(fd, buf.baseAddress! + got, n - got, off_t(pos) + off_t(got))
-                        if k < 0 && errno == EINTR { continue }
-                        guard k > 0 else {
-                            throw StorageError.srBackendFailure(detail: "import staging file: \(String(cString: strerror(errno)))")
-                        }
-                        got += k
-                    }
-                    try h.write(UnsafeRawBufferPointer(rebasing: buf[0..<n]), at: pos)
-                    pos += UInt64(n)
-                    step(UInt64(n))
-                }
-            }
-            try h.flush()
-        } catch let e as DiskError {
-            throw StorageError.vdiIOError(uuid: uuid, detail: "import: \(e)")
-        }
+        sr.journal.remove(e.id)
         sr.logger.info("imported \(decoder.consumed) bytes into \(uuid) (\(replaces ? "its whole contents" : "a delta"): \(runs.count) runs)")
     }
 
@@ -316,11 +263,144 @@ extension SR {
         }
     }
 
-    /// Start-up: staging files of imports that ended with the last run.
+    /// Writes a validated import onto the VDI through its handle (CBT tracked): the
+    /// ranges staged, and for a replacing stream zeros everywhere else; then flushes.
+    /// Redoing it gives the same result, so recovery runs it again after a crash.
+    func applyImport(_ uuid: String, from source: StagedImport, runs: [Range<UInt64>], replaces: Bool, size: UInt64,
+                     progress: (UInt64, UInt64) -> Void) throws {
+        let h = try attach(uuid)
+        defer { detach(h) }
+        var zero: [Range<UInt64>] = []
+        if replaces {
+            var pos: UInt64 = 0
+            for r in runs + [size..<size] {
+                if r.lowerBound > pos { zero.append(pos..<r.lowerBound) }
+                pos = max(pos, r.upperBound)
+            }
+        }
+        let total = UInt64(runs.reduce(0) { $0 + $1.count } + zero.reduce(0) { $0 + $1.count })
+        var done: UInt64 = 0
+        do {
+            for r in zero {
+                try h.writeZeroes(offset: r.lowerBound, length: UInt64(r.count), punch: true, fastOnly: false)
+                done += UInt64(r.count)
+                progress(done, total)
+            }
+            try source.forEachPiece(of: runs, chunk: SR.copyChunk) { bytes, at in
+                try h.write(bytes, at: at)
+                importWriteHook?(done)
+                done += UInt64(bytes.count)
+                progress(done, total)
+            }
+            try h.flush()
+        } catch let e as DiskError {
+            throw StorageError.vdiIOError(uuid: uuid, detail: "import: \(e)")
+        }
+    }
+
+    /// Start-up, once the SR is open: finishes imports a crash cut while they were being
+    /// written onto their VDIs (their staging files are kept until then).
+    func finishImportCommits() {
+        for e in journal.entries().valid where e.operation == .importCommit {
+            let staging = e.staging ?? ""
+            do {
+                let runs = (e.runs ?? []).compactMap { $0.count == 2 && $0[0] <= $0[1] ? $0[0]..<$0[1] : nil }
+                guard let rec = try anyRecord(e.child) else {
+                    logger.warning("recovery: the VDI \(e.child) of an interrupted import is gone; dropping its staging file")
+                    journal.remove(e.id)
+                    unlink(staging)
+                    continue
+                }
+                let source: StagedImport
+                if e.stagedImage == true {
+                    source = .image(try format.open(path: staging, writable: false))
+                } else {
+                    let fd = open(staging, O_RDONLY | O_CLOEXEC)
+                    guard fd >= 0 else { throw StorageError.srBackendFailure(detail: "\(staging): \(String(cString: strerror(errno)))") }
+                    source = .file(fd)
+                }
+                defer { source.close() }
+                try applyImport(rec.uuid, from: source, runs: runs, replaces: e.replaces ?? true, size: rec.virtualSize) { _, _ in }
+                journal.remove(e.id)
+                unlink(staging)
+                logger.warning("recovery: finished writing an import cut by the end of the last run onto \(e.child)")
+            } catch {
+                logger.error("recovery: cannot finish the import onto \(e.child) (kept for the next start: \(staging)): \(error)")
+            }
+        }
+    }
+
+    /// Start-up: staging files of imports that ended with the last run (not those an
+    /// interrupted commit still needs).
     func removeImportStaging() {
+        let needed = Set(journal.entries().valid.compactMap { $0.operation == .importCommit ? $0.staging : nil })
         for n in (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? [] where n.contains(".import-") {
+            guard !needed.contains("\(path)/\(n)") else { continue }
             unlink("\(path)/\(n)")
             logger.warning("recovery: removed \(n), the staging file of an import cut by the end of the last run (the VDI was left as it was)")
+        }
+    }
+}
+
+/// Where a validated import's bytes wait to be written onto the VDI.
+enum StagedImport {
+    /// A staged image of the SR's format (a replacing stream).
+    case image(any DiskImage)
+    /// A sparse raw file (a delta), as a descriptor.
+    case file(Int32)
+
+    /// Calls `body` with the staged bytes of each run in order, at most `chunk` at a time,
+    /// with their offset on the disk. A file's pages are lent from its mapping (one copy
+    /// fewer than a read into a buffer); only ranges written are touched.
+    func forEachPiece(of runs: [Range<UInt64>], chunk: Int, _ body: (UnsafeRawBufferPointer, UInt64) throws -> Void) throws {
+        let mapLength = Int(runs.last?.upperBound ?? 0)
+        var map: UnsafeMutableRawPointer?
+        if case .file(let fd) = self, mapLength > 0, let p = mmap(nil, mapLength, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED {
+            map = p
+            _ = madvise(p, mapLength, MADV_SEQUENTIAL)
+        }
+        defer { if let map { munmap(map, mapLength) } }
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buf.deallocate() }
+        for r in runs {
+            var pos = r.lowerBound
+            while pos < r.upperBound {
+                let n = Int(min(UInt64(chunk), r.upperBound - pos))
+                let piece = UnsafeMutableRawBufferPointer(rebasing: buf[0..<n])
+                if let map {
+                    try body(UnsafeRawBufferPointer(start: map + Int(pos), count: n), pos)
+                } else {
+                    try read(into: piece, at: pos)
+                    try body(UnsafeRawBufferPointer(piece), pos)
+                }
+                pos += UInt64(n)
+            }
+        }
+    }
+
+    func read(into b: UnsafeMutableRawBufferPointer, at pos: UInt64) throws {
+        switch self {
+        case .image(let i):
+            do { try i.read(into: b, at: pos) } catch {
+                throw StorageError.srBackendFailure(detail: "import staging image: \(DiskError(error))")
+            }
+        case .file(let fd):
+            var got = 0
+            while got < b.count {
+                let k = pread(fd, b.baseAddress! + got, b.count - got, off_t(pos) + off_t(got))
+                if k < 0 && errno == EINTR { continue }
+                guard k > 0 else {
+                    throw StorageError.srBackendFailure(detail: "import staging file: \(k == 0 ? "ends early" : String(cString: strerror(errno)))")
+                }
+                got += k
+            }
+        }
+    }
+
+    func close() {
+        switch self {
+        case .image(let i): i.close()
+        case .file(let fd): _ = Glibc.close(fd)
         }
     }
 }

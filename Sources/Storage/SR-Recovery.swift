@@ -25,6 +25,9 @@ extension SR {
             case (.replace, _):
                 try finishReplace(e.child, with: e.staging ?? "")
                 logger.warning("recovery: finished replacing \(e.child)'s contents with a validated import")
+            case (.importCommit, _):
+                // Finished once the SR is open (`finishImportCommits`).
+                continue
             case (.coalesce, .copying), (.leafCoalesce, .copying):
                 // The child still holds everything the parent was given: nothing to undo.
                 logger.warning("recovery: dropped an interrupted coalesce of \(e.child) into \(e.parent ?? "?") (it is planned again)")

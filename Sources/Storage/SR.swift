@@ -107,6 +107,9 @@ public final class SR: @unchecked Sendable {
     public var endpoints: [NBDEndpoint] = []
     /// Where the HTTP transfers listen ("http://127.0.0.1:10810"), nil when off.
     public var httpBase: String?
+    /// Fault injection for the crash tests: called with the bytes an import has written
+    /// onto its VDI so far, through the handle.
+    public var importWriteHook: ((UInt64) -> Void)?
     var tlsIdentity = (pem: "", subject: "")
     let tlsIdentityLock = NSLock()
 
@@ -153,6 +156,7 @@ public final class SR: @unchecked Sendable {
         try recoverJournal()
         try recover()
         checkCBTLogs()
+        finishImportCommits()
     }
 
     /// Starts the background collector (the server does at boot; tests may not).

@@ -21,17 +21,23 @@ struct VDICopy: ParsableCommand {
         abstract: "Copy a VDI into a fresh VDI, or into an existing one; prints the uuid written.",
         discussion: "With base-vdi=, only the blocks that differ from it. Runs as a task; Ctrl-C cancels it.")
     @OptionGroup var options: ControlOptions
-    @Flag(name: .long, help: "Show progress (the default on a terminal).") var progress = false
-    @Flag(name: .long, help: "No progress.") var quiet = false
+    @OptionGroup var bar: ProgressOptions
     @Argument(help: "uuid=UUID [base-vdi=UUID] [into-vdi=UUID]") var args: [String] = []
     func run() throws {
         let kv = try keyValues(args, allowed: ["uuid", "base-vdi", "into-vdi"])
         let ref: (String) -> JSONValue = { kv[$0].map { .string($0) } ?? .string("") }
         let task = display(try rpc(options, "Async.VDI.copy",
                                    [.string(try require(kv, "uuid")), .string(""), ref("base-vdi"), ref("into-vdi")]))
-        let result = try waitForTask(options, task, label: "copy", show: (progress || isatty(2) != 0) && !quiet)
+        let result = try waitForTask(options, task, label: "copy", show: bar.show)
         print(result)
     }
+}
+
+/// `--progress` / `--quiet` of the commands that run a task.
+struct ProgressOptions: ParsableArguments {
+    @Flag(name: .long, help: "Show progress (the default when stderr is a terminal).") var progress = false
+    @Flag(name: .long, help: "No progress.") var quiet = false
+    var show: Bool { (progress || isatty(2) != 0) && !quiet }
 }
 
 /// Polls a task until it ends, showing progress; on SIGINT, cancels it. Returns its result.

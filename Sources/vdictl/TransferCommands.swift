@@ -14,24 +14,16 @@ struct VDIExport: ParsableCommand {
             leaves holes in a regular file where the disk holds nothing. Runs as a task; Ctrl-C cancels it.
             """)
     @OptionGroup var options: ControlOptions
-    @Flag(name: .long, help: "Show progress (the default when stderr is a terminal).") var progress = false
-    @Flag(name: .long, help: "No progress.") var quiet = false
+    @OptionGroup var bar: ProgressOptions
     @Argument(help: "uuid=UUID filename=FILE|- [format=raw|vhd] [base=UUID]") var args: [String] = []
     func run() throws {
         let kv = try keyValues(args, allowed: ["uuid", "filename", "format", "base"])
         let name = try require(kv, "filename")
         let fd: Int32 = name == "-" ? 1 : open(name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw CLIError("error: cannot create \(name): \(String(cString: strerror(errno)))") }
-        let c = try options.client()
-        let task: String
         do {
-            task = display(try c.call("Async.VDI.export", [.string(try require(kv, "uuid")), .string(kv["format"] ?? "raw"),
-                                                            .string(kv["base"] ?? "")], passing: fd))
-        } catch let e as RPCError {
-            throw CLIError("error: " + e.errorDescription.joined(separator: ": "))
-        }
-        do {
-            _ = try waitForTask(options, task, label: "export", show: (progress || isatty(2) != 0) && !quiet)
+            try runTransfer(options, "Async.VDI.export", [.string(try require(kv, "uuid")), .string(kv["format"] ?? "raw"),
+                                                          .string(kv["base"] ?? "")], fd: fd, label: "export", show: bar.show)
         } catch {
             if name != "-" { unlink(name) }
             throw error
@@ -49,24 +41,27 @@ struct VDIImport: ParsableCommand {
             task; Ctrl-C cancels it.
             """)
     @OptionGroup var options: ControlOptions
-    @Flag(name: .long, help: "Show progress (the default when stderr is a terminal).") var progress = false
-    @Flag(name: .long, help: "No progress.") var quiet = false
+    @OptionGroup var bar: ProgressOptions
     @Argument(help: "uuid=UUID filename=FILE|- [format=raw|vhd]") var args: [String] = []
     func run() throws {
         let kv = try keyValues(args, allowed: ["uuid", "filename", "format"])
         let name = try require(kv, "filename")
         let fd: Int32 = name == "-" ? 0 : open(name, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw CLIError("error: cannot open \(name): \(String(cString: strerror(errno)))") }
-        let c = try options.client()
-        let task: String
-        do {
-            task = display(try c.call("Async.VDI.import", [.string(try require(kv, "uuid")), .string(kv["format"] ?? "raw")],
-                                      passing: fd))
-        } catch let e as RPCError {
-            throw CLIError("error: " + e.errorDescription.joined(separator: ": "))
-        }
-        _ = try waitForTask(options, task, label: "import", show: (progress || isatty(2) != 0) && !quiet)
+        try runTransfer(options, "Async.VDI.import", [.string(try require(kv, "uuid")), .string(kv["format"] ?? "raw")],
+                        fd: fd, label: "import", show: bar.show)
     }
+}
+
+/// Starts a transfer task, passing `fd` with the call, and follows it to its end.
+func runTransfer(_ options: ControlOptions, _ method: String, _ params: [JSONValue], fd: Int32, label: String, show: Bool) throws {
+    let task: String
+    do {
+        task = display(try options.client().call(method, params, passing: fd))
+    } catch let e as RPCError {
+        throw CLIError("error: " + e.errorDescription.joined(separator: ": "))
+    }
+    _ = try waitForTask(options, task, label: label, show: show)
 }
 
 /// One line of progress: percent, bytes, rate and ETA when the task reports bytes.

@@ -138,12 +138,14 @@ struct VDINBD: ParsableCommand {
         }
 
         var httpLine = "off"
+        var httpServer: HTTPTransferServer?
         if http != "off" {
             let (host, port) = parseListen(http ?? "127.0.0.1:10810")!
             do {
                 // HTTPS whenever NBD has TLS, with the same certificate.
-                let bound = try HTTPTransferServer(sr: repo, logger: Logger(label: "vdinbd.http"))
-                    .start(host: host, port: port, certsDirectory: tls == .off ? nil : certs)
+                let hs = HTTPTransferServer(sr: repo, logger: Logger(label: "vdinbd.http"))
+                let bound = try hs.start(host: host, port: port, certsDirectory: tls == .off ? nil : certs)
+                httpServer = hs
                 let h = host.contains(":") ? "[\(host)]" : host
                 repo.httpBase = "\(tls == .off ? "http" : "https")://\(h):\(bound)"
                 httpLine = repo.httpBase! + " (export_raw_vdi, import_raw_vdi, metrics)"
@@ -177,6 +179,12 @@ struct VDINBD: ParsableCommand {
                 if seen >= n { logger.warning("VDINBD_FAULT_GC_STEP: exiting at \(step) #\(seen)"); _exit(137) }
             }
         }
+        if let fault = ProcessInfo.processInfo.environment["VDINBD_FAULT_IMPORT_AFTER"], let n = UInt64(fault) {
+            // Fault injection for the crash tests: exit once an import has written n bytes onto its VDI.
+            repo.importWriteHook = { done in
+                if done >= n { logger.warning("VDINBD_FAULT_IMPORT_AFTER: exiting after \(done) bytes"); _exit(137) }
+            }
+        }
         repo.startCollector()
 
         var sources: [DispatchSourceSignal] = []
@@ -201,9 +209,10 @@ struct VDINBD: ParsableCommand {
             s.setEventHandler {
                 do {
                     let creds = try loadCredentials()
+                    try httpServer?.reloadCertificates(from: certs)
                     server.reloadCredentials(creds)
                     repo.setTLSIdentity(certificatePEM: creds.trustAnchorPEM, subject: creds.subject)
-                    logger.info("SIGHUP: reloaded TLS credentials from \(certs)")
+                    logger.info("SIGHUP: reloaded TLS credentials from \(certs)\(httpServer == nil ? "" : " (NBD and HTTPS)")")
                 } catch {
                     logger.error("SIGHUP: keeping the old TLS credentials: \(error)")
                 }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # With NBD TLS required, HTTP transfers are HTTPS with the same certificate: curl trusts
 # the SR's CA, downloads and uploads with a token; plain HTTP gets no answer; the
-# `http` line of vdi-get-nbd-info is an https URL that works as printed.
+# `http` line of vdi-get-nbd-info is an https URL that works as printed; SIGHUP makes
+# HTTPS serve the new certificate (as NBD does).
 . "$(dirname "$0")/functions.sh"
-requires curl qemu-img nbdcopy
+requires curl qemu-img nbdcopy certtool
 start_vdinbd --tls require --certs "$TMP/certs"
 V=$(vdictl vdi-create name-label=a virtual-size=16MiB)
 U=$(uri "$V")
@@ -22,4 +23,21 @@ curl -sS -f --cacert "$TMP/certs/ca-cert.pem" -T "$TMP/v.vhd" -u ":$TW" \
     "https://127.0.0.1:$HTTP_PORT/import_raw_vdi?vdi=$W&format=vhd" >/dev/null || fail "https upload"
 nbdcopy "$(uri "$W")" "$TMP/w.raw"
 cmp "$TMP/w.raw" "$TMP/disk.raw" || fail "the https import differs"
+# New material (another CA), then SIGHUP: new HTTPS connections get the new certificate.
+cp "$TMP/certs/ca-cert.pem" "$TMP/old-ca.pem"
+mkdir "$TMP/new"
+printf 'cn = new CA\nca\ncert_signing_key\nexpiration_days = 30\n' > "$TMP/new/catmpl"
+certtool --generate-privkey --outfile "$TMP/new/ca-key.pem" 2>/dev/null
+certtool --generate-self-signed --load-privkey "$TMP/new/ca-key.pem" --template "$TMP/new/catmpl" --outfile "$TMP/new/ca-cert.pem" 2>/dev/null
+printf 'cn = second.test\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\nexpiration_days = 30\n' > "$TMP/new/tmpl"
+certtool --generate-privkey --outfile "$TMP/new/server-key.pem" 2>/dev/null
+certtool --generate-certificate --load-privkey "$TMP/new/server-key.pem" --load-ca-certificate "$TMP/new/ca-cert.pem" \
+    --load-ca-privkey "$TMP/new/ca-key.pem" --template "$TMP/new/tmpl" --outfile "$TMP/new/server-cert.pem" 2>/dev/null
+cp "$TMP/new/ca-cert.pem" "$TMP/new/server-cert.pem" "$TMP/new/server-key.pem" "$TMP/certs/"
+kill -HUP "$SERVER_PID"
+for _ in $(seq 1 50); do grep -q "reloaded TLS credentials.*HTTPS" "$TMP/server.log" && break; sleep 0.1; done
+grep -q "reloaded TLS credentials.*HTTPS" "$TMP/server.log" || fail "no reload of the HTTPS certificate"
+curl -sS -f --cacert "$TMP/new/ca-cert.pem" -o "$TMP/v2.vhd" "$H" || fail "https download with the new CA after SIGHUP"
+cmp "$TMP/v.vhd" "$TMP/v2.vhd" || fail "the export changed across the reload"
+if curl -sS -o /dev/null --cacert "$TMP/old-ca.pem" "$H" 2>/dev/null; then fail "the old certificate is still served after SIGHUP"; fi
 echo PASS
