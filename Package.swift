@@ -31,6 +31,11 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
+        // Raw sparse files: the second implementation of the seam.
+        .target(
+            name: "RawImage",
+            dependencies: ["Image", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         .systemLibrary(
             name: "CGnuTLS",
             pkgConfig: "gnutls",
@@ -42,7 +47,7 @@ let package = Package(
         .target(
             name: "Storage",
             dependencies: [
-                "Image", "VHD", "CBT",
+                "Image", "VHD", "RawImage", "CBT",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -97,6 +102,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "VHDTests", dependencies: ["VHD", "CBT", "Image"]),
+        .testTarget(name: "RawImageTests", dependencies: ["RawImage", "Image"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS"]),
         .testTarget(name: "CBTTests", dependencies: ["CBT"]),
         .testTarget(

@@ -8,6 +8,8 @@ extension ControlAPI {
     static let moreMethods = [
         "VDI.add_to_other_config", "VDI.remove_from_other_config", "VDI.get_other_config", "VDI.get_sm_config",
         "SR.scan", "SR.get_gc_status", "SR.get_other_config", "SR.add_to_other_config", "SR.remove_from_other_config",
+        "SR.get_all", "SR.get_all_records", "SR.get_record", "SR.get_by_uuid", "SR.get_uuid", "SR.get_name_label",
+        "SR.set_name_label", "SR.get_supported_image_formats",
         "Task.get_all", "Task.get_all_records", "Task.get_record", "Task.cancel", "Task.destroy",
     ]
 
@@ -61,6 +63,26 @@ extension ControlAPI {
             }
             out["gc_status"] = try JSONValue.from(sr.collector.status)
             return .object(out)
+        case "SR.get_all":
+            return .array([.string(sr.uuid)])
+        case "SR.get_all_records":
+            return .object([sr.uuid: try JSONValue.from(sr.srRecord())])
+        case "SR.get_record", "SR.get_by_uuid", "SR.get_uuid", "SR.get_name_label", "SR.get_supported_image_formats":
+            let r = try sr.srRecord()
+            // This server has one SR: its uuid, or its path, names it.
+            let asked = try p.string(0, method == "SR.get_by_uuid" ? "uuid" : "sr")
+            guard asked == r.uuid || asked == r.path || asked.isEmpty else {
+                throw RPCError.xenAPI("UUID_INVALID", ["SR", asked])
+            }
+            switch method {
+            case "SR.get_by_uuid", "SR.get_uuid": return .string(r.uuid)
+            case "SR.get_name_label": return .string(r.nameLabel)
+            case "SR.get_supported_image_formats": return .array(r.supportedImageFormats.map { .string($0) })
+            default: return try JSONValue.from(r)
+            }
+        case "SR.set_name_label":
+            try sr.setNameLabel(p.string(1, "value"))
+            return .null
         case "SR.get_gc_status":
             return try JSONValue.from(sr.collector.status)
         case "SR.get_other_config":

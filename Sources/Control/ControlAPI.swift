@@ -208,7 +208,7 @@ public final class ControlAPI: @unchecked Sendable {
         o["snapshot_time"] = .string(r.snapshotTime.map(Self.iso8601) ?? "19700101T00:00:00Z")
         o["snapshot_of"] = .string(r.snapshotOf ?? "")
         o["parent"] = .string(r.parent ?? "")
-        o["SR"] = .string(sr.path)
+        o["SR"] = .string(sr.uuid)
         o["family"] = nil
         o["location"] = .string(r.uuid)
         o["missing"] = .bool(r.type != .cbtMetadata && !FileManager.default.fileExists(atPath: sr.imagePath(r.uuid)))

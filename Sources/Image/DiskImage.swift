@@ -126,6 +126,8 @@ public protocol ImageFormat: Sendable {
     var fileExtension: String { get }
     /// The largest virtual size the format holds.
     var maxVirtualSize: UInt64 { get }
+    /// Whether an image can have a parent (snapshots, clones, overlays); raw cannot.
+    var holdsChains: Bool { get }
 
     /// Makes a new empty image (fails if the file exists).
     func create(path: String, size: UInt64) throws

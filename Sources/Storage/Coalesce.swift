@@ -78,12 +78,12 @@ extension Collector {
         try checkSpace(for: xPath)
         let started = Date()
         let bytes = try journalled(.coalesce, child: x, parent: p) { switching -> UInt64 in
-            let source = try sr.format.openLayer(path: xPath)
+            let source = try sr.format(at: xPath).openLayer(path: xPath)
             defer { source.close() }
-            if try sr.format.virtualSize(ofFile: pPath) < source.virtualSize {
-                try sr.format.grow(path: pPath, to: source.virtualSize)
+            if try sr.format(at: pPath).virtualSize(ofFile: pPath) < source.virtualSize {
+                try sr.format(at: pPath).grow(path: pPath, to: source.virtualSize)
             }
-            let target = try sr.format.open(path: pPath, writable: true)
+            let target = try sr.format(at: pPath).open(path: pPath, writable: true)
             defer { target.close() }
             let runs = try source.leafDataRuns(offset: 0, length: source.virtualSize)
             let bytes = try copy(runs: runs, from: { b, o in try source.read(into: b, at: o) }, into: target, family: xr.family)
@@ -117,7 +117,7 @@ extension Collector {
             let source: any DiskImage = try sr.withFamilyLock(cr.family) {
                 sr.mergeTrackers[c] = tracker
                 if let h = sr.lookUp(c) { h.paused { _ in h.tracker = tracker } }
-                return try sr.format.openLayer(path: cPath)
+                return try sr.format(at: cPath).openLayer(path: cPath)
             }
             defer { source.close() }
             defer {
@@ -127,8 +127,8 @@ extension Collector {
                 }
             }
             let size = source.virtualSize
-            if try sr.format.virtualSize(ofFile: pPath) < size { try sr.format.grow(path: pPath, to: size) }
-            let target = try sr.format.open(path: pPath, writable: true)
+            if try sr.format(at: pPath).virtualSize(ofFile: pPath) < size { try sr.format(at: pPath).grow(path: pPath, to: size) }
+            let target = try sr.format(at: pPath).open(path: pPath, writable: true)
             var targetOpen = true
             defer { if targetOpen { target.close() } }
             var bytes: UInt64 = 0
@@ -152,7 +152,7 @@ extension Collector {
                         try chain.flush()
                         bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
                     } else if !rest.isEmpty {
-                        let chain = try sr.format.open(path: cPath, writable: false)
+                        let chain = try sr.format(at: cPath).open(path: cPath, writable: false)
                         defer { chain.close() }
                         bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
                     }
@@ -166,7 +166,7 @@ extension Collector {
                     try h.exclusively { old in
                         try switchOver(old)
                         h.tracker = nil
-                        let new = try sr.format.open(path: cPath, writable: old.writable)
+                        let new = try sr.format(at: cPath).open(path: cPath, writable: old.writable)
                         old.close()
                         return new
                     }
@@ -186,7 +186,7 @@ extension Collector {
         if let h = sr.lookUp(uuid) {
             try h.read(into: b, at: o)
         } else {
-            let chain = try sr.format.open(path: sr.imagePath(uuid), writable: false)
+            let chain = try sr.format(of: uuid).open(path: sr.imagePath(uuid), writable: false)
             defer { chain.close() }
             try chain.read(into: b, at: o)
         }
@@ -205,9 +205,9 @@ extension SR {
         for k in kids {
             let kPath = imagePath(k.uuid)
             if let h = open.first(where: { $0.uuid == k.uuid }) {
-                try h.paused { _ in try format.setParent(ofFile: kPath, to: pPath) }
+                try h.paused { _ in try format(at: kPath).setParent(ofFile: kPath, to: pPath) }
             } else {
-                try format.setParent(ofFile: kPath, to: pPath)
+                try format(at: kPath).setParent(ofFile: kPath, to: pPath)
             }
         }
         try dbWrite { db in
@@ -219,7 +219,7 @@ extension SR {
         }
         for h in open where h.withChain({ $0.layerPaths.contains(xPath) }) {
             try h.exclusively { old in
-                let new = try format.open(path: imagePath(h.uuid), writable: old.writable)
+                let new = try format(of: h.uuid).open(path: imagePath(h.uuid), writable: old.writable)
                 old.close()
                 return new
             }

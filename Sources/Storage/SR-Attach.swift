@@ -85,7 +85,7 @@ extension SR {
         }
         let writable = !(r.readOnly || r.isASnapshot)
         let chain: any DiskImage
-        do { chain = try format.open(path: imagePath(r.uuid), writable: writable) } catch {
+        do { chain = try format(of: r.uuid).open(path: imagePath(r.uuid), writable: writable) } catch {
             throw StorageError.vdiIOError(uuid: r.uuid, detail: "\(error)")
         }
         let h = VDIHandle(uuid: r.uuid, family: r.family, chain: chain)

@@ -20,6 +20,8 @@ extension SR {
             throw StorageError.operationNotAllowed(reason: "changed block tracking cannot be enabled on a snapshot (\(r.uuid))")
         }
         if r.onBoot == .reset { throw StorageError.vdiOnBootModeIncompatible(uuid: r.uuid) }
+        // As XenAPI: CBT needs snapshots to compare, which a format without chains has not.
+        try requireChains(r.uuid, for: "changed block tracking")
         if r.cbtEnabled { return }
         let p = cbtLogPath(r.uuid)
         try withHandle(r.uuid) { handle in

@@ -42,6 +42,7 @@ extension SR {
         let u = rec.uuid
         var vdi = rec
         guard vdi.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: u, type: vdi.type.rawValue) }
+        try requireChains(u, for: clone ? "clone" : "snapshot")
         try requireFile(vdi)
         // XenServer refuses a snapshot at depth 30 rather than build a chain blktap cannot open.
         if try chainDepth(u) >= StorageError.maxChainDepth { throw StorageError.chainTooLong() }
@@ -54,9 +55,12 @@ extension SR {
         }
         let baseUUID = UUID().uuidString.lowercased()
         let snapUUID = UUID().uuidString.lowercased()
-        let leafPath = imagePath(u), basePath = imagePath(baseUUID), snapPath = imagePath(snapUUID)
+        // The chain's format, for the new base and the new VDI too.
+        let format = self.format(of: u)
+        remember(baseUUID, format)
+        remember(snapUUID, format)
+        let leafPath = imagePath(u), basePath = imagePath(baseUUID, format: format), snapPath = imagePath(snapUUID, format: format)
         let newLeafPath = leafPath + ".new"
-        let format = self.format
 
         func swap(_ chain: (any DiskImage)?) throws {
             do {
@@ -129,12 +133,12 @@ extension SR {
         snap.family = vdi.family
         snap.otherConfig = vdi.otherConfig
         snap.smConfig = vdi.smConfig.merging(driverParams) { $1 }
-        for k in ["\(format.name)-parent", "chain-depth"] { snap.smConfig[k] = nil }
+        for k in SR.computedSMConfigKeys { snap.smConfig[k] = nil }
         snap.tags = vdi.tags
         snap.cbtEnabled = vdi.cbtEnabled && !clone
         var leaf = vdi
         leaf.parent = baseUUID
-        for k in ["\(format.name)-parent", "chain-depth"] { leaf.smConfig[k] = nil }
+        for k in SR.computedSMConfigKeys { leaf.smConfig[k] = nil }
         let (b, s, l) = (base, snap, leaf)
         try dbWrite { db in
             try b.insert(db)

@@ -41,6 +41,7 @@ extension SR {
             var cp = CreateParams(nameLabel: src.nameLabel, virtualSize: src.virtualSize)
             cp.nameDescription = src.nameDescription
             cp.tags = src.tags
+            cp.smConfig["image-format"] = format(of: src.uuid).name
             target = try create(cp)
         }
         do {
@@ -58,7 +59,7 @@ extension SR {
     }
 
     private func copyData(from src: VDIRecord, base: VDIRecord?, into target: VDIRecord, fresh: Bool, task: TaskContext?) throws {
-        let source = try format.open(path: imagePath(src.uuid), writable: false)
+        let source = try format(of: src.uuid).open(path: imagePath(src.uuid), writable: false)
         defer { source.close() }
         let size = src.virtualSize
         var plan = try copyPlan(source, size: size, base: base)
@@ -71,7 +72,7 @@ extension SR {
         var done: UInt64 = 0
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096)
         defer { buf.deallocate() }
-        let baseChain = try plan.compareWith.map { try format.open(path: imagePath($0), writable: false) }
+        let baseChain = try plan.compareWith.map { try format(of: $0).open(path: imagePath($0), writable: false) }
         defer { baseChain?.close() }
         let other = baseChain.map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096) }
         defer { other?.deallocate() }
@@ -166,7 +167,7 @@ extension SR {
             }
             return plan
         }
-        let baseChain = try format.open(path: imagePath(base.uuid), writable: false)
+        let baseChain = try format(of: base.uuid).open(path: imagePath(base.uuid), writable: false)
         let basePaths = baseChain.layerPaths
         baseChain.close()
         let srcPaths = source.layerPaths
@@ -180,7 +181,7 @@ extension SR {
         // Ranges some unshared layer (of either chain) holds: there the two may differ.
         var ranges: [Range<UInt64>] = []
         for p in srcPaths.filter({ !shared.contains($0) }) + basePaths.filter({ !shared.contains($0) }) {
-            let layer = try format.openLayer(path: p)
+            let layer = try format(at: p).openLayer(path: p)
             defer { layer.close() }
             ranges += try layer.leafDataRuns(offset: 0, length: min(size, layer.virtualSize))
         }

@@ -131,7 +131,7 @@ extension SR {
             try requireFile(b)
         }
         try requireFile(rec)
-        let image = try format.open(path: imagePath(rec.uuid), writable: false)
+        let image = try format(of: rec.uuid).open(path: imagePath(rec.uuid), writable: false)
         do {
             let size = rec.virtualSize
             var blocks: [Int] = []
@@ -183,7 +183,7 @@ extension SR {
         }
         guard let compare else { return blocks }
         // No shared layer: keep only the blocks that read differently.
-        let other = try format.open(path: imagePath(compare), writable: false)
+        let other = try format(of: compare).open(path: imagePath(compare), writable: false)
         defer { other.close() }
         let a = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(bs), alignment: 4096)
         let b = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(bs), alignment: 4096)

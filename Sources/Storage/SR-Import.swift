@@ -24,7 +24,8 @@ public final class ImportSession: @unchecked Sendable {
     public let uuid: String
     let size: UInt64
     var decoder: any StreamDecoder
-    let stagingPath: String
+    /// `<uuid>.import-<id>.<ext>`: the VDI's format for a staged image, raw for a delta.
+    var stagingPath: String
     /// The raw staging file (deltas), open from the start, or -1.
     var fd: Int32 = -1
     /// The staged image (replacing streams), made at the stream's header.
@@ -44,7 +45,7 @@ public final class ImportSession: @unchecked Sendable {
         self.size = size
         self.decoder = decoder
         self.task = task
-        stagingPath = "\(sr.path)/\(uuid).import-\(UUID().uuidString.lowercased().prefix(8))"
+        stagingPath = "\(sr.path)/\(uuid).import-\(UUID().uuidString.lowercased().prefix(8)).\(sr.format(of: uuid).fileExtension)"
         StorageMetrics.activeImports.increment()
     }
 
@@ -115,8 +116,8 @@ public final class ImportSession: @unchecked Sendable {
         guard image == nil, fd < 0 else { return }
         if replaces {
             do {
-                try sr.format.create(path: stagingPath, size: size)
-                let i = try sr.format.open(path: stagingPath, writable: true)
+                try sr.format(of: uuid).create(path: stagingPath, size: size)
+                let i = try sr.format(of: uuid).open(path: stagingPath, writable: true)
                 // Nothing relies on it before the final flush (a crash drops it).
                 i.setAllocationBarrier(false)
                 image = i
@@ -126,6 +127,7 @@ public final class ImportSession: @unchecked Sendable {
             }
             return
         }
+        stagingPath = (stagingPath as NSString).deletingPathExtension + ".raw"
         fd = open(stagingPath, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else {
             throw StorageError.srBackendFailure(detail: "import staging file \(stagingPath): \(String(cString: strerror(errno)))")
@@ -313,7 +315,7 @@ extension SR {
                 }
                 let source: StagedImport
                 if e.stagedImage == true {
-                    source = .image(try format.open(path: staging, writable: false))
+                    source = .image(try format(at: staging).open(path: staging, writable: false))
                 } else {
                     let fd = open(staging, O_RDONLY | O_CLOEXEC)
                     guard fd >= 0 else { throw StorageError.srBackendFailure(detail: "\(staging): \(String(cString: strerror(errno)))") }

@@ -13,7 +13,7 @@ import Image
 
 extension SR {
     func overlayPath(_ uuid: String) -> String {
-        "\(path)/\(uuid).overlay-\(UUID().uuidString.lowercased().prefix(8)).\(format.fileExtension)"
+        "\(path)/\(uuid).overlay-\(UUID().uuidString.lowercased().prefix(8)).\(format(of: uuid).fileExtension)"
     }
 
     func needsOverlay(_ r: VDIRecord, grant g: ExportGrant) -> Bool {
@@ -30,11 +30,12 @@ extension SR {
             h.refCount += 1
             return h
         }
+        try requireChains(r.uuid, for: g.mode == .scratch ? "scratch views" : "on_boot=reset")
         let o = overlayPath(r.uuid)
         let chain: any DiskImage
         do {
-            try format.createChild(path: o, parent: imagePath(r.uuid), size: nil)
-            chain = try format.open(path: o, writable: true)
+            try format(at: o).createChild(path: o, parent: imagePath(r.uuid), size: nil)
+            chain = try format(at: o).open(path: o, writable: true)
         } catch {
             unlink(o)
             throw StorageError.vdiIOError(uuid: r.uuid, detail: "creating the attachment's overlay: \(error)")
@@ -93,6 +94,7 @@ extension SR {
                 throw StorageError.vdiIncompatibleType(uuid: u, type: r.isASnapshot ? "snapshot" : r.type.rawValue)
             }
             if mode == .reset && r.cbtEnabled { throw StorageError.vdiOnBootModeIncompatible(uuid: u) }
+            if mode == .reset { try requireChains(u, for: "on_boot=reset") }
             try withHandle(u) { h in
                 if h != nil || hasOverlays(u) { throw StorageError.vdiInUse(uuid: u, operation: "set_on_boot") }
                 r.onBoot = mode

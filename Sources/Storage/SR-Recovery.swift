@@ -9,7 +9,7 @@ import Image
 extension SR {
     /// The SR uuid of the file an image names as its parent.
     func parentUUID(ofFile path: String) -> String? {
-        guard let p = format.parentPath(ofFile: path) else { return nil }
+        guard let p = format(at: path).parentPath(ofFile: path) else { return nil }
         return ((p as NSString).lastPathComponent as NSString).deletingPathExtension
     }
 
@@ -53,10 +53,9 @@ extension SR {
         removeOverlays()
         removeImportStaging()
         let fm = FileManager.default
-        let ext = "." + format.fileExtension
         let names = (try? fm.contentsOfDirectory(atPath: path)) ?? []
         let known = Set(try dbRead { try String.fetchAll($0, sql: "SELECT uuid FROM vdi") })
-        for n in names where n.hasSuffix(ext + ".new") {
+        for n in names where SR.imageUUID(n.hasSuffix(".new") ? String(n.dropLast(4)) : "") != nil {
             // The rename never happened, so the old leaf is intact: drop the half-made one.
             unlink("\(path)/\(n)")
             logger.warning("recovery: removed unfinished snapshot leaf \(n)")
@@ -65,12 +64,11 @@ extension SR {
         for u in known {
             if let p = parentUUID(ofFile: imagePath(u)) { referenced.insert(p) }
         }
-        for n in names where n.hasSuffix(ext) {
-            let u = String(n.dropLast(ext.count))
-            guard !known.contains(u), UUID(uuidString: u) != nil else { continue }
+        for n in names {
+            guard let u = SR.imageUUID(n), !known.contains(u) else { continue }
             if referenced.contains(u) {
                 // A snapshot's base whose records were not committed: keep it as a hidden base.
-                var base = VDIRecord(uuid: u, nameLabel: "base copy", virtualSize: (try? format.virtualSize(ofFile: imagePath(u))) ?? 0)
+                var base = VDIRecord(uuid: u, nameLabel: "base copy", virtualSize: (try? format(of: u).virtualSize(ofFile: imagePath(u))) ?? 0)
                 base.managed = false
                 base.readOnly = true
                 base.parent = parentUUID(ofFile: imagePath(u))
@@ -101,7 +99,7 @@ extension SR {
         // A resize that grew the image but crashed before the record: the file is the truth.
         let leaves = try dbRead { try VDIRecord.filter(Column("managed") == true && Column("is_a_snapshot") == false).fetchAll($0) }
         for var r in leaves where r.type != .cbtMetadata {
-            guard let size = try? format.virtualSize(ofFile: imagePath(r.uuid)) else { continue }
+            guard let size = try? format(of: r.uuid).virtualSize(ofFile: imagePath(r.uuid)) else { continue }
             if size != r.virtualSize {
                 logger.warning("recovery: VDI \(r.uuid) record said \(r.virtualSize) bytes, its image \(size)")
                 r.virtualSize = size
@@ -113,7 +111,7 @@ extension SR {
 
     /// No data in the image's own layer.
     func isEmptyImage(_ p: String) -> Bool {
-        guard let l = try? format.openLayer(path: p) else { return false }
+        guard let l = try? format(at: p).openLayer(path: p) else { return false }
         defer { l.close() }
         return (try? l.leafDataRuns(offset: 0, length: l.virtualSize).isEmpty) ?? false
     }
@@ -134,7 +132,6 @@ extension SR {
     /// then the collector is kicked.
     public func scan() throws -> ScanReport {
         var report = ScanReport()
-        let ext = "." + format.fileExtension
         let names = (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? []
         let all = try dbRead { try VDIRecord.fetchAll($0) }
         let known = Dictionary(all.map { ($0.uuid, $0) }, uniquingKeysWith: { a, _ in a })
@@ -145,11 +142,11 @@ extension SR {
                 ($0["uuid"] as String, ($0["name_label"] as String, $0["name_description"] as String, $0["family"] as String))
             }, uniquingKeysWith: { a, _ in a })
         }
-        for n in names.sorted() where n.hasSuffix(ext) {
-            let u = String(n.dropLast(ext.count))
+        for n in names.sorted() {
+            guard let u = SR.imageUUID(n) else { continue }
             guard known[u] == nil, UUID(uuidString: u) != nil, !inProgress.contains(u) else { continue }
             let p = imagePath(u)
-            if let f = forgotten[u], let size = try? format.virtualSize(ofFile: p) {
+            if let f = forgotten[u], let size = try? format(at: p).virtualSize(ofFile: p) {
                 // A VDI.forget: back under its old name, whatever the file holds.
                 var r = VDIRecord(uuid: u, nameLabel: f.0, nameDescription: f.1, virtualSize: size)
                 r.parent = parentUUID(ofFile: p).flatMap { known[$0] != nil ? $0 : nil }
@@ -169,7 +166,7 @@ extension SR {
                 report.removed.append(u)
                 continue
             }
-            guard let size = try? format.virtualSize(ofFile: p) else { continue }
+            guard let size = try? format(at: p).virtualSize(ofFile: p) else { continue }
             var r = VDIRecord(uuid: u, nameLabel: "unknown (introduced by SR.scan)", virtualSize: size)
             r.parent = parentUUID(ofFile: p).flatMap { known[$0] != nil ? $0 : nil }
             if let par = r.parent, let pr = known[par] { r.family = pr.family }

@@ -10,6 +10,8 @@ extension SR {
         let r = try record(uuid)
         guard r.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: r.uuid, type: r.type.rawValue) }
         try requireFile(r)
+        // A scratch view is an overlay: the VDI's format must hold chains.
+        if mode == .scratch { try requireChains(r.uuid, for: "scratch views") }
         var bytes = [UInt8](repeating: 0, count: 24)
         var rng = SystemRandomNumberGenerator()  // getrandom(2): the system CSPRNG
         for i in bytes.indices { bytes[i] = UInt8.random(in: 0...255, using: &rng) }

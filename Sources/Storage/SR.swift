@@ -74,8 +74,15 @@ public final class SR: @unchecked Sendable {
     public let path: String
     let db: DatabaseQueue
     let logger: Logger
-    /// The image format of this SR's files (the one place a format is chosen).
+    /// The format new VDIs are made in unless they ask for another (the first of
+    /// `supportedImageFormats`). Each VDI's own is `format(of:)` (SR-Formats.swift).
     public let format: any ImageFormat
+    /// The formats this SR holds (`supported_image_formats`), the default first.
+    public let supportedImageFormats: [any ImageFormat]
+    /// Made at the SR's first open and kept (`SR-Identity.swift`).
+    public let uuid: String
+    /// VDI uuid -> its format's name, as found (a uuid's format never changes).
+    let formatCache = Mutex<[String: String]>([:])
     /// One lock per chain tree (see the design notes).
     let families = FamilyLocks()
     /// Open handles by VDI uuid.
@@ -132,11 +139,14 @@ public final class SR: @unchecked Sendable {
 
     /// Opens (creating if need be) the SR at `path` and recovers what a crash interrupted.
     /// The collector does not run until `startCollector()`.
-    public init(path: String, logger: Logger = Logger(label: "vdinbd.sr"), format: any ImageFormat = Formats.default) throws {
+    /// `supportedFormats` (the default first) is kept in the SR's configuration; without
+    /// it, the formats kept there, else every format this build knows. `format` puts one
+    /// first.
+    public init(path: String, logger: Logger = Logger(label: "vdinbd.sr"), format: (any ImageFormat)? = nil,
+                supportedFormats: [any ImageFormat]? = nil) throws {
         _ = StorageMetrics.installed
         self.path = URL(fileURLWithPath: path).standardizedFileURL.path
         self.logger = logger
-        self.format = format
         self.journal = Journal(directory: self.path + "/journal")
         let fm = FileManager.default
         do {
@@ -148,6 +158,23 @@ public final class SR: @unchecked Sendable {
             try Schema.migrator().migrate(db)
         } catch {
             throw StorageError.srBackendFailure(detail: "cannot open SR at \(self.path): \(error)")
+        }
+        let key = SR.imageFormatsKey
+        let stored = try? db.read { try String.fetchOne($0, sql: "SELECT value FROM sr_config WHERE key = ?", arguments: [key]) }
+        var formats = supportedFormats ?? stored.flatMap { try? SR.parseImageFormats($0) } ?? Formats.all
+        if let f = format { formats = [f] + formats.filter { $0.name != f.name } }
+        self.supportedImageFormats = formats
+        self.format = formats[0]
+        do { uuid = try SR.identity(db, path: self.path).uuid } catch {
+            throw StorageError.srBackendFailure(detail: "cannot read the SR's uuid: \(error)")
+        }
+        if supportedFormats != nil || format != nil {
+            let text = formats.map(\.name).joined(separator: "+")
+            do {
+                try db.write { try $0.execute(sql: "INSERT OR REPLACE INTO sr_config (key, value) VALUES (?, ?)", arguments: [key, text]) }
+            } catch {
+                throw StorageError.srBackendFailure(detail: "cannot keep the SR's image formats: \(error)")
+            }
         }
         collector = Collector(sr: self)
         do { try journal.prepare() } catch {
@@ -163,7 +190,7 @@ public final class SR: @unchecked Sendable {
     public func startCollector() { collector.start() }
 
     /// The image file of a VDI or hidden base.
-    public func imagePath(_ uuid: String) -> String { "\(path)/\(uuid).\(format.fileExtension)" }
+    public func imagePath(_ uuid: String) -> String { imagePath(uuid, format: format(of: uuid)) }
 
     // MARK: records
 
@@ -216,7 +243,9 @@ public final class SR: @unchecked Sendable {
         r.physicalUtilisation = r.type == .cbtMetadata ? 0 : allocatedBytes(imagePath(r.uuid))
         guard r.type != .cbtMetadata else { return r }
         let lookup: (String) -> VDIRecord? = { u in records.map { $0[u] } ?? (try? self.anyRecord(u)) }
-        r.smConfig["\(format.name)-parent"] = r.parent
+        let f = format(of: r.uuid)
+        r.smConfig["image-format"] = f.name
+        if f.holdsChains { r.smConfig["\(f.name)-parent"] = r.parent }
         var depth = 1, cur = r.parent
         while let p = cur, depth < 1000, let pr = lookup(p) { depth += 1; cur = pr.parent }
         r.smConfig["chain-depth"] = String(depth)
@@ -248,20 +277,25 @@ public final class SR: @unchecked Sendable {
 
     /// A requested disk size as the image will hold it: 1 byte up to the format's limit
     /// (2040 GiB for VHD), rounded up to whole sectors as XenServer does.
-    func diskSize(_ requested: UInt64, field: String) throws -> UInt64 {
-        let max = format.maxVirtualSize
+    func diskSize(_ requested: UInt64, field: String, format f: any ImageFormat) throws -> UInt64 {
+        let max = f.maxVirtualSize
         guard requested > 0, requested <= max else {
             throw StorageError.valueNotSupported(field: field, value: String(requested),
-                                                 reason: "must be between 1 byte and \(max >> 30) GiB for \(format.name)")
+                                                 reason: "must be between 1 byte and \(max >> 30) GiB for \(f.name)")
         }
         return (requested + 511) / 512 * 512
     }
 
     public func create(_ p: CreateParams) throws -> VDIRecord {
-        let size = try diskSize(p.virtualSize, field: "virtual_size")
+        guard p.virtualSize > 0 else {
+            throw StorageError.valueNotSupported(field: "virtual_size", value: "0", reason: "must be at least 1 byte")
+        }
+        let f = try formatForNewVDI(smConfig: p.smConfig, size: p.virtualSize)
+        let size = try diskSize(p.virtualSize, field: "virtual_size", format: f)
         let uuid = UUID().uuidString.lowercased()
         do {
-            try format.create(path: imagePath(uuid), size: size)
+            try f.create(path: imagePath(uuid, format: f), size: size)
+            remember(uuid, f)
         } catch {
             throw StorageError.vdiIOError(uuid: uuid, detail: "\(error)")
         }
@@ -271,6 +305,7 @@ public final class SR: @unchecked Sendable {
         r.readOnly = p.readOnly
         r.otherConfig = p.otherConfig
         r.smConfig = p.smConfig
+        r.smConfig["image-format"] = f.name
         r.tags = p.tags
         let rec = r
         do {
@@ -295,7 +330,7 @@ public final class SR: @unchecked Sendable {
                 throw StorageError.operationNotAllowed(reason: "VDI \(u) is a snapshot; only a VDI's current state can be resized")
             }
             if r.readOnly { throw StorageError.vdiReadonly(uuid: u) }
-            let size = try diskSize(requested, field: "size")
+            let size = try diskSize(requested, field: "size", format: format(of: u))
             guard size >= r.virtualSize else {
                 throw StorageError.valueNotSupported(field: "size", value: String(requested),
                                                      reason: "shrinking is not allowed (the VDI is \(r.virtualSize) bytes)")
@@ -309,7 +344,7 @@ public final class SR: @unchecked Sendable {
                 }
                 try syncDirectory()
             }
-            do { try format.grow(path: imagePath(u), to: size) } catch {
+            do { try format(of: u).grow(path: imagePath(u), to: size) } catch {
                 throw StorageError.vdiIOError(uuid: u, detail: "\(error)")
             }
             var grown = r
@@ -333,7 +368,7 @@ public final class SR: @unchecked Sendable {
         try withFamily(of: uuid) { r in
             var rr = r
             try change(&rr)
-            for k in ["\(format.name)-parent", "chain-depth"] { rr.smConfig[k] = nil }
+            for k in SR.computedSMConfigKeys { rr.smConfig[k] = nil }
             rr.physicalUtilisation = 0
             try save(rr)
         }
@@ -345,15 +380,25 @@ public final class SR: @unchecked Sendable {
     /// The SR's `other_config` (`gc=false` stops the collector).
     public func otherConfig() throws -> [String: String] {
         let rows = try dbRead { try Row.fetchAll($0, sql: "SELECT key, value FROM sr_config") }
-        return Dictionary(rows.map { ($0["key"] as String, $0["value"] as String) }, uniquingKeysWith: { a, _ in a })
+        return Dictionary(rows.map { ($0["key"] as String, $0["value"] as String) }.filter { !SR.ownKeys.contains($0.0) },
+                          uniquingKeysWith: { a, _ in a })
     }
 
     public func addToOtherConfig(key: String, value: String) throws {
+        try notOwnKey(key)
         try dbWrite { try $0.execute(sql: "INSERT OR REPLACE INTO sr_config (key, value) VALUES (?, ?)", arguments: [key, value]) }
         collector.kick()
     }
 
+    /// The SR's own fields share the table: other_config cannot name them.
+    func notOwnKey(_ key: String) throws {
+        guard !SR.ownKeys.contains(key) else {
+            throw StorageError.valueNotSupported(field: "other_config", value: key, reason: "\(key) is a field of the SR, not an other_config key")
+        }
+    }
+
     public func removeFromOtherConfig(key: String) throws {
+        try notOwnKey(key)
         try dbWrite { try $0.execute(sql: "DELETE FROM sr_config WHERE key = ?", arguments: [key]) }
         collector.kick()
     }

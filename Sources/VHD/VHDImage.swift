@@ -118,6 +118,7 @@ public struct VHDFormat: ImageFormat {
     public var name: String { "vhd" }
     public var fileExtension: String { "vhd" }
     public var maxVirtualSize: UInt64 { VHDCreate.maxVirtualSize }
+    public var holdsChains: Bool { true }
 
     public func create(path: String, size: UInt64) throws {
         try VHDCreate.createDynamic(path: path, size: size, uniqueID: UUID())

@@ -37,6 +37,36 @@ struct SRScan: ParsableCommand {
     }
 }
 
+struct SRList: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sr-list", abstract: "List the SRs this server serves: uuid, name, path, image formats (the default first).")
+    @OptionGroup var options: ControlOptions
+    func run() throws {
+        let all = try rpc(options, "SR.get_all_records", [])
+        if options.json { try printJSON(all); return }
+        for (u, r) in (all.objectValue ?? [:]).sorted(by: { $0.key < $1.key }) {
+            let o = r.objectValue ?? [:]
+            print("uuid: \(u)\nname-label: \(display(o["name_label"] ?? .null))\npath: \(display(o["path"] ?? .null))\n"
+                  + "supported-image-formats: \((o["supported_image_formats"]?.arrayValue ?? []).map(display).joined(separator: ", "))\n")
+        }
+    }
+}
+
+struct SRParamList: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sr-param-list", abstract: "Show an SR's record (uuid= may be omitted: this server has one SR).")
+    @OptionGroup var options: ControlOptions
+    @Argument(help: "[uuid=UUID]") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid"])
+        let r = try rpc(options, "SR.get_record", [.string(kv["uuid"] ?? "")])
+        if options.json { try printJSON(r); return }
+        var o = r.objectValue ?? [:]
+        if let f = o["supported_image_formats"]?.arrayValue { o["supported_image_formats"] = .string(f.map(display).joined(separator: ", ")) }
+        printFields(.object(o))
+    }
+}
+
 struct SRGCStatus: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "sr-gc-status", abstract: "Show the collector's state.")
     @OptionGroup var options: ControlOptions

@@ -75,12 +75,22 @@ func display(_ v: JSONValue) -> String {
 }
 
 struct VDICreate: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "vdi-create", abstract: "Create a VDI; prints its uuid.")
+    static let configuration = CommandConfiguration(
+        commandName: "vdi-create", abstract: "Create a VDI; prints its uuid.",
+        discussion: """
+            sm-config:image-format= chooses the VDI's image format among those its SR holds (sr-param-list \
+            shows them as supported-image-formats):
+              vhd   VHD chains (snapshots, clones, CBT), up to 2040 GiB; the default where the SR holds it
+              raw   a sparse file: no snapshots, clones, CBT or on_boot=reset; up to 16 TiB
+            Without it, the SR's default format if it holds the size, else another of its formats with \
+            chains; a size no such format holds is refused with the formats that would.
+            """)
     @OptionGroup var options: ControlOptions
-    @Argument(help: "name-label=NAME virtual-size=SIZE [name-description=TEXT] [sharable=true] [read-only=true]")
+    @Argument(help: "name-label=NAME virtual-size=SIZE [name-description=TEXT] [sharable=true] [read-only=true] [sm-config:image-format=vhd|raw]")
     var args: [String] = []
     func run() throws {
-        let kv = try keyValues(args, allowed: ["name-label", "virtual-size", "name-description", "sharable", "read-only"])
+        let kv = try keyValues(args, allowed: ["name-label", "virtual-size", "name-description", "sharable", "read-only",
+                                               "sm-config:image-format"])
         let sizeText = try require(kv, "virtual-size")
         guard let size = parseSize(sizeText), size > 0 else {
             throw ValidationError("virtual-size=\(sizeText): expected a size such as 1073741824, 64MiB or 2GiB")
@@ -91,6 +101,7 @@ struct VDICreate: ParsableCommand {
         ]
         if let s = kv["sharable"] { rec["sharable"] = .bool(s == "true") }
         if let s = kv["read-only"] { rec["read_only"] = .bool(s == "true") }
+        if let f = kv["sm-config:image-format"] { rec["sm_config"] = .object(["image-format": .string(f)]) }
         print(display(try rpc(options, "VDI.create", [.object(rec)])))
     }
 }
@@ -331,7 +342,7 @@ struct VDICtl: ParsableCommand {
         subcommands: [VDICreate.self, VDIList.self, VDIParamList.self, VDISnapshot.self, VDIResize.self, VDIDestroy.self, VDIGetNBDInfo.self,
                       VDIEnableCBT.self, VDIDisableCBT.self, VDIDataDestroy.self, VDIListChangedBlocks.self,
                       VDIParamSet.self, VDIParamAdd.self, VDIParamRemove.self, VDIClone.self, VDICopy.self, VDIExport.self, VDIImport.self, VDIForget.self,
-                      VDIUpdate.self, SRScan.self, SRGCStatus.self, SRParamSet.self, SRParamRemove.self,
+                      VDIUpdate.self, SRList.self, SRParamList.self, SRScan.self, SRGCStatus.self, SRParamSet.self, SRParamRemove.self,
                       TaskList.self, TaskParamList.self, TaskCancel.self,
                       VHDCreateCommand.self, VHDSnapshotCommand.self, VHDInfoCommand.self, VHDCheckCommand.self, VHDReadCommand.self])
 }

@@ -21,8 +21,14 @@ struct VDINBD: ParsableCommand {
         commandName: "vdinbd",
         abstract: "Serve the VDIs of a storage repository over NBD.")
 
-    @ArgumentParser.Option(name: .long, help: "Storage repository directory.")
+    @ArgumentParser.Option(name: .long, help: ArgumentHelp(
+        "Storage repository directory, optionally with the image formats it holds: PATH[,formats=vhd+raw].",
+        discussion: "Formats: vhd (VHD chains, up to 2040 GiB) and raw (a sparse file, no snapshots, up to 16 TiB); the first is the default for new VDIs. Kept in the SR; without formats=, the ones kept there, else all."))
     var sr: String = "./sr"
+
+    /// `--sr`'s directory and, when given, its `formats=`.
+    var srPath: String { sr.range(of: ",formats=").map { String(sr[..<$0.lowerBound]) } ?? sr }
+    var srFormats: String? { sr.range(of: ",formats=").map { String(sr[$0.upperBound...]) } }
 
     @ArgumentParser.Option(name: .long, help: "Address to listen on, HOST:PORT (repeatable; [::1]:PORT for IPv6).")
     var listen: [String] = []
@@ -91,7 +97,7 @@ struct VDINBD: ParsableCommand {
 
         let repo: SR
         do {
-            repo = try SR(path: sr, logger: Logger(label: "vdinbd.sr"))
+            repo = try SR(path: srPath, logger: Logger(label: "vdinbd.sr"), supportedFormats: try srFormats.map(SR.parseImageFormats))
             repo.attachLingerSeconds = attachLinger
         } catch {
             throw ValidationError("\(error)")
@@ -156,9 +162,9 @@ struct VDINBD: ParsableCommand {
             }
         }
 
-        let ctl = controlSocket == nil && sr == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
+        let ctl = controlSocket == nil && srPath == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
         print("""
-            vdinbd: serving SR \(repo.path) on \(server.boundEndpoints.map { "\($0.address):\($0.port)" }.joined(separator: ", ")) (TLS \(tls.rawValue))
+            vdinbd: serving SR \(repo.path) (formats \(repo.supportedImageFormats.map(\.name).joined(separator: ", "))) on \(server.boundEndpoints.map { "\($0.address):\($0.port)" }.joined(separator: ", ")) (TLS \(tls.rawValue))
             vdinbd: control socket \(socketPath)
             vdinbd: http \(httpLine)
             Create a disk and attach it:

@@ -76,6 +76,20 @@ uri() {
 # export_name UUID: the raw export name.
 export_name() { vdictl vdi-get-nbd-info "uuid=$1" | sed -n 's/^exportname: //p'; }
 
+# new_certs DIR CN: a new CA and a server certificate for CN (and 127.0.0.1, localhost)
+# signed by it, as DIR/ca-cert.pem, DIR/server-cert.pem, DIR/server-key.pem.
+new_certs() {
+    local d=$1 cn=$2
+    mkdir -p "$d"
+    printf 'cn = new CA\nca\ncert_signing_key\nexpiration_days = 30\n' > "$d/catmpl"
+    certtool --generate-privkey --outfile "$d/ca-key.pem" 2>/dev/null
+    certtool --generate-self-signed --load-privkey "$d/ca-key.pem" --template "$d/catmpl" --outfile "$d/ca-cert.pem" 2>/dev/null
+    printf 'cn = %s\ndns_name = %s\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\nexpiration_days = 30\n' "$cn" "$cn" > "$d/tmpl"
+    certtool --generate-privkey --outfile "$d/server-key.pem" 2>/dev/null
+    certtool --generate-certificate --load-privkey "$d/server-key.pem" --load-ca-certificate "$d/ca-cert.pem" \
+        --load-ca-privkey "$d/ca-key.pem" --template "$d/tmpl" --outfile "$d/server-cert.pem" 2>/dev/null
+}
+
 fail() { FAILED=1; echo "FAIL: $*" >&2; show_context; exit 1; }
 
 # PRODUCER | has PATTERN: grep that reads all its input. `grep -q` stops at the first

@@ -25,14 +25,7 @@ nbdcopy "$(uri "$W")" "$TMP/w.raw"
 cmp "$TMP/w.raw" "$TMP/disk.raw" || fail "the https import differs"
 # New material (another CA), then SIGHUP: new HTTPS connections get the new certificate.
 cp "$TMP/certs/ca-cert.pem" "$TMP/old-ca.pem"
-mkdir "$TMP/new"
-printf 'cn = new CA\nca\ncert_signing_key\nexpiration_days = 30\n' > "$TMP/new/catmpl"
-certtool --generate-privkey --outfile "$TMP/new/ca-key.pem" 2>/dev/null
-certtool --generate-self-signed --load-privkey "$TMP/new/ca-key.pem" --template "$TMP/new/catmpl" --outfile "$TMP/new/ca-cert.pem" 2>/dev/null
-printf 'cn = second.test\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\nexpiration_days = 30\n' > "$TMP/new/tmpl"
-certtool --generate-privkey --outfile "$TMP/new/server-key.pem" 2>/dev/null
-certtool --generate-certificate --load-privkey "$TMP/new/server-key.pem" --load-ca-certificate "$TMP/new/ca-cert.pem" \
-    --load-ca-privkey "$TMP/new/ca-key.pem" --template "$TMP/new/tmpl" --outfile "$TMP/new/server-cert.pem" 2>/dev/null
+new_certs "$TMP/new" second.test
 cp "$TMP/new/ca-cert.pem" "$TMP/new/server-cert.pem" "$TMP/new/server-key.pem" "$TMP/certs/"
 kill -HUP "$SERVER_PID"
 for _ in $(seq 1 50); do grep -q "reloaded TLS credentials.*HTTPS" "$TMP/server.log" && break; sleep 0.1; done

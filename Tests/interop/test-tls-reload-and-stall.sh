@@ -22,14 +22,7 @@ assert h.pread(512, 0) == b'x' * 512
 client=$!
 sleep 1
 # New material: a new CA and server certificate with another host name.
-mkdir "$TMP/new"
-printf 'cn = new CA\nca\ncert_signing_key\nexpiration_days = 30\n' > "$TMP/new/catmpl"
-certtool --generate-privkey --outfile "$TMP/new/ca-key.pem" 2>/dev/null
-certtool --generate-self-signed --load-privkey "$TMP/new/ca-key.pem" --template "$TMP/new/catmpl" --outfile "$TMP/new/ca-cert.pem" 2>/dev/null
-printf 'cn = second.test\ndns_name = second.test\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\nexpiration_days = 30\n' > "$TMP/new/tmpl"
-certtool --generate-privkey --outfile "$TMP/new/server-key.pem" 2>/dev/null
-certtool --generate-certificate --load-privkey "$TMP/new/server-key.pem" --load-ca-certificate "$TMP/new/ca-cert.pem" \
-    --load-ca-privkey "$TMP/new/ca-key.pem" --template "$TMP/new/tmpl" --outfile "$TMP/new/server-cert.pem" 2>/dev/null
+new_certs "$TMP/new" second.test
 cp "$TMP/new/ca-cert.pem" "$TMP/new/server-cert.pem" "$TMP/new/server-key.pem" "$CERTS/"
 kill -HUP "$SERVER_PID"
 sleep 0.5
