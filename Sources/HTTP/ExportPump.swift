@@ -63,8 +63,8 @@ struct ExportPump {
         }
     }
 
-    /// Sends the span through `writer`; `progress` gets the bytes sent so far. No read
-    /// is left running when it returns or throws.
+    /// Sends the span through `writer`; `progress` gets the bytes sent so far (where it
+    /// stopped, if it throws). No read is left running when it returns or throws.
     func run(_ writer: inout any ResponseBodyWriter, checkCancelled: () throws -> Void,
              progress: (UInt64) -> Void) async throws {
         var pos = span.lowerBound
@@ -95,16 +95,9 @@ struct ExportPump {
         } catch {
             // The stream closes after this returns: let the read ahead finish first.
             _ = try? await next?.0.value
-            throw ExportPumpError(position: pos, underlying: error)
+            throw error
         }
     }
-}
-
-/// Where a pump stopped and why.
-struct ExportPumpError: Error, CustomStringConvertible {
-    let position: UInt64
-    let underlying: Error
-    var description: String { "\(underlying)" }
 }
 
 /// The body of an HTTP import, handed to the session a chunk at a time on the blocking

@@ -137,19 +137,19 @@ public final class HTTPTransferServer: @unchecked Sendable {
         let body = ResponseBody(contentLength: Int(span.count)) { writer in
             defer { stream.close() }
             let pump = ExportPump(stream: stream, span: span, chunk: Self.exportChunk)
+            var sent: UInt64 = 0
             do {
                 try await pump.run(&writer, checkCancelled: { try task.checkCancelled() }) { done in
+                    sent = done
                     task.setOther("bytes_done", String(done))
                     task.setProgress(Double(done) / Double(max(1, span.count)))
                 }
                 try await writer.finish(nil)
                 tasks.finish(task, result: String(span.count))
             } catch {
-                let at = (error as? ExportPumpError).map { String($0.position) } ?? "the end"
-                let cause = (error as? ExportPumpError)?.underlying ?? error
-                logger.info("HTTP export of \(stream.uuid) ended at \(at) of \(span.upperBound): \(cause)")
-                tasks.finish(task, error: cause as? StorageError ?? StorageError.vdiIOError(uuid: stream.uuid, detail: "the client went away: \(cause)"))
-                throw cause
+                logger.info("HTTP export of \(stream.uuid) ended at \(span.lowerBound + sent) of \(span.upperBound): \(error)")
+                tasks.finish(task, error: error as? StorageError ?? StorageError.vdiIOError(uuid: stream.uuid, detail: "the client went away: \(error)"))
+                throw error
             }
         }
         logger.info("HTTP export of \(stream.uuid) as \(stream.format.name): bytes \(range.lowerBound)-\(range.upperBound) of \(length), task \(task.uuid)")

@@ -75,15 +75,17 @@ extension Collector {
     func coalesce(_ x: String, into p: String) throws {
         guard let xr = try sr.anyRecord(x) else { return }
         let xPath = sr.imagePath(x), pPath = sr.imagePath(p)
+        // A chain is one format: the parent's is the child's.
+        let format = sr.format(of: p)
         try checkSpace(for: xPath)
         let started = Date()
         let bytes = try journalled(.coalesce, child: x, parent: p) { switching -> UInt64 in
-            let source = try sr.format(at: xPath).openLayer(path: xPath)
+            let source = try format.openLayer(path: xPath)
             defer { source.close() }
-            if try sr.format(at: pPath).virtualSize(ofFile: pPath) < source.virtualSize {
-                try sr.format(at: pPath).grow(path: pPath, to: source.virtualSize)
+            if try format.virtualSize(ofFile: pPath) < source.virtualSize {
+                try format.grow(path: pPath, to: source.virtualSize)
             }
-            let target = try sr.format(at: pPath).open(path: pPath, writable: true)
+            let target = try format.open(path: pPath, writable: true)
             defer { target.close() }
             let runs = try source.leafDataRuns(offset: 0, length: source.virtualSize)
             let bytes = try copy(runs: runs, from: { b, o in try source.read(into: b, at: o) }, into: target, family: xr.family)
@@ -109,6 +111,7 @@ extension Collector {
     func leafCoalesce(_ c: String, into p: String) throws {
         guard let cr = try sr.anyRecord(c) else { return }
         let cPath = sr.imagePath(c), pPath = sr.imagePath(p)
+        let format = sr.format(of: p)
         try checkSpace(for: cPath)
         let started = Date()
         let bytes = try journalled(.leafCoalesce, child: c, parent: p) { switching -> UInt64 in
@@ -117,7 +120,7 @@ extension Collector {
             let source: any DiskImage = try sr.withFamilyLock(cr.family) {
                 sr.mergeTrackers[c] = tracker
                 if let h = sr.lookUp(c) { h.paused { _ in h.tracker = tracker } }
-                return try sr.format(at: cPath).openLayer(path: cPath)
+                return try format.openLayer(path: cPath)
             }
             defer { source.close() }
             defer {
@@ -127,8 +130,8 @@ extension Collector {
                 }
             }
             let size = source.virtualSize
-            if try sr.format(at: pPath).virtualSize(ofFile: pPath) < size { try sr.format(at: pPath).grow(path: pPath, to: size) }
-            let target = try sr.format(at: pPath).open(path: pPath, writable: true)
+            if try format.virtualSize(ofFile: pPath) < size { try format.grow(path: pPath, to: size) }
+            let target = try format.open(path: pPath, writable: true)
             var targetOpen = true
             defer { if targetOpen { target.close() } }
             var bytes: UInt64 = 0
@@ -152,7 +155,7 @@ extension Collector {
                         try chain.flush()
                         bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
                     } else if !rest.isEmpty {
-                        let chain = try sr.format(at: cPath).open(path: cPath, writable: false)
+                        let chain = try format.open(path: cPath, writable: false)
                         defer { chain.close() }
                         bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
                     }
@@ -166,7 +169,7 @@ extension Collector {
                     try h.exclusively { old in
                         try switchOver(old)
                         h.tracker = nil
-                        let new = try sr.format(at: cPath).open(path: cPath, writable: old.writable)
+                        let new = try format.open(path: cPath, writable: old.writable)
                         old.close()
                         return new
                     }
@@ -199,15 +202,16 @@ extension SR {
     /// through x is reopened; x goes. Redoing it is harmless.
     func finishCoalesce(_ x: String, into p: String) throws {
         let xPath = imagePath(x), pPath = imagePath(p)
+        let format = self.format(of: p)
         let kids = try dbRead { try VDIRecord.filter(Column("parent") == x).fetchAll($0) }
         let family = try anyRecord(x)?.family ?? anyRecord(p)?.family ?? ""
         let open = openHandles(family: family)
         for k in kids {
             let kPath = imagePath(k.uuid)
             if let h = open.first(where: { $0.uuid == k.uuid }) {
-                try h.paused { _ in try format(at: kPath).setParent(ofFile: kPath, to: pPath) }
+                try h.paused { _ in try format.setParent(ofFile: kPath, to: pPath) }
             } else {
-                try format(at: kPath).setParent(ofFile: kPath, to: pPath)
+                try format.setParent(ofFile: kPath, to: pPath)
             }
         }
         try dbWrite { db in
@@ -219,7 +223,7 @@ extension SR {
         }
         for h in open where h.withChain({ $0.layerPaths.contains(xPath) }) {
             try h.exclusively { old in
-                let new = try format(of: h.uuid).open(path: imagePath(h.uuid), writable: old.writable)
+                let new = try format.open(path: imagePath(h.uuid), writable: old.writable)
                 old.close()
                 return new
             }

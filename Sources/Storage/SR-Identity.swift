@@ -34,15 +34,13 @@ extension SR {
     static let ownKeys: Set<String> = [imageFormatsKey, uuidKey, nameKey]
 
     /// Reads the SR's uuid, making and keeping one on the first open.
-    static func identity(_ db: DatabaseQueue, path: String) throws -> (uuid: String, name: String) {
+    static func storedUUID(_ db: DatabaseQueue) throws -> String {
         try db.write { db in
-            let get = { (k: String) in try String.fetchOne(db, sql: "SELECT value FROM sr_config WHERE key = ?", arguments: [k]) }
-            var uuid = try get(uuidKey) ?? ""
-            if UUID(uuidString: uuid) == nil {
-                uuid = UUID().uuidString.lowercased()
-                try db.execute(sql: "INSERT OR REPLACE INTO sr_config (key, value) VALUES (?, ?)", arguments: [uuidKey, uuid])
-            }
-            return (uuid, try get(nameKey) ?? (path as NSString).lastPathComponent)
+            if let u = try String.fetchOne(db, sql: "SELECT value FROM sr_config WHERE key = ?", arguments: [uuidKey]),
+               UUID(uuidString: u) != nil { return u }
+            let u = UUID().uuidString.lowercased()
+            try db.execute(sql: "INSERT OR REPLACE INTO sr_config (key, value) VALUES (?, ?)", arguments: [uuidKey, u])
+            return u
         }
     }
 

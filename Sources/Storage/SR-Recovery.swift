@@ -55,7 +55,7 @@ extension SR {
         let fm = FileManager.default
         let names = (try? fm.contentsOfDirectory(atPath: path)) ?? []
         let known = Set(try dbRead { try String.fetchAll($0, sql: "SELECT uuid FROM vdi") })
-        for n in names where SR.imageUUID(n.hasSuffix(".new") ? String(n.dropLast(4)) : "") != nil {
+        for n in names where n.hasSuffix(".new") && SR.imageUUID(String(n.dropLast(4))) != nil {
             // The rename never happened, so the old leaf is intact: drop the half-made one.
             unlink("\(path)/\(n)")
             logger.warning("recovery: removed unfinished snapshot leaf \(n)")

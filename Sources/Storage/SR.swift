@@ -165,7 +165,7 @@ public final class SR: @unchecked Sendable {
         if let f = format { formats = [f] + formats.filter { $0.name != f.name } }
         self.supportedImageFormats = formats
         self.format = formats[0]
-        do { uuid = try SR.identity(db, path: self.path).uuid } catch {
+        do { uuid = try SR.storedUUID(db) } catch {
             throw StorageError.srBackendFailure(detail: "cannot read the SR's uuid: \(error)")
         }
         if supportedFormats != nil || format != nil {
