@@ -36,6 +36,12 @@ let package = Package(
             name: "RawImage",
             dependencies: ["Image", .product(name: "SystemPackage", package: "swift-system")]
         ),
+        // qcow2 (version 3, backing chains, compressed clusters read): the third.
+        .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
+        .target(
+            name: "QCOW2",
+            dependencies: ["Image", "CZlib", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         .systemLibrary(
             name: "CGnuTLS",
             pkgConfig: "gnutls",
@@ -47,7 +53,7 @@ let package = Package(
         .target(
             name: "Storage",
             dependencies: [
-                "Image", "VHD", "RawImage", "CBT",
+                "Image", "VHD", "RawImage", "QCOW2", "CBT",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -103,6 +109,7 @@ let package = Package(
         ),
         .testTarget(name: "VHDTests", dependencies: ["VHD", "CBT", "Image"]),
         .testTarget(name: "RawImageTests", dependencies: ["RawImage", "Image"]),
+        .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "Image"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS"]),
         .testTarget(name: "CBTTests", dependencies: ["CBT"]),
         .testTarget(

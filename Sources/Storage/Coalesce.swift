@@ -119,7 +119,14 @@ extension Collector {
             let tracker = ChangeTracker()
             let source: any DiskImage = try sr.withFamilyLock(cr.family) {
                 sr.mergeTrackers[c] = tracker
-                if let h = sr.lookUp(c) { h.paused { _ in h.tracker = tracker } }
+                // The layer opened below sees what the handle has made durable (qcow2
+                // publishes new mappings only at a sync): flush, with I/O held off.
+                if let h = sr.lookUp(c) {
+                    try h.paused { chain in
+                        try chain.flush()
+                        h.tracker = tracker
+                    }
+                }
                 return try format.openLayer(path: cPath)
             }
             defer { source.close() }
@@ -140,7 +147,7 @@ extension Collector {
             bytes += try copy(runs: runs, from: { b, o in try source.read(into: b, at: o) }, into: target, family: cr.family)
             // Catch up online while clients keep writing much.
             for _ in 0..<4 where tracker.count > 32 {
-                let again = tracker.take(size: size)
+                let again = try leafRuns(of: c, within: tracker.take(size: size))
                 bytes += try copy(runs: again, from: { b, o in try self.readThroughVDI(c, into: b, at: o) }, into: target, family: cr.family)
             }
             try sr.withFamilyLock(cr.family) {
@@ -153,11 +160,13 @@ extension Collector {
                     let rest = tracker.take(size: size)
                     if let chain {
                         try chain.flush()
-                        bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
+                        let own = try Self.leafRuns(of: chain, within: rest)
+                        bytes += try copy(runs: own, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
                     } else if !rest.isEmpty {
                         let chain = try format.open(path: cPath, writable: false)
                         defer { chain.close() }
-                        bytes += try copy(runs: rest, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
+                        let own = try Self.leafRuns(of: chain, within: rest)
+                        bytes += try copy(runs: own, from: { b, o in try chain.read(into: b, at: o) }, into: target, family: cr.family)
                     }
                     try target.flush()
                     target.close()
@@ -182,6 +191,23 @@ extension Collector {
         StorageMetrics.coalesces.increment()
         StorageMetrics.coalescedBytes.increment(by: Int(bytes))
         sr.logger.info("collector: leaf-coalesced \(c) into \(p) (\(bytes) bytes in \(String(format: "%.2f", Date().timeIntervalSince(started))) s)")
+    }
+
+    /// The parts of `ranges` (the tracker's 2 MiB units) that the leaf holds: only those
+    /// are the leaf's to merge. The rest reads through to the parent, which has it already;
+    /// copying it would write the parent's own bytes (or zeros no layer holds) into the
+    /// parent again, allocating them in a format with smaller units than the tracker's
+    /// (qcow2's 64 KiB clusters). A leaf never gives up space it held (it would show its
+    /// parent there), so what it held and was copied before is still within these.
+    static func leafRuns(of chain: any DiskImage, within ranges: [Range<UInt64>]) throws -> [Range<UInt64>] {
+        try ranges.flatMap { try chain.leafDataRuns(offset: $0.lowerBound, length: UInt64($0.count)) }
+    }
+
+    func leafRuns(of uuid: String, within ranges: [Range<UInt64>]) throws -> [Range<UInt64>] {
+        if let h = sr.lookUp(uuid) { return try h.withChain { try Self.leafRuns(of: $0, within: ranges) } }
+        let chain = try sr.format(of: uuid).open(path: sr.imagePath(uuid), writable: false)
+        defer { chain.close() }
+        return try Self.leafRuns(of: chain, within: ranges)
     }
 
     /// Reads the VDI's bytes as clients see them (through its handle when open).
@@ -223,9 +249,13 @@ extension SR {
         }
         for h in open where h.withChain({ $0.layerPaths.contains(xPath) }) {
             try h.exclusively { old in
-                let new = try format.open(path: imagePath(h.uuid), writable: old.writable)
+                // The same leaf file: closed before it is opened again, since one
+                // writer's tables in memory are not the file's (a qcow2 leaf publishes new
+                // mappings at a sync) and two writers would allocate the same clusters.
+                let writable = old.writable
+                try old.flush()
                 old.close()
-                return new
+                return try format.open(path: imagePath(h.uuid), writable: writable)
             }
         }
         unlink(xPath)

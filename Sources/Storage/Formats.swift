@@ -1,11 +1,12 @@
 import Image
+import QCOW2
 import RawImage
 import VHD
 
 /// The image formats this build knows. The only place in Storage that names a format:
 /// everything else sees `ImageFormat`, `DiskImage` and `StreamFormat`.
 public enum Formats {
-    public static let all: [any ImageFormat] = [VHDFormat(), RawFormat()]
+    public static let all: [any ImageFormat] = [VHDFormat(), RawFormat(), QCOW2Format()]
     public static var `default`: any ImageFormat { all[0] }
     public static func named(_ name: String) -> (any ImageFormat)? { all.first { $0.name == name } }
 

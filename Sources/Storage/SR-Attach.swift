@@ -176,6 +176,17 @@ extension SR {
         return handles[uuid]
     }
 
+    /// Makes everything written through the VDI's open handle (if any) visible to a
+    /// second opener of its files: a qcow2 leaf keeps new mappings in memory until it
+    /// syncs, so a view opened beside the handle (an export, a copy, a merge's source)
+    /// would miss them. The flush runs with the handle's I/O held off.
+    func settle(_ rec: VDIRecord) throws {
+        try withFamilyLock(rec.family) {
+            guard let h = lookUp(rec.uuid) else { return }
+            try h.paused { try $0.flush() }
+        }
+    }
+
     /// Closes a handle no connection holds (family lock held).
     func closeHandle(_ h: VDIHandle) {
         precondition(h.refCount == 0)
@@ -183,6 +194,17 @@ extension SR {
         handlesLock.lock()
         if handles[h.key] === h { handles[h.key] = nil }
         handlesLock.unlock()
+    }
+
+    /// At a clean stop, after the connections have gone: closes every handle none holds
+    /// (the lingering ones), so each image is closed as a clean stop leaves it (a qcow2
+    /// file's dirty bit is cleared).
+    public func closeIdleHandles() {
+        for h in withHandlesLocked({ Array($0.values) }) {
+            withFamilyLock(h.family) {
+                if h.refCount == 0, lookUp(h.key) === h { closeHandle(h) }
+            }
+        }
     }
 
     /// Closes the VDI's handle if it is only lingering (family lock held).

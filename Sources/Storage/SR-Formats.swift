@@ -50,8 +50,8 @@ extension SR {
             guard size <= f.maxVirtualSize else {
                 throw StorageError.valueNotSupported(field: "virtual_size", value: String(size),
                     reason: "\(f.name) holds at most \(f.maxVirtualSize >> 30) GiB; of this SR's formats (\(names)), "
-                        + (supportedImageFormats.filter { size <= $0.maxVirtualSize }.map(\.name).joined(separator: ", ").nonEmpty
-                           ?? "none holds it"))
+                        + (supportedImageFormats.filter { size <= $0.maxVirtualSize }.map { "sm_config:image-format=\($0.name)" }
+                            .joined(separator: " or ").nonEmpty.map { "ask for \($0)" } ?? "none holds it"))
             }
             return f
         }

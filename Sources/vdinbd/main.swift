@@ -201,6 +201,7 @@ struct VDINBD: ParsableCommand {
                 logger.info("signal \(sig): draining connections")
                 server.shutdown {
                     control.stop()
+                    repo.closeIdleHandles()
                     logger.info("stopped")
                     Glibc.exit(0)
                 }

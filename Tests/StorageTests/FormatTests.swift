@@ -17,7 +17,7 @@ final class FormatTests: XCTestCase {
 
     func testCreateChoosesAndNamesTheFormat() throws {
         let sr = try SR(path: dir)
-        XCTAssertEqual(sr.supportedImageFormats.map(\.name), ["vhd", "raw"])
+        XCTAssertEqual(sr.supportedImageFormats.map(\.name), ["vhd", "raw", "qcow2"])
         let v = try sr.create(.init(nameLabel: "v", virtualSize: 1 << 20))
         XCTAssertTrue(sr.imagePath(v.uuid).hasSuffix("/\(v.uuid).vhd"))
         XCTAssertEqual(sr.filledIn(v).smConfig["image-format"], "vhd")
@@ -28,18 +28,30 @@ final class FormatTests: XCTestCase {
         XCTAssertEqual(sr.format(of: r.uuid).name, "raw")
         XCTAssertEqual(try sr.record(r.uuid).smConfig["image-format"], "raw")
         XCTAssertNil(sr.filledIn(r).smConfig["vhd-parent"])
-        // Past VHD's limit with no format asked: refused, naming the format that would do.
+        // Past VHD's limit with no format asked: qcow2 (XCP-ng's choice); VHD asked for is
+        // refused, naming the formats that would do.
         let big = SR.CreateParams(nameLabel: "b", virtualSize: 3 << 40)
-        XCTAssertThrowsError(try sr.create(big)) { e in
+        let q = try sr.create(big)
+        XCTAssertEqual(sr.format(of: q.uuid).name, "qcow2")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: "\(dir!)/\(q.uuid).qcow2"))
+        var bigVHD = big
+        bigVHD.smConfig["image-format"] = "vhd"
+        XCTAssertThrowsError(try sr.create(bigVHD)) { e in
             XCTAssertEqual((e as? StorageError)?.code, "VALUE_NOT_SUPPORTED")
-            XCTAssertTrue("\(e)".contains("sm_config:image-format=raw"), "\(e)")
+            XCTAssertTrue("\(e)".contains("2040 GiB"), "\(e)")
+        }
+        let vhdOnly = try SR(path: dir + "-vhd", supportedFormats: try SR.parseImageFormats("vhd"))
+        defer { try? FileManager.default.removeItem(atPath: dir + "-vhd") }
+        XCTAssertThrowsError(try vhdOnly.create(big)) { e in
+            XCTAssertEqual((e as? StorageError)?.code, "VALUE_NOT_SUPPORTED")
+            XCTAssertTrue("\(e)".contains("this SR (vhd)"), "\(e)")
         }
         var bigRaw = big
         bigRaw.smConfig["image-format"] = "raw"
         XCTAssertEqual(sr.format(of: try sr.create(bigRaw).uuid).name, "raw")
         var bad = SR.CreateParams(nameLabel: "x", virtualSize: 1 << 20)
         bad.smConfig["image-format"] = "qcow3"
-        XCTAssertThrowsError(try sr.create(bad)) { e in XCTAssertTrue("\(e)".contains("known: vhd, raw"), "\(e)") }
+        XCTAssertThrowsError(try sr.create(bad)) { e in XCTAssertTrue("\(e)".contains("known: vhd, raw, qcow2"), "\(e)") }
     }
 
     func testTheSRKeepsItsFormatsAndRefusesOthers() throws {
@@ -64,7 +76,7 @@ final class FormatTests: XCTestCase {
         XCTAssertEqual(r.uuid, a.uuid)
         XCTAssertNotNil(UUID(uuidString: r.uuid))
         XCTAssertEqual(r.nameLabel, "pool disks")
-        XCTAssertEqual(r.supportedImageFormats, ["vhd", "raw"])
+        XCTAssertEqual(r.supportedImageFormats, ["vhd", "raw", "qcow2"])
         XCTAssertEqual(r.virtualAllocation, 3 << 20)
         XCTAssertEqual(try b.otherConfig(), [:])
         XCTAssertThrowsError(try b.addToOtherConfig(key: "uuid", value: "x"))

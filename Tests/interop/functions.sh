@@ -55,7 +55,9 @@ start_vdinbd() {
     case " $* " in *" --tls "*) tls=() ;; esac
     case " $* " in *" --http "*) http=() ;; esac
     rm -f "$SOCK"  # a killed server's socket file: wait for the new one
-    "$VDINBD_BIN/vdinbd" --sr "$SR" --listen "127.0.0.1:$PORT" "${tls[@]}" "${http[@]}" "$@" >"$TMP/server.log" 2>&1 &
+    # VDINBD_SR_FORMATS (e.g. qcow2+vhd+raw) runs a test on an SR whose default format
+    # is another one (the first named).
+    "$VDINBD_BIN/vdinbd" --sr "$SR${VDINBD_SR_FORMATS:+,formats=$VDINBD_SR_FORMATS}" --listen "127.0.0.1:$PORT" "${tls[@]}" "${http[@]}" "$@" >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 1 100); do
         [ -S "$SOCK" ] && return 0
@@ -95,3 +97,18 @@ fail() { FAILED=1; echo "FAIL: $*" >&2; show_context; exit 1; }
 # PRODUCER | has PATTERN: grep that reads all its input. `grep -q` stops at the first
 # match, and under pipefail the producer's SIGPIPE would then fail the pipeline.
 has() { grep "$@" >/dev/null; }
+# FMT: the image format new VDIs get in this run (the first of VDINBD_SR_FORMATS, else vhd).
+FMT=${VDINBD_SR_FORMATS:-vhd}; FMT=${FMT%%+*}; export FMT
+# check_image FILE [leaks-ok]: vhd-check for a VHD, qemu-img check for a qcow2 file (exit 3,
+# leaked clusters and nothing worse, passes with leaks-ok: what a kill -9 may leave in a
+# file we have not opened for writing since).
+check_image() {
+    case "$1" in
+        *.vhd) "$VDINBD_BIN/vdictl" vhd-check "$1" >/dev/null ;;
+        *.qcow2)
+            local rc=0
+            qemu-img check -f qcow2 "$1" >"$TMP/check.out" 2>&1 || rc=$?
+            [ "$rc" = 0 ] || { [ "${2:-}" = leaks-ok ] && [ "$rc" = 3 ]; } || { cat "$TMP/check.out" >&2; return 1; } ;;
+        *) return 0 ;;
+    esac
+}

@@ -2,7 +2,8 @@
 # kill -9 of the server while the collector merges and deletes, ROUNDS times (20 here,
 # 100 in Tools/stress): at a chosen step (the n-th copied chunk, a switch, via
 # VDINBD_FAULT_GC_STEP) or at a random moment. After each restart every VDI and snapshot
-# reads its model over NBD, vhd-check is clean, and once the collector has finished
+# reads its model over NBD, vhd-check is clean (qemu-img check for qcow2: leaked clusters at
+# most, none after the collector), and once the collector has finished
 # (`sr-scan --wait`) no file is left that no record needs and nothing is journalled.
 . "$(dirname "$0")/functions.sh"
 requires nbdsh
@@ -33,16 +34,18 @@ for round in $(seq 1 "$ROUNDS"); do
     export SOCK
     grep -h "recovery:\|VDINBD_FAULT" "$TMP/crashed.log" "$TMP/server.log" | sed "s/^/round $round ($step): /" || true
     $PY "$(dirname "$0")/coalesce_crash.py" verify "$STATE" || fail "round $round ($step): data differs after restart"
-    for f in "$SR"/*.vhd; do "$VDINBD_BIN/vdictl" vhd-check "$f" >/dev/null || fail "round $round: vhd-check $f"; done
+    for f in "$SR"/*."$FMT"; do check_image "$f" leaks-ok || fail "round $round: check $f"; done
     vdictl sr-scan --wait | has "running: false" || fail "round $round: the collector did not finish"
     $PY "$(dirname "$0")/coalesce_crash.py" verify "$STATE" || fail "round $round ($step): data differs after the collector"
+    for f in "$SR"/*."$FMT"; do check_image "$f" || fail "round $round: check $f after the collector"; done
     [ -z "$(ls "$SR/journal")" ] || fail "round $round: journal entries left: $(ls "$SR/journal")"
     $PY - <<'PY' || fail "round $round: files and records disagree"
 import json, os, subprocess
 recs = json.loads(subprocess.run([os.environ["VDICTL"], "--socket", os.environ["SOCK"], "vdi-list", "--json"], check=True, capture_output=True, text=True).stdout)
 live = [r for r in recs.values() if r["type"] != "cbt_metadata"]
-need = {r["uuid"] + ".vhd" for r in live} | {r["parent"] + ".vhd" for r in live if r["parent"]}
-files = {f for f in os.listdir(os.environ["SR"]) if f.endswith(".vhd")}
+ext = "." + os.environ["FMT"]
+need = {r["uuid"] + ext for r in live} | {r["parent"] + ext for r in live if r["parent"]}
+files = {f for f in os.listdir(os.environ["SR"]) if f.endswith(ext)}
 assert files == need, (sorted(files), sorted(need))
 PY
 done

@@ -20,4 +20,6 @@ fio --name=cbt --ioengine=nbd --uri="$U" --rw=randwrite --bs=4k --iodepth=32 --s
     || { cat "$TMP/fio2.out"; fail "fio randwrite/verify with CBT"; }
 has "err= 0" < "$TMP/fio2.out" || { cat "$TMP/fio2.out"; fail "fio reported errors with CBT"; }
 kill "$SERVER_PID"; wait "$SERVER_PID" || fail "server exit status"
-has "writes were acknowledged before their change-log sync" < "$TMP/server.log" || fail "no write was parked"
+# Parking needs a write into space the leaf holds whose change-log bit is clean: VHD's 2 MiB
+# blocks hold many 64 KiB CBT blocks; a qcow2 cluster is one, so its first write allocates.
+[ "$FMT" != vhd ] || has "writes were acknowledged before their change-log sync" < "$TMP/server.log" || fail "no write was parked"

@@ -1,0 +1,208 @@
+import Foundation
+import Image
+@testable import QCOW2
+import XCTest
+
+final class QCOW2Tests: XCTestCase {
+    var dir: String!
+
+    override func setUp() {
+        dir = NSTemporaryDirectory() + "qcow2-\(UUID().uuidString)"
+        try! FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func read(_ img: any DiskImage, _ off: UInt64, _ n: Int) throws -> [UInt8] {
+        var b = [UInt8](repeating: 0xee, count: n)
+        try b.withUnsafeMutableBytes { try img.read(into: $0, at: off) }
+        return b
+    }
+
+    func testCreateIsEmptyAndClean() throws {
+        let p = dir + "/a.qcow2"
+        try QCOW2Format().create(path: p, size: 1 << 30)
+        XCTAssertNil(QCOW2Format().check(path: p))
+        let img = try QCOW2Format().open(path: p, writable: false)
+        defer { img.close() }
+        XCTAssertEqual(img.virtualSize, 1 << 30)
+        XCTAssertEqual(try read(img, 12345, 70000), [UInt8](repeating: 0, count: 70000))
+        let runs = try img.allocationRuns(offset: 0, length: 1 << 30)
+        XCTAssertEqual(runs.count, 1)
+        XCTAssertEqual(runs[0].allocated, false)
+    }
+
+    /// Random writes, zeroes and trims over a 3-deep chain against an in-memory model,
+    /// through reopenings; every file checks clean after each clean close.
+    func testModelOverThreeDeepChain() throws {
+        let fmt = QCOW2Format()
+        let size: UInt64 = 8 << 20
+        var model = [UInt8](repeating: 0, count: Int(size))
+        var rng = SystemRandomNumberGenerator()
+        var paths: [String] = []
+        for layer in 0..<3 {
+            let p = dir + "/l\(layer).qcow2"
+            if let parent = paths.last { try fmt.createChild(path: p, parent: parent, size: nil) } else { try fmt.create(path: p, size: size) }
+            paths.append(p)
+            for round in 0..<2 {
+                let img = try fmt.open(path: p, writable: true)
+                XCTAssertEqual(img.depth, layer + 1)
+                for _ in 0..<150 {
+                    let off = UInt64.random(in: 0..<size, using: &rng) & ~511
+                    let n = Int(min(UInt64.random(in: 1...300_000, using: &rng), size - off))
+                    switch Int.random(in: 0..<10, using: &rng) {
+                    case 0..<6:
+                        let fill = UInt8.random(in: 1...255, using: &rng)
+                        var d = [UInt8](repeating: fill, count: n)
+                        d[0] = UInt8(truncatingIfNeeded: off >> 9)
+                        try d.withUnsafeBytes { try img.write($0, at: off) }
+                        model.replaceSubrange(Int(off)..<(Int(off) + n), with: d)
+                    case 6..<8:
+                        try img.writeZeroes(offset: off, length: UInt64(n), punch: Bool.random(using: &rng), fastOnly: false)
+                        model.replaceSubrange(Int(off)..<(Int(off) + n), with: repeatElement(0, count: n))
+                    case 8:
+                        if img.leafHoldsAll(offset: off, length: UInt64(n)) {
+                            XCTAssertFalse(img.leafLacksAll(offset: off, length: UInt64(n)))
+                        }
+                        try img.flush()
+                    default:
+                        XCTAssertEqual(try read(img, off, n), Array(model[Int(off)..<(Int(off) + n)]), "read at \(off)+\(n)")
+                    }
+                }
+                XCTAssertEqual(try read(img, 0, Int(size)), model, "layer \(layer) round \(round)")
+                img.close()
+                for q in paths { XCTAssertNil(fmt.check(path: q), q) }
+            }
+        }
+        let img = try fmt.open(path: paths.last!, writable: false)
+        defer { img.close() }
+        XCTAssertEqual(try read(img, 0, Int(size)), model)
+        // The plan covers the reads exactly and agrees with them.
+        let plan = try img.plan(offset: 4096, length: 1 << 20)
+        XCTAssertEqual(plan.pieces.reduce(0) { $0 + $1.count }, 1 << 20)
+    }
+
+    func testFastZeroingRefusesPartialClustersBeforeChangingAnything() throws {
+        let p = dir + "/z.qcow2"
+        try QCOW2Format().create(path: p, size: 1 << 20)
+        let img = try QCOW2Format().open(path: p, writable: true)
+        defer { img.close() }
+        let d = [UInt8](repeating: 7, count: 1 << 20)
+        try d.withUnsafeBytes { try img.write($0, at: 0) }
+        XCTAssertThrowsError(try img.writeZeroes(offset: 0, length: 65536 + 512, punch: true, fastOnly: true)) {
+            XCTAssertEqual(($0 as? QCOW2Error).map { $0.failureKind }, .zeroingNotFast)
+        }
+        XCTAssertEqual(try read(img, 0, 1 << 20), d)
+        try img.writeZeroes(offset: 65536, length: 65536 * 2, punch: true, fastOnly: true)
+        XCTAssertEqual(try read(img, 65536, 65536 * 2), [UInt8](repeating: 0, count: 65536 * 2))
+        XCTAssertEqual(try read(img, 0, 65536), Array(d[0..<65536]))
+    }
+
+    func testGrowRewritesL1AndKeepsData() throws {
+        let p = dir + "/g.qcow2"
+        let fmt = QCOW2Format()
+        try fmt.create(path: p, size: 1 << 30)
+        do {
+            let img = try fmt.open(path: p, writable: true)
+            let d = [UInt8](repeating: 9, count: 4096)
+            try d.withUnsafeBytes { try img.write($0, at: (1 << 30) - 4096) }
+            img.close()
+        }
+        try fmt.grow(path: p, to: 2 << 40)
+        XCTAssertEqual(try fmt.virtualSize(ofFile: p), 2 << 40)
+        XCTAssertNil(fmt.check(path: p))
+        let img = try fmt.open(path: p, writable: true)
+        defer { img.close() }
+        XCTAssertEqual(try read(img, (1 << 30) - 4096, 4096), [UInt8](repeating: 9, count: 4096))
+        let d = [UInt8](repeating: 3, count: 4096)
+        try d.withUnsafeBytes { try img.write($0, at: (2 << 40) - 4096) }
+        XCTAssertEqual(try read(img, (2 << 40) - 4096, 4096), d)
+    }
+
+    func testRelinkKeepsEitherNameWhole() throws {
+        let fmt = QCOW2Format()
+        let a = dir + "/a.qcow2", b = dir + "/b.qcow2", c = dir + "/c.qcow2"
+        try fmt.create(path: a, size: 1 << 20)
+        try fmt.createChild(path: b, parent: a, size: nil)
+        try fmt.createChild(path: c, parent: b, size: nil)
+        XCTAssertEqual(fmt.parentPath(ofFile: c), b)
+        try fmt.setParent(ofFile: c, to: a)
+        XCTAssertEqual(fmt.parentPath(ofFile: c), a)
+        try fmt.setParent(ofFile: c, to: b)
+        XCTAssertEqual(fmt.parentPath(ofFile: c), b)
+        XCTAssertEqual(try fmt.open(path: c, writable: false).depth, 3)
+    }
+
+    /// A crash leaves at worst leaked clusters; the next writable open frees them.
+    func testLeaksFromAnUncleanStopAreRepaired() throws {
+        let fmt = QCOW2Format()
+        let p = dir + "/leak.qcow2"
+        try fmt.create(path: p, size: 64 << 20)
+        do {
+            let f = try QCOW2File.open(path: p, writable: true)
+            let img = QCOW2Chain(layers: [f])
+            let d = [UInt8](repeating: 5, count: 1 << 20)
+            try d.withUnsafeBytes { try img.write($0, at: 0) }
+            try img.flush()
+            try d.withUnsafeBytes { try img.write($0, at: 8 << 20) }
+            // No close: the refcounts of the second write are in the file, its L2 entries not.
+            f.file.close()
+        }
+        let report = try QCOW2File.open(path: p, writable: false).check()
+        XCTAssertTrue(report.errors.isEmpty, "\(report.errors)")
+        XCTAssertGreaterThan(report.leakedClusters, 0)
+        let f = try QCOW2File.open(path: p, writable: true)
+        XCTAssertEqual(f.repairReport.withLock { $0?.leakedClusters }, report.leakedClusters)
+        f.close()
+        XCTAssertNil(fmt.check(path: p))
+        let img = try fmt.open(path: p, writable: false)
+        XCTAssertEqual(try read(img, 0, 4096), [UInt8](repeating: 5, count: 4096))
+        XCTAssertEqual(try read(img, 8 << 20, 4096), [UInt8](repeating: 0, count: 4096))
+    }
+
+    /// A file has one writer: a second writable open (through another name too) is
+    /// refused while the first is open, and allowed once it is closed; readers are not.
+    func testOneWriterPerFile() throws {
+        let p = dir + "/w.qcow2", q = dir + "/w-link.qcow2"
+        try QCOW2Format().create(path: p, size: 1 << 20)
+        XCTAssertEqual(link(p, q), 0)
+        let a = try QCOW2Format().open(path: p, writable: true)
+        XCTAssertThrowsError(try QCOW2Format().open(path: q, writable: true)) {
+            XCTAssertEqual($0 as? QCOW2Error, .alreadyOpenForWriting(path: q))
+        }
+        let r = try QCOW2Format().open(path: q, writable: false)
+        r.close()
+        try [UInt8](repeating: 7, count: 4096).withUnsafeBytes { try a.write($0, at: 0, beforeVisible: nil) }
+        a.close()
+        let b = try QCOW2Format().open(path: q, writable: true)
+        defer { b.close() }
+        XCTAssertEqual(try read(b, 0, 4096), [UInt8](repeating: 7, count: 4096))
+    }
+
+    func testRefusesWhatItCannotServe() throws {
+        let p = dir + "/x.qcow2"
+        try QCOW2Format.create(path: p, size: 1 << 20)
+        func patch(_ off: UInt64, _ bytes: [UInt8]) throws {
+            let f = try HostFile(path: p, writable: true)
+            try f.write(bytes, at: off)
+            f.close()
+        }
+        try patch(32, [0, 0, 0, 2])  // crypt_method LUKS
+        XCTAssertThrowsError(try QCOW2File.open(path: p, writable: false)) {
+            XCTAssertEqual("\($0)".contains("LUKS"), true, "\($0)")
+        }
+        try patch(32, [0, 0, 0, 0])
+        try patch(72, [0, 0, 0, 0, 0, 0, 0, 4])  // external data file
+        XCTAssertThrowsError(try QCOW2File.open(path: p, writable: false)) {
+            XCTAssertEqual("\($0)".contains("external data file"), true, "\($0)")
+        }
+        try patch(72, [0, 0, 0, 0, 0, 0, 0x01, 0])  // bit 8: unknown
+        XCTAssertThrowsError(try QCOW2File.open(path: p, writable: false)) {
+            XCTAssertEqual("\($0)".contains("bit 8"), true, "\($0)")
+        }
+        try patch(0, [0, 0, 0, 0])
+        XCTAssertThrowsError(try QCOW2File.open(path: p, writable: false)) {
+            XCTAssertEqual($0 as? QCOW2Error, .badMagic(path: p))
+        }
+    }
+}
