@@ -53,7 +53,7 @@ let package = Package(
         .target(
             name: "Storage",
             dependencies: [
-                "Image", "VHD", "RawImage", "QCOW2", "CBT",
+                "Image", "VHD", "RawImage", "QCOW2", "CBT", "CGnuTLS",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "SystemPackage", package: "swift-system"),

@@ -70,12 +70,12 @@ public final class NBDServer: @unchecked Sendable {
         self.logger = logger
     }
 
-    /// Closes the connections that attached with any of `secrets` (revoked tokens).
-    func closeConnections(usingTokens secrets: Set<String>) {
+    /// Closes the connections that attached with any of `digests` (revoked tokens).
+    func closeConnections(usingTokens digests: Set<String>) {
         queue.async { [self] in
             for c in connections.values {
                 c.queue.async {
-                    guard let g = c.grant, secrets.contains(g.secret) else { return }
+                    guard let g = c.grant, digests.contains(g.digest) else { return }
                     c.disconnectRequested = true
                     c.pauseReading()
                     if c.inFlight == 0 { c.close(reason: "its export token was revoked") }
@@ -85,7 +85,7 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     public func start() throws {
-        sr.onTokensRevoked = { [weak self] secrets in self?.closeConnections(usingTokens: secrets) }
+        sr.onTokensRevoked = { [weak self] digests in self?.closeConnections(usingTokens: digests) }
         let t = DispatchSource.makeTimerSource(queue: queue)
         t.schedule(deadline: .now() + 1, repeating: .seconds(1))
         t.setEventHandler { [replyBuffers] in replyBuffers.trimIfIdle() }

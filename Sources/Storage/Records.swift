@@ -94,7 +94,9 @@ public enum AttachMode: String, Codable, Sendable, CaseIterable, DatabaseValueCo
 /// An export token minted by `get_nbd_info`.
 public struct TokenRecord: Codable, Equatable, Sendable, FetchableRecord, PersistableRecord {
     public static let databaseTableName = "token"
-    public var secret: String
+    /// The SHA-256 of the token's secret (`TokenDigest`): the secret itself is only ever
+    /// in the export name handed to the caller.
+    public var digest: String
     public var vdiUUID: String
     public var readOnly: Bool
     public var expiresAt: Date?
@@ -106,7 +108,7 @@ public struct TokenRecord: Codable, Equatable, Sendable, FetchableRecord, Persis
     public var mode: AttachMode
 
     enum CodingKeys: String, CodingKey, ColumnExpression {
-        case secret, vdiUUID = "vdi_uuid", readOnly = "read_only", expiresAt = "expires_at", revoked, created, label, mode
+        case digest, vdiUUID = "vdi_uuid", readOnly = "read_only", expiresAt = "expires_at", revoked, created, label, mode
     }
 }
 
@@ -184,6 +186,12 @@ enum Schema {
                 t.column("name_label", .text).notNull()
                 t.column("name_description", .text).notNull()
                 t.column("family", .text).notNull()
+            }
+        }
+        m.registerMigration("v4: tokens kept as digests") { db in
+            try db.execute(sql: "ALTER TABLE token RENAME COLUMN secret TO digest")
+            for s in try String.fetchAll(db, sql: "SELECT digest FROM token") {
+                try db.execute(sql: "UPDATE token SET digest = ? WHERE digest = ?", arguments: [TokenDigest.of(s), s])
             }
         }
         return m

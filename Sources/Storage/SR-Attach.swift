@@ -120,30 +120,30 @@ extension SR {
     func conflictingAttachment(_ r: VDIRecord, grant g: ExportGrant) -> Attachment? {
         guard !g.readOnly, g.mode == .direct, !r.sharable, !r.isASnapshot else { return nil }
         return attachmentTable.withLock { t in
-            (t[r.uuid] ?? [:]).first { $0.key != g.secret && !$0.value.readOnly && $0.value.mode == .direct }?.value
+            (t[r.uuid] ?? [:]).first { $0.key != g.digest && !$0.value.readOnly && $0.value.mode == .direct }?.value
         }
     }
 
     func joinAttachment(_ u: String, grant g: ExportGrant) {
         attachmentTable.withLock { t in
-            var a = t[u]?[g.secret] ?? Attachment(token: g.label, readOnly: g.readOnly, mode: g.mode, connections: 0, since: Date())
+            var a = t[u]?[g.digest] ?? Attachment(token: g.label, readOnly: g.readOnly, mode: g.mode, connections: 0, since: Date())
             a.connections += 1
-            t[u, default: [:]][g.secret] = a
+            t[u, default: [:]][g.digest] = a
         }
     }
 
-    func leaveAttachment(_ u: String, secret: String) {
+    func leaveAttachment(_ u: String, digest: String) {
         attachmentTable.withLock { t in
-            guard var a = t[u]?[secret] else { return }
+            guard var a = t[u]?[digest] else { return }
             a.connections -= 1
-            if a.connections <= 0 { t[u]?[secret] = nil } else { t[u]?[secret] = a }
+            if a.connections <= 0 { t[u]?[digest] = nil } else { t[u]?[digest] = a }
             if t[u]?.isEmpty == true { t[u] = nil }
         }
     }
 
     public func detach(_ h: VDIHandle, grant: ExportGrant? = nil) {
         withFamilyLock(h.family) {
-            if let g = grant { leaveAttachment(h.uuid, secret: g.secret) }
+            if let g = grant { leaveAttachment(h.uuid, digest: g.digest) }
             h.refCount -= 1
             guard h.refCount == 0 else { return }
             if h.overlayPath != nil {

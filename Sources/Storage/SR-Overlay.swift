@@ -22,7 +22,7 @@ extension SR {
 
     /// The attachment's overlay handle: the one its token opened, or a new overlay (family lock held).
     func openOverlay(_ r: VDIRecord, grant g: ExportGrant) throws -> VDIHandle {
-        let key = "\(r.uuid)#\(g.secret)"
+        let key = "\(r.uuid)#\(g.digest)"
         handlesLock.lock()
         let existing = handles[key]
         handlesLock.unlock()

@@ -22,7 +22,7 @@ extension SR {
         // A scratch view is writable whatever the VDI is: its writes never reach the VDI.
         let ro = mode == .scratch ? readOnly : readOnly || r.readOnly || r.isASnapshot
         let tag = label ?? "token-" + String(UUID().uuidString.lowercased().prefix(8))
-        let tok = TokenRecord(secret: secret, vdiUUID: r.uuid, readOnly: ro,
+        let tok = TokenRecord(digest: TokenDigest.of(secret), vdiUUID: r.uuid, readOnly: ro,
                               expiresAt: life.map { Date().addingTimeInterval($0) }, revoked: false, created: Date(),
                               label: tag, mode: mode)
         try dbWrite { try tok.insert($0) }
@@ -41,18 +41,18 @@ extension SR {
     }
 
     /// Revokes every token of a VDI, or the one named; the live connections that used them
-    /// are told to close (`onTokensRevoked`).
+    /// are told to close (`onTokensRevoked`, with the tokens' digests).
     public func revokeTokens(vdi uuid: String, exportName: String? = nil) throws -> Int {
         let u = try SR.validUUID(uuid)
-        let secrets: [String] = try dbWrite { db in
+        let digests: [String] = try dbWrite { db in
             var q = TokenRecord.filter(Column("vdi_uuid") == u && Column("revoked") == false)
-            if let n = exportName, let s = SR.secret(fromExportName: n) { q = q.filter(Column("secret") == s) }
-            let hit = try q.fetchAll(db).map(\.secret)
+            if let n = exportName, let s = SR.secret(fromExportName: n) { q = q.filter(Column("digest") == TokenDigest.of(s)) }
+            let hit = try q.fetchAll(db).map(\.digest)
             _ = try q.updateAll(db, Column("revoked").set(to: true))
             return hit
         }
-        if !secrets.isEmpty { onTokensRevoked?(Set(secrets)) }
-        return secrets.count
+        if !digests.isEmpty { onTokensRevoked?(Set(digests)) }
+        return digests.count
     }
 
     static func secret(fromExportName name: String) -> String? {
@@ -63,8 +63,8 @@ extension SR {
     public struct ExportGrant: Sendable {
         public var vdi: VDIRecord
         public var readOnly: Bool
-        /// The token's secret (the attachment's key; never shown) and label (shown).
-        public var secret: String
+        /// The token's digest (the attachment's key; never shown) and label (shown).
+        public var digest: String
         public var label: String
         public var mode: AttachMode
     }
@@ -87,15 +87,19 @@ extension SR {
     }
 
     /// Checks a token for `vdi` (the HTTP transfers' check; NBD's adds the attachment rule).
+    /// The secret is looked up by its digest, so how long a wrong one takes does not depend
+    /// on how much of it matches a real one (it is the digest the index compares, and the
+    /// row found is compared again in constant time).
     public func resolve(token secret: String, vdi: String) -> Result<ExportGrant, ExportRefusal> {
-        guard let tok = try? dbRead({ try TokenRecord.fetchOne($0, key: secret) }),
-              tok.vdiUUID == vdi.lowercased()
+        let digest = TokenDigest.of(secret)
+        guard let tok = try? dbRead({ try TokenRecord.fetchOne($0, key: digest) }),
+              TokenDigest.equal(tok.digest, digest), tok.vdiUUID == vdi.lowercased()
         else { return .failure(.unknown) }
         if tok.revoked { return .failure(.revoked) }
         if let e = tok.expiresAt, e < Date() { return .failure(.expired) }
         guard let r = try? storedRecord(tok.vdiUUID), r.type != .cbtMetadata else { return .failure(.vdiGone) }
         return .success(ExportGrant(vdi: r, readOnly: tok.mode == .scratch ? tok.readOnly : tok.readOnly || r.readOnly,
-                                    secret: secret, label: tok.label.isEmpty ? "token" : tok.label, mode: tok.mode))
+                                    digest: digest, label: tok.label.isEmpty ? "token" : tok.label, mode: tok.mode))
     }
 
     /// Checks an export name. The uuid part must match the token's VDI.

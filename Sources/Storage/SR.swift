@@ -97,9 +97,9 @@ public final class SR: @unchecked Sendable {
     public let tasks = TaskTable()
     /// Leaf merges in progress: every handle of the VDI records its writes here (family lock).
     var mergeTrackers: [String: ChangeTracker] = [:]
-    /// Live attachments: VDI uuid -> token secret -> what the record shows.
+    /// Live attachments: VDI uuid -> token digest -> what the record shows.
     let attachmentTable = Mutex<[String: [String: Attachment]]>([:])
-    /// Called with the secrets `revokeTokens` revoked: the server closes their connections.
+    /// Called with the digests of the tokens `revokeTokens` revoked: the server closes their connections.
     public var onTokensRevoked: (@Sendable (Set<String>) -> Void)?
     /// CBT ancestry by VDI, with the `ChangeLog.generation` it was read at.
     let ancestryCache = Mutex<[String: (generation: Int, ancestors: [String])]>([:])

@@ -82,11 +82,13 @@ struct VDICreate: ParsableCommand {
             shows them as supported-image-formats):
               vhd   VHD chains (snapshots, clones, CBT), up to 2040 GiB; the default where the SR holds it
               raw   a sparse file: no snapshots, clones, CBT or on_boot=reset; up to 16 TiB
+              qcow2 qcow2 version 3 chains (64 KiB clusters; snapshots, clones, CBT), up to 16 TiB
             Without it, the SR's default format if it holds the size, else another of its formats with \
-            chains; a size no such format holds is refused with the formats that would.
+            chains (qcow2 past 2040 GiB, as XCP-ng chooses); a size no such format holds is refused with \
+            the formats that would.
             """)
     @OptionGroup var options: ControlOptions
-    @Argument(help: "name-label=NAME virtual-size=SIZE [name-description=TEXT] [sharable=true] [read-only=true] [sm-config:image-format=vhd|raw]")
+    @Argument(help: "name-label=NAME virtual-size=SIZE [name-description=TEXT] [sharable=true] [read-only=true] [sm-config:image-format=vhd|raw|qcow2]")
     var args: [String] = []
     func run() throws {
         let kv = try keyValues(args, allowed: ["name-label", "virtual-size", "name-description", "sharable", "read-only",

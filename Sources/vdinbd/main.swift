@@ -22,8 +22,8 @@ struct VDINBD: ParsableCommand {
         abstract: "Serve the VDIs of a storage repository over NBD.")
 
     @ArgumentParser.Option(name: .long, help: ArgumentHelp(
-        "Storage repository directory, optionally with the image formats it holds: PATH[,formats=vhd+raw].",
-        discussion: "Formats: vhd (VHD chains, up to 2040 GiB) and raw (a sparse file, no snapshots, up to 16 TiB); the first is the default for new VDIs. Kept in the SR; without formats=, the ones kept there, else all."))
+        "Storage repository directory, optionally with the image formats it holds: PATH[,formats=vhd+qcow2+raw].",
+        discussion: "Formats: vhd (VHD chains, up to 2040 GiB), qcow2 (qcow2 v3 chains, up to 16 TiB) and raw (a sparse file, no snapshots, up to 16 TiB); the first is the default for new VDIs, and a size past it takes the next with chains. Kept in the SR; without formats=, the ones kept there, else all."))
     var sr: String = "./sr"
 
     /// `--sr`'s directory and, when given, its `formats=`.

@@ -269,6 +269,22 @@ final class SRTests: XCTestCase {
         guard case .failure(.malformed) = sr.resolve(exportName: "/\(r.uuid)") else { return XCTFail() }
     }
 
+    func testTokensAreKeptAsDigests() throws {
+        XCTAssertEqual(TokenDigest.of("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        XCTAssertTrue(TokenDigest.equal("ab", "ab"))
+        XCTAssertFalse(TokenDigest.equal("ab", "ac"))
+        XCTAssertFalse(TokenDigest.equal("ab", "abc"))
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
+        let name = try sr.getNBDInfo(r.uuid)[0].exportname
+        let secret = String(name[name.range(of: "?token=")!.upperBound...])
+        let rows = try sr.dbRead { try TokenRecord.fetchAll($0) }
+        XCTAssertEqual(rows.map(\.digest), [TokenDigest.of(secret)])
+        guard case .success(let g) = sr.resolve(exportName: name) else { return XCTFail() }
+        XCTAssertEqual(g.digest, TokenDigest.of(secret))
+        // Revoking by export name finds the token by its digest.
+        XCTAssertEqual(try sr.revokeTokens(vdi: r.uuid, exportName: name), 1)
+    }
+
     func testRevokedAndExpiredTokensAreRefused() throws {
         let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
         let name = try sr.getNBDInfo(r.uuid)[0].exportname
