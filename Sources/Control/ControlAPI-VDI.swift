@@ -26,7 +26,7 @@ extension ControlAPI {
     static let arity: [String: ClosedRange<Int>] = {
         var a: [String: ClosedRange<Int>] = [
             "VDI.create": 1...1, "VDI.get_record": 1...1, "VDI.get_all": 0...0, "VDI.get_all_records": 0...0,
-            "VDI.get_by_name_label": 1...1, "VDI.snapshot": 1...2, "VDI.clone": 1...2, "VDI.copy": 2...4,
+            "VDI.get_by_name_label": 1...1, "VDI.snapshot": 1...2, "VDI.clone": 1...2, "VDI.copy": 2...5,
             "VDI.destroy": 1...1, "VDI.get_nbd_info": 1...2, "VDI.revoke_nbd_info": 1...2, "VDI.enable_cbt": 1...1,
             "VDI.disable_cbt": 1...1, "VDI.list_changed_blocks": 2...2, "VDI.data_destroy": 1...1, "VDI.resize": 2...2,
             "VDI.get_by_uuid": 1...1, "VDI.set_name_label": 2...2, "VDI.set_name_description": 2...2,
@@ -81,12 +81,19 @@ extension ControlAPI {
         case "VDI.copy":
             let src = try p.string(0, "vdi")
             let destSR = ref(p.optional(1, "sr"))
-            if let s = destSR, s != sr.path {
+            if let s = destSR, s != sr.path, s != sr.uuid {
                 throw StorageError.handleInvalid(kind: "SR", value: s)
             }
             // One SR here: an absent SR (a null ref, as xe sends with into_vdi) means it.
             let into = ref(p.optional(3, "into_vdi"))
-            return .string(try sr.copy(src, base: ref(p.optional(2, "base_vdi")), into: into, task: task).uuid)
+            // options {"dest-img-format": F}, as xapi names the target format of a migration.
+            let options = p.optional(4, "options")?.objectValue ?? [:]
+            let destFormat = options["dest-img-format"]?.stringValue
+            if destFormat != nil, into != nil {
+                throw StorageError.valueNotSupported(field: "dest-img-format", value: destFormat!,
+                                                     reason: "a copy into an existing VDI keeps that VDI's format")
+            }
+            return .string(try sr.copy(src, base: ref(p.optional(2, "base_vdi")), into: into, format: destFormat, task: task).uuid)
         default:
             guard method.hasPrefix("VDI.get_"), Self.recordFields.contains(String(method.dropFirst("VDI.get_".count))) else {
                 return nil

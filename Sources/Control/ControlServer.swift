@@ -31,11 +31,45 @@ public final class ControlServer: @unchecked Sendable {
     var lineStart: [Int32: Int] = [:]
     /// Longest request line accepted.
     static let maxLine = 1 << 20
+    /// The user ids whose processes may use the socket (SO_PEERCRED), on top of its mode.
+    let allowedUIDs: Set<uid_t>
+    /// Refusals logged so far (the first few each, then one line per 100).
+    var refusals = 0
 
-    public init(api: ControlAPI, path: String, logger: Logger) {
+    /// `allowedUIDs` defaults to the server's own uid and root.
+    public init(api: ControlAPI, path: String, logger: Logger, allowedUIDs: Set<uid_t>? = nil) {
         self.api = api
         self.path = path
         self.logger = logger
+        self.allowedUIDs = allowedUIDs ?? [getuid(), 0]
+    }
+
+    /// The peer's uid and pid as the kernel saw them at connect (nil if it cannot say).
+    static func peer(_ fd: Int32) -> (uid: uid_t, pid: pid_t)? {
+        // struct ucred (pid, uid, gid), which Glibc's module shows only under _GNU_SOURCE.
+        var cred: (pid: Int32, uid: UInt32, gid: UInt32) = (0, 0, 0)
+        var len = socklen_t(MemoryLayout<(Int32, UInt32, UInt32)>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0, len == 12 else { return nil }
+        return (cred.uid, cred.pid)
+    }
+
+    /// Answers a peer whose uid is not allowed with one JSON-RPC error, logs it, and
+    /// closes; true if it was refused.
+    func refuseIfNotAllowed(_ fd: Int32) -> Bool {
+        let who = Self.peer(fd)
+        if let who, allowedUIDs.contains(who.uid) { return false }
+        let detail = who.map { "uid \($0.uid) (pid \($0.pid)) may not use this control socket; allowed: \(allowedUIDs.sorted().map(String.init).joined(separator: ", ")) (--control-allow-uid)" }
+            ?? "the peer's credentials cannot be read"
+        refusals += 1
+        if refusals <= 5 || refusals % 100 == 0 {
+            logger.warning("control: refused a client: \(detail)\(refusals > 5 ? " (\(refusals) refusals so far)" : "")")
+        }
+        respond(fd, RPCResponse(result: nil, error: RPCError(code: -32001, message: "Permission denied", data: .string(detail)), id: nil))
+        // Closed a moment later, not at once: a client that writes its request before it
+        // reads (vdictl does) would get EPIPE instead of the answer. Nothing it sends is read.
+        shutdown(fd, Int32(SHUT_WR))
+        DispatchQueue.global().asyncAfter(deadline: .now() + 1) { _ = Glibc.close(fd) }
+        return true
     }
 
     public func start(listenFD fd: Int32) {
@@ -86,6 +120,7 @@ public final class ControlServer: @unchecked Sendable {
                 return
             }
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            if refuseIfNotAllowed(fd) { continue }
             _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
             buffers[fd] = Data()
             queues[fd] = DispatchQueue(label: "vdinbd.control.client")

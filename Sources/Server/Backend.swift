@@ -14,7 +14,10 @@ final class SRExportResolver: ExportResolver {
         switch sr.resolve(exportName: exportName) {
         case .failure(let r):
             grants[exportName] = nil
-            if case .attachedElsewhere = r { return .failure(ExportLookupFailure(r.description, policy: true)) }
+            switch r {
+            case .attachedElsewhere, .tooManyConnections: return .failure(ExportLookupFailure(r.description, policy: true))
+            default: break
+            }
             return .failure(ExportLookupFailure(r.description))
         case .success(let g):
             grants[exportName] = g

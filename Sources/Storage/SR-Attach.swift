@@ -62,6 +62,7 @@ extension SR {
                 if let other = conflictingAttachment(r, grant: g) {
                     throw StorageError.vdiInUse(uuid: u, operation: "read-write attachment (attached read-write by \(other.token); the VDI is not sharable)")
                 }
+                if let full = connectionLimitReached(u, grant: g) { throw StorageError.vdiInUse(uuid: u, operation: "\(full)") }
             }
             let h: VDIHandle
             if let g = grant, needsOverlay(r, grant: g) { h = try openOverlay(r, grant: g) } else { h = try openOrShare(r) }
@@ -121,6 +122,21 @@ extension SR {
         guard !g.readOnly, g.mode == .direct, !r.sharable, !r.isASnapshot else { return nil }
         return attachmentTable.withLock { t in
             (t[r.uuid] ?? [:]).first { $0.key != g.digest && !$0.value.readOnly && $0.value.mode == .direct }?.value
+        }
+    }
+
+    /// The refusal for one more connection of `g` to `u` when a limit is reached (nil: room).
+    func connectionLimitReached(_ u: String, grant g: ExportGrant) -> ExportRefusal? {
+        guard maxConnectionsPerExport != nil || maxConnectionsPerToken != nil else { return nil }
+        return attachmentTable.withLock { t in
+            let mine = t[u] ?? [:]
+            if let n = maxConnectionsPerToken, (mine[g.digest]?.connections ?? 0) >= n {
+                return .tooManyConnections(uuid: u, limit: n, perToken: true)
+            }
+            if let n = maxConnectionsPerExport, mine.values.reduce(0, { $0 + $1.connections }) >= n {
+                return .tooManyConnections(uuid: u, limit: n, perToken: false)
+            }
+            return nil
         }
     }
 

@@ -17,7 +17,10 @@ import Image
 extension SR {
     static let copyChunk = 4 << 20
 
-    public func copy(_ uuid: String, base: String?, into: String?, task: TaskContext?) throws -> VDIRecord {
+    /// `format` (xapi's `dest-img-format`): the image format of a fresh target, which may
+    /// differ from the source's (a VHD VDI copied to qcow2, say); by default the source's.
+    public func copy(_ uuid: String, base: String?, into: String?, format destFormat: String? = nil,
+                     task: TaskContext?) throws -> VDIRecord {
         let src = try record(uuid)
         guard src.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: src.uuid, type: src.type.rawValue) }
         try requireFile(src)
@@ -41,7 +44,7 @@ extension SR {
             var cp = CreateParams(nameLabel: src.nameLabel, virtualSize: src.virtualSize)
             cp.nameDescription = src.nameDescription
             cp.tags = src.tags
-            cp.smConfig["image-format"] = format(of: src.uuid).name
+            cp.smConfig["image-format"] = destFormat ?? format(of: src.uuid).name
             target = try create(cp)
         }
         do {

@@ -73,10 +73,16 @@ extension SR {
         case malformed, unknown, expired, revoked, vdiGone
         /// Not sharable, and read-write attached through another token.
         case attachedElsewhere(uuid: String, by: String)
+        /// As many connections as the server allows per export (VDI) or per token.
+        case tooManyConnections(uuid: String, limit: Int, perToken: Bool)
         public var description: String {
             switch self {
             case .attachedElsewhere(let u, let by):
                 return "VDI \(u) is not sharable and is attached read-write by \(by); only one read-write attachment at a time"
+            case .tooManyConnections(let u, let n, let perToken):
+                return perToken
+                    ? "this token already has \(n) connections to VDI \(u), the most the server allows per token (--max-connections-per-token)"
+                    : "VDI \(u) already has \(n) connections, the most the server allows per export (--max-connections-per-export)"
             case .malformed: return "export name is not of the form /<vdi-uuid>?token=<secret>"
             case .unknown: return "unknown export token"
             case .expired: return "export token expired"
@@ -117,6 +123,7 @@ extension SR {
         let r = g.vdi
         // Checked again under the family lock at attach; here so GO fails with the reason.
         if let other = conflictingAttachment(r, grant: g) { return .failure(.attachedElsewhere(uuid: r.uuid, by: other.token)) }
+        if let full = connectionLimitReached(r.uuid, grant: g) { return .failure(full) }
         return .success(g)
     }
 

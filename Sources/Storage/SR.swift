@@ -134,6 +134,10 @@ public final class SR: @unchecked Sendable {
     }
     /// How long a token lives unless asked otherwise (nil: until revoked).
     public var defaultTokenLifetime: TimeInterval? = nil
+    /// Most NBD connections at once to one VDI (all its tokens) and through one token
+    /// (`--max-connections-per-export`, `--max-connections-per-token`); nil: no limit.
+    public var maxConnectionsPerExport: Int? = nil
+    public var maxConnectionsPerToken: Int? = nil
 
     public static let databaseName = "metadata.db"
 

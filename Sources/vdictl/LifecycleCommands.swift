@@ -19,15 +19,16 @@ struct VDICopy: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vdi-copy",
         abstract: "Copy a VDI into a fresh VDI, or into an existing one; prints the uuid written.",
-        discussion: "With base-vdi=, only the blocks that differ from it. Runs as a task; Ctrl-C cancels it.")
+        discussion: "With base-vdi=, only the blocks that differ from it. image-format= (vhd, qcow2, raw; one the SR holds) makes the new VDI in that format rather than the source's (xapi's dest-img-format). Runs as a task; Ctrl-C cancels it.")
     @OptionGroup var options: ControlOptions
     @OptionGroup var bar: ProgressOptions
-    @Argument(help: "uuid=UUID [base-vdi=UUID] [into-vdi=UUID]") var args: [String] = []
+    @Argument(help: "uuid=UUID [base-vdi=UUID] [into-vdi=UUID | image-format=vhd|qcow2|raw]") var args: [String] = []
     func run() throws {
-        let kv = try keyValues(args, allowed: ["uuid", "base-vdi", "into-vdi"])
+        let kv = try keyValues(args, allowed: ["uuid", "base-vdi", "into-vdi", "image-format"])
         let ref: (String) -> JSONValue = { kv[$0].map { .string($0) } ?? .string("") }
-        let task = display(try rpc(options, "Async.VDI.copy",
-                                   [.string(try require(kv, "uuid")), .string(""), ref("base-vdi"), ref("into-vdi")]))
+        var params: [JSONValue] = [.string(try require(kv, "uuid")), .string(""), ref("base-vdi"), ref("into-vdi")]
+        if let f = kv["image-format"] { params.append(.object(["dest-img-format": .string(f)])) }
+        let task = display(try rpc(options, "Async.VDI.copy", params))
         let result = try waitForTask(options, task, label: "copy", show: bar.show)
         print(result)
     }

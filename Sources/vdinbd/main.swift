@@ -54,8 +54,19 @@ struct VDINBD: ParsableCommand {
     @ArgumentParser.Option(name: .long, help: "Control socket path (default: <sr>/control.sock).")
     var controlSocket: String?
 
+    @ArgumentParser.Option(name: .long, help: ArgumentHelp(
+        "A user id whose processes may use the control socket (repeatable).",
+        discussion: "Checked with SO_PEERCRED on top of the socket's mode 0600; default: the server's own uid and root. A refused client gets a JSON-RPC error and is logged."))
+    var controlAllowUid: [UInt32] = []
+
     @ArgumentParser.Option(name: .long, help: "Maximum simultaneous NBD connections.")
     var maxConnections: Int = 256
+
+    @ArgumentParser.Option(name: .long, help: "Maximum simultaneous NBD connections to one VDI, over all its tokens (default: no limit beyond --max-connections); one more is refused at NBD_OPT_GO with NBD_REP_ERR_POLICY and the reason.")
+    var maxConnectionsPerExport: Int?
+
+    @ArgumentParser.Option(name: .long, help: "Maximum simultaneous NBD connections through one export token (default: no limit).")
+    var maxConnectionsPerToken: Int?
 
     @ArgumentParser.Option(name: .long, help: "Seconds a client may take to finish the handshake.")
     var handshakeTimeout: Int = 30
@@ -78,6 +89,8 @@ struct VDINBD: ParsableCommand {
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level \(logLevel) is not a level") }
         guard maxConnections > 0 else { throw ValidationError("--max-connections must be positive") }
+        if let n = maxConnectionsPerExport, n <= 0 { throw ValidationError("--max-connections-per-export must be positive") }
+        if let n = maxConnectionsPerToken, n <= 0 { throw ValidationError("--max-connections-per-token must be positive") }
         if let h = http, h != "off", parseListen(h) == nil {
             throw ValidationError("--http \(h): expected HOST:PORT (e.g. 127.0.0.1:10810) or off")
         }
@@ -99,6 +112,8 @@ struct VDINBD: ParsableCommand {
         do {
             repo = try SR(path: srPath, logger: Logger(label: "vdinbd.sr"), supportedFormats: try srFormats.map(SR.parseImageFormats))
             repo.attachLingerSeconds = attachLinger
+            repo.maxConnectionsPerExport = maxConnectionsPerExport
+            repo.maxConnectionsPerToken = maxConnectionsPerToken
         } catch {
             throw ValidationError("\(error)")
         }
@@ -136,7 +151,7 @@ struct VDINBD: ParsableCommand {
 
         let socketPath = controlSocket ?? repo.path + "/control.sock"
         let control = ControlServer(api: ControlAPI(sr: repo, logger: Logger(label: "vdinbd.control")), path: socketPath,
-                                    logger: logger)
+                                    logger: logger, allowedUIDs: controlAllowUid.isEmpty ? nil : Set(controlAllowUid))
         do {
             control.start(listenFD: try listenUnix(path: socketPath, mode: 0o600))
         } catch {

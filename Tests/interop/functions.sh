@@ -51,6 +51,8 @@ start_vdinbd() {
     HTTP_PORT=${HTTP_PORT:-$(free_port)}
     SR=$TMP/sr
     SOCK=$SR/control.sock
+    local a prev=""
+    for a in "$@"; do [ "$prev" = --control-socket ] && SOCK=$a; prev=$a; done
     local tls=(--tls off) http=(--http "127.0.0.1:$HTTP_PORT")
     case " $* " in *" --tls "*) tls=() ;; esac
     case " $* " in *" --http "*) http=() ;; esac
