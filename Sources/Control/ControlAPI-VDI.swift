@@ -8,7 +8,7 @@ extension ControlAPI {
     static let lifecycleMethods = [
         "VDI.get_by_uuid", "VDI.set_name_label", "VDI.set_name_description", "VDI.set_on_boot", "VDI.set_allow_caching",
         "VDI.set_sharable", "VDI.set_read_only", "VDI.add_tags", "VDI.remove_tags", "VDI.forget", "VDI.update",
-        "VDI.clone", "VDI.copy", "VDI.get_allowed_operations",
+        "VDI.clone", "VDI.copy", "VDI.pool_migrate", "VDI.get_allowed_operations",
     ] + recordFields.map { "VDI.get_" + $0 }
 
     /// The record fields `VDI.get_<field>` reads.
@@ -26,7 +26,7 @@ extension ControlAPI {
     static let arity: [String: ClosedRange<Int>] = {
         var a: [String: ClosedRange<Int>] = [
             "VDI.create": 1...1, "VDI.get_record": 1...1, "VDI.get_all": 0...0, "VDI.get_all_records": 0...0,
-            "VDI.get_by_name_label": 1...1, "VDI.snapshot": 1...2, "VDI.clone": 1...2, "VDI.copy": 2...5,
+            "VDI.get_by_name_label": 1...1, "VDI.snapshot": 1...2, "VDI.clone": 1...2, "VDI.copy": 2...5, "VDI.pool_migrate": 2...3,
             "VDI.destroy": 1...1, "VDI.get_nbd_info": 1...2, "VDI.revoke_nbd_info": 1...2, "VDI.enable_cbt": 1...1,
             "VDI.disable_cbt": 1...1, "VDI.list_changed_blocks": 2...2, "VDI.data_destroy": 1...1, "VDI.resize": 2...2,
             "VDI.get_by_uuid": 1...1, "VDI.set_name_label": 2...2, "VDI.set_name_description": 2...2,
@@ -78,6 +78,16 @@ extension ControlAPI {
             return .array(sr.allowedOperations(try sr.record(p.string(0, "uuid"))).map { .string($0.rawValue) })
         case "VDI.clone":
             return .string(try sr.clone(p.string(0, "uuid"), driverParams: driverParams(p.optional(1, "driver_params"))).uuid)
+        case "VDI.pool_migrate":
+            // (vdi, sr, options): this SR (its uuid, its path or empty), options
+            // {"dest-img-format": F}, the name xapi gives the target's image format.
+            let vdi = try p.string(0, "vdi")
+            if let s = ref(p.optional(1, "sr")), s != sr.path, s != sr.uuid {
+                throw StorageError.handleInvalid(kind: "SR", value: s)
+            }
+            let options = p.optional(2, "options")?.objectValue ?? [:]
+            let f = options["dest-img-format"]?.stringValue ?? sr.format(of: vdi).name
+            return .string(try sr.migrate(vdi, toFormat: f, task: task).uuid)
         case "VDI.copy":
             let src = try p.string(0, "vdi")
             let destSR = ref(p.optional(1, "sr"))

@@ -189,7 +189,7 @@ public final class Collector: @unchecked Sendable {
     func plan() throws -> [Work] {
         // A family with an overlay attachment open keeps its files where the overlay reads them.
         // So does a family with a forgotten VDI's file, which reads through its bases.
-        let held = sr.familiesWithOverlays().union(sr.familiesWithForgottenFiles())
+        let held = sr.familiesWithOverlays().union(sr.familiesWithForgottenFiles()).union(sr.familyWork.withLock { $0.held })
         let all = try sr.dbRead { try VDIRecord.fetchAll($0) }.filter { $0.type != .cbtMetadata && !held.contains($0.family) }
         let byUUID = Dictionary(all.map { ($0.uuid, $0) }, uniquingKeysWith: { a, _ in a })
         var children: [String: [VDIRecord]] = [:]
@@ -259,6 +259,13 @@ public final class Collector: @unchecked Sendable {
     }
 
     func perform(_ w: Work) throws {
+        // A family held (a migration) since the plan was made is left alone.
+        let family = (try? sr.anyRecord(w.subject))?.family ?? ""
+        try sr.familyWork.withLock { (s) throws(Gave) in
+            if s.held.contains(family) { throw Gave(reason: "a migration holds its family") }
+            s.performing = family
+        }
+        defer { sr.familyWork.withLock { $0.performing = nil } }
         switch w {
         case .delete(let b): try deleteBase(b)
         case .coalesce(let c, let p): try coalesce(c, into: p)

@@ -23,6 +23,9 @@ struct JournalEntry: Codable, Equatable, Sendable {
         /// A validated import (`staging`) being written onto a VDI through its handle;
         /// finished from the staging file at the next start.
         case importCommit = "import-commit"
+        /// A VDI's state copied into a file of another format (`staging`), which then
+        /// takes its place.
+        case migrate
     }
 
     enum Phase: String, Codable, Sendable {

@@ -25,6 +25,12 @@ extension SR {
             case (.replace, _):
                 try finishReplace(e.child, with: e.staging ?? "")
                 logger.warning("recovery: finished replacing \(e.child)'s contents with a validated import")
+            case (.migrate, .copying):
+                if let s = e.staging { unlink(s) }
+                logger.warning("recovery: dropped an interrupted migration of \(e.child) (its file is as it was)")
+            case (.migrate, .switching):
+                if let s = e.staging { try finishMigrate(e.child, staging: s, to: format(at: s)) }
+                logger.warning("recovery: finished migrating \(e.child) to \(e.staging.map { format(at: $0).name } ?? "?")")
             case (.importCommit, _):
                 // Finished once the SR is open (`finishImportCommits`).
                 continue

@@ -97,6 +97,9 @@ public final class SR: @unchecked Sendable {
     public let tasks = TaskTable()
     /// Leaf merges in progress: every handle of the VDI records its writes here (family lock).
     var mergeTrackers: [String: ChangeTracker] = [:]
+    /// Families the collector leaves alone (a migration's), and the one it works on now.
+    struct FamilyWork { var held: Set<String> = []; var performing: String? }
+    let familyWork = Mutex(FamilyWork())
     /// Live attachments: VDI uuid -> token digest -> what the record shows.
     let attachmentTable = Mutex<[String: [String: Attachment]]>([:])
     /// Called with the digests of the tokens `revokeTokens` revoked: the server closes their connections.

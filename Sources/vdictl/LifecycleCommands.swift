@@ -34,6 +34,29 @@ struct VDICopy: ParsableCommand {
     }
 }
 
+struct VDIPoolMigrate: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vdi-pool-migrate",
+        abstract: "Move a VDI to another image format while it stays attached; prints its uuid (unchanged).",
+        discussion: """
+            image-format= (vhd, qcow2, raw; one the SR holds) is xapi's dest-img-format. The VDI's \
+            current state is copied into one file of that format, writes made meanwhile are copied \
+            again, then the file takes its place: connections, tokens and change block tracking \
+            carry on; snapshots keep their format. sr-uuid= may name this server's SR (one SR per \
+            server today). Runs as a task; Ctrl-C cancels it before the switch.
+            """)
+    @OptionGroup var options: ControlOptions
+    @OptionGroup var bar: ProgressOptions
+    @Argument(help: "uuid=UUID image-format=vhd|qcow2|raw [sr-uuid=UUID]") var args: [String] = []
+    func run() throws {
+        let kv = try keyValues(args, allowed: ["uuid", "image-format", "sr-uuid"])
+        let task = display(try rpc(options, "Async.VDI.pool_migrate",
+                                   [.string(try require(kv, "uuid")), .string(kv["sr-uuid"] ?? ""),
+                                    .object(["dest-img-format": .string(try require(kv, "image-format"))])]))
+        print(try waitForTask(options, task, label: "migrate", show: bar.show))
+    }
+}
+
 /// `--progress` / `--quiet` of the commands that run a task.
 struct ProgressOptions: ParsableArguments {
     @Flag(name: .long, help: "Show progress (the default when stderr is a terminal).") var progress = false

@@ -343,7 +343,7 @@ struct VDICtl: ParsableCommand {
         abstract: "Administer a vdinbd storage repository (xe-style key=value arguments).",
         subcommands: [VDICreate.self, VDIList.self, VDIParamList.self, VDISnapshot.self, VDIResize.self, VDIDestroy.self, VDIGetNBDInfo.self,
                       VDIEnableCBT.self, VDIDisableCBT.self, VDIDataDestroy.self, VDIListChangedBlocks.self,
-                      VDIParamSet.self, VDIParamAdd.self, VDIParamRemove.self, VDIClone.self, VDICopy.self, VDIExport.self, VDIImport.self, VDIForget.self,
+                      VDIParamSet.self, VDIParamAdd.self, VDIParamRemove.self, VDIClone.self, VDICopy.self, VDIPoolMigrate.self, VDIExport.self, VDIImport.self, VDIForget.self,
                       VDIUpdate.self, SRList.self, SRParamList.self, SRScan.self, SRGCStatus.self, SRParamSet.self, SRParamRemove.self,
                       TaskList.self, TaskParamList.self, TaskCancel.self,
                       VHDCreateCommand.self, VHDSnapshotCommand.self, VHDInfoCommand.self, VHDCheckCommand.self, VHDReadCommand.self])

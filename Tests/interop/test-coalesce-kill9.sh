@@ -34,7 +34,12 @@ for round in $(seq 1 "$ROUNDS"); do
     export SOCK
     grep -h "recovery:\|VDINBD_FAULT" "$TMP/crashed.log" "$TMP/server.log" | sed "s/^/round $round ($step): /" || true
     $PY "$(dirname "$0")/coalesce_crash.py" verify "$STATE" || fail "round $round ($step): data differs after restart"
+    # The files hold still while they are checked: the collector's merge in progress ends
+    # (a scan waits for a pass that starts after it) and no other starts.
+    vdictl sr-param-set other-config:gc=false
+    vdictl sr-scan --wait >/dev/null
     for f in "$SR"/*."$FMT"; do check_image "$f" leaks-ok || fail "round $round: check $f"; done
+    vdictl sr-param-remove param-name=other-config param-key=gc
     vdictl sr-scan --wait | has "running: false" || fail "round $round: the collector did not finish"
     $PY "$(dirname "$0")/coalesce_crash.py" verify "$STATE" || fail "round $round ($step): data differs after the collector"
     for f in "$SR"/*."$FMT"; do check_image "$f" || fail "round $round: check $f after the collector"; done
