@@ -1,6 +1,7 @@
 // The image file itself: positioned reads and writes that finish or throw, a data sync,
 // hole punching, and read-only shared mappings for zero-copy reads.
 
+import Image
 import Synchronization
 import SystemPackage
 #if canImport(Glibc)
@@ -20,12 +21,7 @@ final class HostFile: Sendable {
         self.fd = fd
     }
 
-    deinit {
-        close()
-        #if os(Linux)
-        for m in mappings.withLock({ $0.maps }) { munmap(UnsafeMutableRawPointer(mutating: m.base), m.length) }
-        #endif
-    }
+    deinit { close() }
 
     func close() {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
@@ -133,40 +129,11 @@ final class HostFile: Sendable {
 
     // MARK: mappings
 
-    /// Read-only shared mappings, made on first use and kept while the object lives; each
-    /// reserves twice the file's length then (at least 1 GiB), a larger one is added when
-    /// the file has grown past the newest. Only bytes inside the file are ever touched.
-    private struct Mappings {
-        var maps: [(base: UnsafeRawPointer, length: Int)] = []
-        var knownLength: UInt64 = 0
-    }
-    private let mappings = Mutex(Mappings())
+    /// Read-only shared mappings (qcow2 files only grow: freed clusters are punched).
+    private let mappings = FileMappings()
 
     func mapped(offset: UInt64, count: Int) -> UnsafeRawBufferPointer? {
-        #if os(Linux)
-        let (end, over) = offset.addingReportingOverflow(UInt64(max(count, 0)))
-        guard count > 0, !over, end <= UInt64(Int.max) else { return nil }
-        let base: UnsafeRawPointer? = mappings.withLock { m in
-            if end > m.knownLength {
-                var st = stat()
-                guard fstat(fd, &st) == 0 else { return nil }
-                m.knownLength = UInt64(st.st_size)
-                if end > m.knownLength { return nil }
-            }
-            if let last = m.maps.last, UInt64(last.length) >= end { return last.base }
-            let length = max(Int(m.knownLength) * 2, 1 << 30)
-            guard let p = mmap(nil, length, PROT_READ, MAP_SHARED, fd, 0), p != MAP_FAILED else { return nil }
-            m.maps.append((UnsafeRawPointer(p), length))
-            return UnsafeRawPointer(p)
-        }
-        guard let base else { return nil }
-        // Fault the pages in on this (I/O) thread: MADV_POPULATE_READ (Linux 5.14).
-        let start = Int(offset) & ~4095
-        guard madvise(UnsafeMutableRawPointer(mutating: base + start), Int(end) - start, 22) == 0 else { return nil }
-        return UnsafeRawBufferPointer(start: base + Int(offset), count: count)
-        #else
-        return nil
-        #endif
+        mappings.map(fd: fd, offset: offset, count: count)
     }
 }
 

@@ -152,55 +152,15 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
         try? fd.close()
     }
 
-    /// Read-only shared mappings of the file, made on first use and kept until the file
-    /// object goes (closing the descriptor leaves them valid). Each reserves twice the
-    /// file's length then (at least 1 GiB); when the file has grown past the newest, a
-    /// larger one is added and the older ones stay for the pointers already handed out.
-    /// Only bytes inside the file are ever touched (past its end a mapping raises SIGBUS),
-    /// and VHD files never shrink.
-    private struct Mappings {
-        var maps: [(base: UnsafeRawPointer, length: Int)] = []
-        var knownLength: UInt64 = 0
-    }
-    private let mappings = Mutex(Mappings())
+    /// Read-only shared mappings of the file (VHD files never shrink).
+    private let mappings = FileMappings()
 
     public func mapped(offset: UInt64, count: Int) -> UnsafeRawBufferPointer? {
         map(offset: offset, count: count, populate: true)
     }
 
     func map(offset: UInt64, count: Int, populate: Bool) -> UnsafeRawBufferPointer? {
-        #if os(Linux)
-        let (end, over) = offset.addingReportingOverflow(UInt64(max(count, 0)))
-        guard count > 0, !over, end <= UInt64(Int.max) else { return nil }
-        let base: UnsafeRawPointer? = mappings.withLock { m in
-            if end > m.knownLength {
-                var st = stat()
-                guard fstat(fd.rawValue, &st) == 0 else { return nil }
-                m.knownLength = UInt64(st.st_size)
-                if end > m.knownLength { return nil }
-            }
-            if let last = m.maps.last, UInt64(last.length) >= end { return last.base }
-            let length = max(Int(m.knownLength) * 2, 1 << 30)
-            guard let p = mmap(nil, length, PROT_READ, MAP_SHARED, fd.rawValue, 0), p != MAP_FAILED else { return nil }
-            m.maps.append((UnsafeRawPointer(p), length))
-            return UnsafeRawPointer(p)
-        }
-        guard let base else { return nil }
-        if !populate { return UnsafeRawBufferPointer(start: base + Int(offset), count: count) }
-        // Fault the pages in now, on this (I/O) thread, so whoever sends from them does not
-        // wait for the disk. MADV_POPULATE_READ (Linux 5.14).
-        let start = Int(offset) & ~4095
-        guard madvise(UnsafeMutableRawPointer(mutating: base + start), Int(end) - start, 22) == 0 else { return nil }
-        return UnsafeRawBufferPointer(start: base + Int(offset), count: count)
-        #else
-        return nil
-        #endif
-    }
-
-    deinit {
-        #if os(Linux)
-        for m in mappings.withLock({ $0.maps }) { munmap(UnsafeMutableRawPointer(mutating: m.base), m.length) }
-        #endif
+        mappings.map(fd: fd.rawValue, offset: offset, count: count, populate: populate)
     }
 }
 
