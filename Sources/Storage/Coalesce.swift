@@ -116,26 +116,9 @@ extension Collector {
         let started = Date()
         let bytes = try journalled(.leafCoalesce, child: c, parent: p) { switching -> UInt64 in
             // From here every write to c, on any handle, is tracked.
-            let tracker = ChangeTracker()
-            let source: any DiskImage = try sr.withFamilyLock(cr.family) {
-                sr.mergeTrackers[c] = tracker
-                // The layer opened below sees what the handle has made durable (qcow2
-                // publishes new mappings only at a sync): flush, with I/O held off.
-                if let h = sr.lookUp(c) {
-                    try h.paused { chain in
-                        try chain.flush()
-                        h.tracker = tracker
-                    }
-                }
-                return try format.openLayer(path: cPath)
-            }
+            let (tracker, source) = try sr.startTracking(c, family: cr.family) { try format.openLayer(path: cPath) }
             defer { source.close() }
-            defer {
-                sr.withFamilyLock(cr.family) {
-                    sr.mergeTrackers[c] = nil
-                    if let h = sr.lookUp(c), h.tracker === tracker { h.paused { _ in h.tracker = nil } }
-                }
-            }
+            defer { sr.stopTracking(c, family: cr.family, tracker) }
             let size = source.virtualSize
             if try format.virtualSize(ofFile: pPath) < size { try format.grow(path: pPath, to: size) }
             let target = try format.open(path: pPath, writable: true)

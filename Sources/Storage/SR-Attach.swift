@@ -192,6 +192,37 @@ extension SR {
         return handles[uuid]
     }
 
+    /// Starts tracking every write to `uuid`, on its open handle and on any opened later
+    /// (a merge or a migration copies them again), and runs `open` (the view it copies
+    /// from) under the family lock right after, once the handle has flushed: a qcow2 leaf
+    /// publishes new mappings only at a sync, so the view then misses nothing untracked.
+    func startTracking<T>(_ uuid: String, family: String, then open: () throws -> T) throws -> (ChangeTracker, T) {
+        let tracker = ChangeTracker()
+        let view = try withFamilyLock(family) { () throws -> T in
+            mergeTrackers[uuid] = tracker
+            do {
+                if let h = lookUp(uuid) {
+                    try h.paused { chain in
+                        try chain.flush()
+                        h.tracker = tracker
+                    }
+                }
+                return try open()
+            } catch {
+                stopTracking(uuid, family: family, tracker)
+                throw error
+            }
+        }
+        return (tracker, view)
+    }
+
+    func stopTracking(_ uuid: String, family: String, _ tracker: ChangeTracker) {
+        withFamilyLock(family) {
+            if mergeTrackers[uuid] === tracker { mergeTrackers[uuid] = nil }
+            if let h = lookUp(uuid), h.tracker === tracker { h.paused { _ in h.tracker = nil } }
+        }
+    }
+
     /// Makes everything written through the VDI's open handle (if any) visible to a
     /// second opener of its files: a qcow2 leaf keeps new mappings in memory until it
     /// syncs, so a view opened beside the handle (an export, a copy, a merge's source)

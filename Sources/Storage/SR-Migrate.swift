@@ -50,24 +50,11 @@ extension SR {
         let started = Date()
 
         // From here every write to the VDI, on any handle, is tracked.
-        let tracker = ChangeTracker()
-        let source: any DiskImage = try withFamilyLock(rec.family) {
-            mergeTrackers[rec.uuid] = tracker
-            if let h = lookUp(rec.uuid) {
-                try h.paused { chain in
-                    try chain.flush()
-                    h.tracker = tracker
-                }
-            }
-            return try src.open(path: imagePath(rec.uuid), writable: false)
+        let (tracker, source) = try startTracking(rec.uuid, family: rec.family) {
+            try src.open(path: imagePath(rec.uuid), writable: false)
         }
         defer { source.close() }
-        defer {
-            withFamilyLock(rec.family) {
-                mergeTrackers[rec.uuid] = nil
-                if let h = lookUp(rec.uuid), h.tracker === tracker { h.paused { _ in h.tracker = nil } }
-            }
-        }
+        defer { stopTracking(rec.uuid, family: rec.family, tracker) }
         let target = try dest.open(path: staging, writable: true)
         var targetOpen = true
         defer { if targetOpen { target.close() } }
