@@ -133,7 +133,9 @@ public protocol ImageFormat: Sendable {
     func create(path: String, size: UInt64) throws
     /// Makes a new empty child of `parent`, of the parent's size unless `size` is given.
     func createChild(path: String, parent: String, size: UInt64?) throws
-    /// Opens `path` and every parent it names; only the leaf is writable.
+    /// Opens `path` and every parent it names; only the leaf is writable. A file has one
+    /// writer in a process, and a view opened while it writes sees every write made
+    /// before the open (an export, a copy and a merge open such views beside a handle).
     func open(path: String, writable: Bool) throws -> any DiskImage
     /// Opens `path` alone, read-only: it reads its own data and zeros elsewhere.
     func openLayer(path: String) throws -> any DiskImage

@@ -160,6 +160,8 @@ extension QCOW2File {
         guard writable else { return }
         allocating.lock()
         defer { allocating.unlock() }
+        // Closed meanwhile (a reader's open may race the writer's close): the close synced.
+        if state.withLock({ $0.closed }) { return }
         try syncLocked()
         try file.sync()
     }
@@ -183,7 +185,7 @@ extension QCOW2File {
             allocating.unlock()
         }
         file.close()
-        if let k = writerKey { _ = Self.writers.withLock { $0.remove(k) } }
+        if let k = writerKey { _ = Self.writers.withLock { $0.removeValue(forKey: k) } }
     }
 }
 

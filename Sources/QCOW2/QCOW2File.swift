@@ -86,10 +86,18 @@ public final class QCOW2File: MappableFile, @unchecked Sendable {
         }
     }
 
-    /// The files open for writing in this process, by device and inode: a second writer
-    /// would allocate the clusters the first one holds in memory, so it is refused.
-    static let writers = Mutex<Set<FileKey>>([])
+    /// The files open for writing in this process, by device and inode. A writer keeps
+    /// new mappings in memory until it syncs, so a second writer (which would allocate
+    /// the clusters the first holds) is refused, and a reader opened meanwhile first has
+    /// the writer sync: a view opened in this process sees every write made before it,
+    /// whoever opens it (an export, a copy, a merge's source).
+    static let writers = Mutex<[FileKey: Writer]>([:])
     struct FileKey: Hashable { let dev: UInt64, ino: UInt64 }
+    /// A writer's entry: claimed at the start of its open, pointing at it once open.
+    final class Writer: @unchecked Sendable {
+        // Unchecked: set once, under `writers`' lock, and read under it.
+        weak var file: QCOW2File?
+    }
     /// This file's entry in `writers` (writable files only).
     let writerKey: FileKey?
 
@@ -97,11 +105,20 @@ public final class QCOW2File: MappableFile, @unchecked Sendable {
         self.file = file
         self.path = file.path
         self.writable = writable
-        let key: FileKey? = writable ? try file.identity : nil
-        if let key, !Self.writers.withLock({ $0.insert(key).inserted }) { throw .alreadyOpenForWriting(path: file.path) }
+        let identity = try file.identity
+        let slot = Writer()
+        let writer = try Self.writers.withLock { (w) throws(QCOW2Error) -> QCOW2File? in
+            guard writable else { return w[identity]?.file }
+            if w[identity] != nil { throw .alreadyOpenForWriting(path: file.path) }
+            w[identity] = slot
+            return nil
+        }
+        // Outside the registry's lock: the writer's sync takes its own.
+        try writer?.flush()
+        let key: FileKey? = writable ? identity : nil
         writerKey = key
         var opened = false
-        defer { if !opened, let key { _ = Self.writers.withLock { $0.remove(key) } } }
+        defer { if !opened, let key { _ = Self.writers.withLock { $0.removeValue(forKey: key) } } }
         let length = try file.length
         let first = try file.read(count: 4096, at: 0)
         guard first.count >= 24, be32(first, 0) == QCOW2Header.magic else { throw .badMagic(path: path) }
@@ -136,13 +153,14 @@ public final class QCOW2File: MappableFile, @unchecked Sendable {
             h.autoclearFeatures = 0
             try writeFeatureFields(h)
             if headerWasDirty { try repair() }
+            Self.writers.withLock { _ in slot.file = self }
         }
         opened = true
     }
 
     deinit {
         // A closed file gave its entry back at close (someone may hold the key since).
-        if let k = writerKey, !state.withLock({ $0.closed }) { _ = Self.writers.withLock { $0.remove(k) } }
+        if let k = writerKey, !state.withLock({ $0.closed }) { _ = Self.writers.withLock { $0.removeValue(forKey: k) } }
         file.close()
     }
 

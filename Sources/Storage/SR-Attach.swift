@@ -194,19 +194,14 @@ extension SR {
 
     /// Starts tracking every write to `uuid`, on its open handle and on any opened later
     /// (a merge or a migration copies them again), and runs `open` (the view it copies
-    /// from) under the family lock right after, once the handle has flushed: a qcow2 leaf
-    /// publishes new mappings only at a sync, so the view then misses nothing untracked.
+    /// from) under the family lock right after: the view sees every write made before it
+    /// opens (the seam's promise), so it misses nothing untracked.
     func startTracking<T>(_ uuid: String, family: String, then open: () throws -> T) throws -> (ChangeTracker, T) {
         let tracker = ChangeTracker()
         let view = try withFamilyLock(family) { () throws -> T in
             mergeTrackers[uuid] = tracker
             do {
-                if let h = lookUp(uuid) {
-                    try h.paused { chain in
-                        try chain.flush()
-                        h.tracker = tracker
-                    }
-                }
+                if let h = lookUp(uuid) { h.paused { _ in h.tracker = tracker } }
                 return try open()
             } catch {
                 stopTracking(uuid, family: family, tracker)
@@ -220,17 +215,6 @@ extension SR {
         withFamilyLock(family) {
             if mergeTrackers[uuid] === tracker { mergeTrackers[uuid] = nil }
             if let h = lookUp(uuid), h.tracker === tracker { h.paused { _ in h.tracker = nil } }
-        }
-    }
-
-    /// Makes everything written through the VDI's open handle (if any) visible to a
-    /// second opener of its files: a qcow2 leaf keeps new mappings in memory until it
-    /// syncs, so a view opened beside the handle (an export, a copy, a merge's source)
-    /// would miss them. The flush runs with the handle's I/O held off.
-    func settle(_ rec: VDIRecord) throws {
-        try withFamilyLock(rec.family) {
-            guard let h = lookUp(rec.uuid) else { return }
-            try h.paused { try $0.flush() }
         }
     }
 

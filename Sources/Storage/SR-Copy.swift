@@ -62,7 +62,6 @@ extension SR {
     }
 
     private func copyData(from src: VDIRecord, base: VDIRecord?, into target: VDIRecord, fresh: Bool, task: TaskContext?) throws {
-        try settle(src)
         let source = try format(of: src.uuid).open(path: imagePath(src.uuid), writable: false)
         defer { source.close() }
         let size = src.virtualSize

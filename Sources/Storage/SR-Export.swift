@@ -131,7 +131,6 @@ extension SR {
             try requireFile(b)
         }
         try requireFile(rec)
-        try settle(rec)
         let image = try format(of: rec.uuid).open(path: imagePath(rec.uuid), writable: false)
         do {
             let size = rec.virtualSize

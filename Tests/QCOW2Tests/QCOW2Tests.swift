@@ -161,7 +161,8 @@ final class QCOW2Tests: XCTestCase {
     }
 
     /// A file has one writer: a second writable open (through another name too) is
-    /// refused while the first is open, and allowed once it is closed; readers are not.
+    /// refused while the first is open, and allowed once it is closed; a reader is let in
+    /// and sees what the writer wrote before it opened.
     func testOneWriterPerFile() throws {
         let p = dir + "/w.qcow2", q = dir + "/w-link.qcow2"
         try QCOW2Format().create(path: p, size: 1 << 20)
@@ -170,9 +171,12 @@ final class QCOW2Tests: XCTestCase {
         XCTAssertThrowsError(try QCOW2Format().open(path: q, writable: true)) {
             XCTAssertEqual($0 as? QCOW2Error, .alreadyOpenForWriting(path: q))
         }
-        let r = try QCOW2Format().open(path: q, writable: false)
-        r.close()
+        // A reader opened while the writer holds a new mapping in memory only (no flush
+        // yet) sees it: its open has the writer sync first.
         try [UInt8](repeating: 7, count: 4096).withUnsafeBytes { try a.write($0, at: 0, beforeVisible: nil) }
+        let r = try QCOW2Format().open(path: q, writable: false)
+        XCTAssertEqual(try read(r, 0, 4096), [UInt8](repeating: 7, count: 4096))
+        r.close()
         a.close()
         let b = try QCOW2Format().open(path: q, writable: true)
         defer { b.close() }
