@@ -44,8 +44,8 @@ extension ControlAPI {
         case "VDI.get_sm_config":
             return try JSONValue.from(sr.record(p.string(0, "uuid")).smConfig)
         case "SR.scan":
-            // XenAPI passes the SR first; this server has one and takes it as read. An
-            // "OpaqueRef:" SR ref is dropped with the session, so the options may come first.
+            // XenAPI passes the SR first (routed to it); an "OpaqueRef:" SR ref is dropped
+            // with the session, so the options may come first, and then it is the default.
             let o = p.optional(1, "options")?.objectValue ?? p.positional.first?.objectValue ?? [:]
             let report = try sr.scan()
             var out = try JSONValue.from(report).objectValue ?? [:]
@@ -64,12 +64,14 @@ extension ControlAPI {
             out["gc_status"] = try JSONValue.from(sr.collector.status)
             return .object(out)
         case "SR.get_all":
-            return .array([.string(sr.uuid)])
+            return .array(pool.srs.map { .string($0.uuid) })
         case "SR.get_all_records":
-            return .object([sr.uuid: try JSONValue.from(sr.srRecord())])
+            var out: [String: JSONValue] = [:]
+            for s in pool.srs { out[s.uuid] = try JSONValue.from(s.srRecord()) }
+            return .object(out)
         case "SR.get_record", "SR.get_by_uuid", "SR.get_uuid", "SR.get_name_label", "SR.get_supported_image_formats":
             let r = try sr.srRecord()
-            // This server has one SR: its uuid, or its path, names it.
+            // Routed to the SR named (its uuid or path); an empty name means the default.
             let asked = try p.string(0, method == "SR.get_by_uuid" ? "uuid" : "sr")
             guard asked == r.uuid || asked == r.path || asked.isEmpty else {
                 throw RPCError.xenAPI("UUID_INVALID", ["SR", asked])

@@ -79,23 +79,26 @@ extension ControlAPI {
         case "VDI.clone":
             return .string(try sr.clone(p.string(0, "uuid"), driverParams: driverParams(p.optional(1, "driver_params"))).uuid)
         case "VDI.pool_migrate":
-            // (vdi, sr, options): this SR (its uuid, its path or empty), options
-            // {"dest-img-format": F}, the name xapi gives the target's image format.
+            // (vdi, sr, options): the SR to move to (its uuid or path; empty: the VDI's
+            // own), options {"dest-img-format": F}, the name xapi gives the target's image
+            // format (default: the VDI's own if the SR holds it, else the SR's default).
             let vdi = try p.string(0, "vdi")
-            if let s = ref(p.optional(1, "sr")), s != sr.path, s != sr.uuid {
-                throw StorageError.handleInvalid(kind: "SR", value: s)
-            }
+            let dest = try ref(p.optional(1, "sr")).map { try pool.sr(ref: $0) } ?? sr
             let options = p.optional(2, "options")?.objectValue ?? [:]
-            let f = options["dest-img-format"]?.stringValue ?? sr.format(of: vdi).name
+            let own = sr.format(of: vdi).name
+            let f = options["dest-img-format"]?.stringValue
+                ?? (dest.supportedImageFormats.contains { $0.name == own } ? own : dest.format.name)
+            if dest !== sr { return .string(try sr.migrate(vdi, to: dest, format: f, task: task).uuid) }
             return .string(try sr.migrate(vdi, toFormat: f, task: task).uuid)
         case "VDI.copy":
             let src = try p.string(0, "vdi")
-            let destSR = ref(p.optional(1, "sr"))
-            if let s = destSR, s != sr.path, s != sr.uuid {
-                throw StorageError.handleInvalid(kind: "SR", value: s)
-            }
-            // One SR here: an absent SR (a null ref, as xe sends with into_vdi) means it.
+            // An absent SR (a null ref, as xe sends with into_vdi) means the source's, or
+            // into_vdi's when one is given.
             let into = ref(p.optional(3, "into_vdi"))
+            let dest = try ref(p.optional(1, "sr")).map { try pool.sr(ref: $0) } ?? into.map { pool.route($0) } ?? sr
+            if let i = into, pool.holding(i) != nil, pool.route(i) !== dest {
+                throw StorageError.operationNotAllowed(reason: "into_vdi \(i) is not in SR \(dest.uuid)")
+            }
             // options {"dest-img-format": F}, as xapi names the target format of a migration.
             let options = p.optional(4, "options")?.objectValue ?? [:]
             let destFormat = options["dest-img-format"]?.stringValue
@@ -103,7 +106,8 @@ extension ControlAPI {
                 throw StorageError.valueNotSupported(field: "dest-img-format", value: destFormat!,
                                                      reason: "a copy into an existing VDI keeps that VDI's format")
             }
-            return .string(try sr.copy(src, base: ref(p.optional(2, "base_vdi")), into: into, format: destFormat, task: task).uuid)
+            return .string(try sr.copy(src, base: ref(p.optional(2, "base_vdi")), into: into, format: destFormat,
+                                       destination: dest, task: task).uuid)
         default:
             guard method.hasPrefix("VDI.get_"), Self.recordFields.contains(String(method.dropFirst("VDI.get_".count))) else {
                 return nil

@@ -2,14 +2,63 @@ import Foundation
 import Logging
 import Storage
 
-/// The method table: XenAPI-named methods over the SR.
+/// The method table: XenAPI-named methods over the hosted SRs. Each request runs against
+/// one SR (`sr`): the one holding the VDI it names, the SR it names, or the default; the
+/// listings (`VDI.get_all`, `SR.get_all`, ...) cover them all.
 public final class ControlAPI: @unchecked Sendable {
     let sr: SR
+    let pool: Pool
     let logger: Logger
 
-    public init(sr: SR, logger: Logger) {
-        self.sr = sr
+    public init(pool: Pool, logger: Logger) {
+        self.sr = pool.primary
+        self.pool = pool
         self.logger = logger
+    }
+
+    /// The methods of one SR.
+    public convenience init(sr: SR, logger: Logger) {
+        self.init(pool: try! Pool([sr]), logger: logger)
+    }
+
+    private init(sr: SR, pool: Pool, logger: Logger) {
+        self.sr = sr
+        self.pool = pool
+        self.logger = logger
+    }
+
+    /// The SR a request runs against when it is not this one's (nil: this one's, or a
+    /// listing over all).
+    func routed(_ method: String, _ p: Params) throws -> SR? {
+        func first(_ names: String...) -> String? {
+            if let s = p.positional.first?.stringValue { return s }
+            for n in names { if let s = p.named[n]?.stringValue { return s } }
+            return nil
+        }
+        let target: SR
+        switch method {
+        case _ where method.hasPrefix("Async.") || method.hasPrefix("Task.") || method == "system.listMethods":
+            return nil
+        case "VDI.get_all", "VDI.get_all_records", "VDI.get_by_name_label", "SR.get_all", "SR.get_all_records":
+            return nil
+        case "VDI.create":
+            let args = p.positional.first?.objectValue ?? p.named["args"]?.objectValue ?? p.named
+            guard let s = ref(args["SR"]) else { return pool.primary === sr ? nil : pool.primary }
+            target = try pool.sr(ref: s)
+        case "VDI.list_changed_blocks":
+            guard let to = (p.positional.count > 1 ? p.positional[1] : p.named["vdi_to"])?.stringValue else { return nil }
+            target = pool.route(to)
+        case _ where method.hasPrefix("SR."):
+            guard let s = first("sr", "uuid"), !s.isEmpty else { return nil }
+            guard let t = pool.sr(named: s) else { throw RPCError.xenAPI("UUID_INVALID", ["SR", s]) }
+            target = t
+        case _ where method.hasPrefix("VDI."):
+            guard let v = first("uuid", "vdi", "self") else { return nil }
+            target = pool.route(v)
+        default:
+            return nil
+        }
+        return target === sr ? nil : target
     }
 
     /// Handles one decoded request; never throws.
@@ -98,6 +147,9 @@ public final class ControlAPI: @unchecked Sendable {
 
     func dispatch(_ method: String, _ p: Params, task: TaskContext?) throws -> JSONValue {
         try checkArity(method, p)
+        if let other = try routed(method, p) {
+            return try ControlAPI(sr: other, pool: pool, logger: logger).dispatch(method, p, task: task)
+        }
         switch method {
         case "system.listMethods":
             return .array((Self.methods + Self.moreMethods + Self.lifecycleMethods + Self.transferMethods).map { .string($0) })
@@ -106,17 +158,21 @@ public final class ControlAPI: @unchecked Sendable {
         case "VDI.get_record":
             return try recordJSON(sr.record(p.string(0, "uuid")))
         case "VDI.get_all":
-            return .array(try sr.allRecords().map { .string($0.uuid) })
+            return .array(try pool.allRecords().map { .string($0.uuid) })
         case "VDI.get_all_records":
             var out: [String: JSONValue] = [:]
-            // One pass over the records for every record's `snapshots`, not one per record.
-            let all = try sr.allRecords()
-            let snapshots = Dictionary(grouping: all.filter { $0.snapshotOf != nil }, by: { $0.snapshotOf! }).mapValues { $0.map(\.uuid) }
-            for r in all { out[r.uuid] = try recordJSON(r, snapshots: snapshots[r.uuid] ?? []) }
+            // One pass over the records for every record's `snapshots`, not one per record
+            // (a VDI migrated to another SR keeps its snapshots where they were).
+            let all = try pool.srs.map { ($0, try $0.allRecords()) }
+            let snapshots = Dictionary(grouping: all.flatMap(\.1).filter { $0.snapshotOf != nil }, by: { $0.snapshotOf! }).mapValues { $0.map(\.uuid) }
+            for (s, records) in all {
+                let api = s === sr ? self : ControlAPI(sr: s, pool: pool, logger: logger)
+                for r in records { out[r.uuid] = try api.recordJSON(r, snapshots: snapshots[r.uuid] ?? []) }
+            }
             return .object(out)
         case "VDI.get_by_name_label":
             let label = try p.string(0, "label")
-            return .array(try sr.allRecords().filter { $0.nameLabel == label }.map { .string($0.uuid) })
+            return .array(try pool.allRecords().filter { $0.nameLabel == label }.map { .string($0.uuid) })
         case "VDI.snapshot":
             var driver: [String: String] = [:]
             if let d = p.optional(1, "driver_params")?.objectValue {
@@ -221,7 +277,7 @@ public final class ControlAPI: @unchecked Sendable {
         })
         o["allowed_operations"] = .array(sr.allowedOperations(r).map { .string($0.rawValue) })
         o["current_operations"] = .object([:])
-        let snaps = snapshots ?? ((try? sr.allRecords()) ?? []).filter { $0.snapshotOf == r.uuid }.map(\.uuid)
+        let snaps = snapshots ?? ((try? pool.allRecords()) ?? []).filter { $0.snapshotOf == r.uuid }.map(\.uuid)
         o["snapshots"] = .array(snaps.map { .string($0) })
         o["storage_lock"] = .bool(false)
         o["is_tools_iso"] = .bool(false)

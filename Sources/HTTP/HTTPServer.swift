@@ -24,7 +24,10 @@ import Storage
 import Synchronization
 
 public final class HTTPTransferServer: @unchecked Sendable {
-    let sr: SR
+    /// The hosted SRs: a transfer goes to the one holding its VDI.
+    let pool: Pool
+    /// The default SR (its task table is the pool's).
+    var sr: SR { pool.primary }
     let logger: Logger
     /// Bytes of an import's body handed to the disk at a time.
     static let chunk = 4 << 20
@@ -40,8 +43,8 @@ public final class HTTPTransferServer: @unchecked Sendable {
         try identity.load(from: dir)
     }
 
-    public init(sr: SR, logger: Logger) {
-        self.sr = sr
+    public init(pool: Pool, logger: Logger) {
+        self.pool = pool
         self.logger = logger
     }
 
@@ -66,8 +69,8 @@ public final class HTTPTransferServer: @unchecked Sendable {
         router.get("export_raw_vdi") { [self] req, _ in try await export(req) }
         router.head("export_raw_vdi") { [self] req, _ in try await export(req, headOnly: true) }
         router.put("import_raw_vdi") { [self] req, _ in try await importVDI(req) }
-        router.get("metrics") { [sr] _, _ in
-            let text = try await NIOThreadPool.singleton.runIfActive { MetricsExport.scrape(sr) }
+        router.get("metrics") { [pool] _, _ in
+            let text = try await NIOThreadPool.singleton.runIfActive { MetricsExport.scrape(pool) }
             return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"],
                             body: ResponseBody(byteBuffer: ByteBuffer(bytes: text)))
         }
@@ -98,7 +101,7 @@ public final class HTTPTransferServer: @unchecked Sendable {
         let base = q["base"].map(String.init).flatMap { $0.isEmpty ? nil : $0 }
         let stream: ExportStream
         do {
-            stream = try await NIOThreadPool.singleton.runIfActive { [sr] in try sr.openExport(vdi, format: format, base: base) }
+            stream = try await NIOThreadPool.singleton.runIfActive { [pool] in try pool.route(vdi).openExport(vdi, format: format, base: base) }
         } catch {
             return failure(error, "export of \(vdi)")
         }
@@ -173,8 +176,8 @@ public final class HTTPTransferServer: @unchecked Sendable {
         let taskHeader: HTTPFields = [HTTPField.Name("task-id")!: task.uuid]
         let session: ImportSession
         do {
-            session = try await NIOThreadPool.singleton.runIfActive { [sr] in
-                try sr.beginImport(vdi, format: format, chunked: chunked, task: task)
+            session = try await NIOThreadPool.singleton.runIfActive { [pool] in
+                try pool.route(vdi).beginImport(vdi, format: format, chunked: chunked, task: task)
             }
         } catch {
             sr.tasks.finish(task, error: error)
@@ -226,7 +229,7 @@ public final class HTTPTransferServer: @unchecked Sendable {
             return plain(.unauthorized, "an export token is required: ?token=, Authorization: Bearer, or basic auth with the token as the password",
                          headers: [.wwwAuthenticate: "Basic realm=\"vdinbd\", Bearer"])
         }
-        switch sr.resolve(token: token, vdi: vdi) {
+        switch pool.route(vdi).resolve(token: token, vdi: vdi) {
         case .failure(let why):
             logger.info("HTTP \(req.method) \(req.uri.path) for \(vdi) refused: \(why)")
             return plain(.unauthorized, "\(why)", headers: [.wwwAuthenticate: "Basic realm=\"vdinbd\", Bearer"])

@@ -25,11 +25,13 @@ public enum MetricsExport {
     }
 
     /// The text to serve: first the values computed when asked (chain depths, tasks).
-    static func scrape(_ sr: SR) -> [UInt8] {
-        for (uuid, depth) in sr.chainDepths() {
-            Gauge(label: "vdinbd_vdi_chain_depth", dimensions: [("vdi", uuid)]).record(depth)
+    static func scrape(_ pool: Pool) -> [UInt8] {
+        for sr in pool.srs {
+            for (uuid, depth) in sr.chainDepths() {
+                Gauge(label: "vdinbd_vdi_chain_depth", dimensions: [("vdi", uuid)]).record(depth)
+            }
         }
-        let running = sr.tasks.all().filter { $0.status == .pending }.count
+        let running = pool.tasks.all().filter { $0.status == .pending }.count
         Gauge(label: "vdinbd_tasks_pending").record(running)
         return registry.emitToBuffer()
     }

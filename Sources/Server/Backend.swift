@@ -3,15 +3,19 @@ import NBD
 import NIOCore
 import Storage
 
-/// Joins NBD and Storage: resolves export names through the SR's tokens, and remembers
-/// what it granted so entering transmission needs no second lookup. One per connection.
+/// Joins NBD and Storage: resolves export names through the tokens of the SR holding the
+/// VDI, and remembers what it granted (and where) so entering transmission needs no
+/// second lookup. One per connection.
 final class SRExportResolver: ExportResolver {
-    let sr: SR
+    let pool: Pool
     var grants: [String: SR.ExportGrant] = [:]
-    init(sr: SR) { self.sr = sr }
+    var srs: [String: SR] = [:]
+    init(pool: Pool) { self.pool = pool }
 
     func describe(exportName: String) -> Result<ExportDescription, ExportLookupFailure> {
-        switch sr.resolve(exportName: exportName) {
+        let (sr, result) = pool.resolve(exportName: exportName)
+        srs[exportName] = sr
+        switch result {
         case .failure(let r):
             grants[exportName] = nil
             switch r {

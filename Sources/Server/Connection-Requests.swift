@@ -96,7 +96,7 @@ extension Connection {
             let r = to(cookie, offset)
             run(r, bytes: 0, what: Work(.blockStatus, offset, length), chunked: true) {
                 .buffer(try Replies.blockStatus(h, r, offset: offset, length: length, reqOne: reqOne, contexts: contexts) {
-                    try self.server.sr.changedBlocks(from: $0, to: h.uuid)
+                    try self.server.pool.route(h.uuid).changedBlocks(from: $0, to: h.uuid)
                 })
             }
         }

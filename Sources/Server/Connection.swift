@@ -89,7 +89,9 @@ final class Connection: @unchecked Sendable {
     var retryingWrite = false
     var closeReason = ""
     var finished = false
-    lazy var resolver = SRExportResolver(sr: server.sr)
+    lazy var resolver = SRExportResolver(pool: server.pool)
+    /// The SR the connection attached through (its VDI may migrate to another since).
+    var attachedSR: SR?
 
     init(id: Int, fd: Int32, server: NBDServer) {
         self.id = id
@@ -229,8 +231,16 @@ final class Connection: @unchecked Sendable {
         }
         let vdi = granted.uuid
         let g = resolver.grants[export.name]
+        var sr = resolver.srs[export.name] ?? server.pool.route(vdi)
         do {
-            handle = try server.sr.attach(vdi, familyHint: granted.family, grant: g)
+            do {
+                handle = try sr.attach(vdi, familyHint: granted.family, grant: g)
+            } catch StorageError.vdiMissing where server.pool.route(vdi) !== sr {
+                // Moved to another SR since GO resolved it: its token went along.
+                sr = server.pool.route(vdi)
+                handle = try sr.attach(vdi, familyHint: granted.family, grant: g)
+            }
+            attachedSR = sr
             grant = g
             metrics = RequestMetrics(export: vdi)
         } catch {
@@ -297,7 +307,7 @@ final class Connection: @unchecked Sendable {
         finished = true
         if let h = handle {
             handle = nil
-            server.sr.detach(h, grant: grant)
+            server.pool.detach(h, grant: grant, attachedTo: attachedSR ?? server.sr)
         }
         if readSuspended, let rs = readSource { rs.resume(); readSuspended = false }
         if writeSuspended, let ws = writeSource { ws.resume(); writeSuspended = false }

@@ -34,7 +34,10 @@ public struct ServerConfig: Sendable {
 /// Accepts NBD clients and runs their connections.
 public final class NBDServer: @unchecked Sendable {
     public let config: ServerConfig
-    public let sr: SR
+    /// The SRs whose VDIs this server exports.
+    public let pool: Pool
+    /// The default SR.
+    public var sr: SR { pool.primary }
     let logger: Logger
     let queue = DispatchQueue(label: "vdinbd.accept")
     /// Disk I/O runs here, never on a connection's queue.
@@ -63,11 +66,17 @@ public final class NBDServer: @unchecked Sendable {
         credentials = c
     }
 
-    public init(config: ServerConfig, sr: SR, logger: Logger) {
+    public init(config: ServerConfig, pool: Pool, logger: Logger) {
         self.credentials = config.tlsCredentials
         self.config = config
-        self.sr = sr
+        self.pool = pool
         self.logger = logger
+    }
+
+    /// A server of one SR.
+    public convenience init(config: ServerConfig, sr: SR, logger: Logger) {
+        // One SR: nothing to clash with.
+        self.init(config: config, pool: try! Pool([sr]), logger: logger)
     }
 
     /// Closes the connections that attached with any of `digests` (revoked tokens).
@@ -85,7 +94,7 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     public func start() throws {
-        sr.onTokensRevoked = { [weak self] digests in self?.closeConnections(usingTokens: digests) }
+        for s in pool.srs { s.onTokensRevoked = { [weak self] digests in self?.closeConnections(usingTokens: digests) } }
         let t = DispatchSource.makeTimerSource(queue: queue)
         t.schedule(deadline: .now() + 1, repeating: .seconds(1))
         t.setEventHandler { [replyBuffers] in replyBuffers.trimIfIdle() }

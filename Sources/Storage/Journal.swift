@@ -51,6 +51,8 @@ struct JournalEntry: Codable, Equatable, Sendable {
     var runs: [[UInt64]]? = nil
     var replaces: Bool? = nil
     var stagedImage: Bool? = nil
+    /// `migrate` to another SR: that SR's uuid (the staging file is in its directory).
+    var destination: String? = nil
 }
 
 final class Journal: @unchecked Sendable {

@@ -157,14 +157,18 @@ extension SR {
         }
     }
 
-    public func detach(_ h: VDIHandle, grant: ExportGrant? = nil) {
+    /// Lets go of one hold of `h`. False (nothing done) when this SR's table no longer
+    /// holds it: a migration moved it to another SR, whose `detach` the pool calls.
+    @discardableResult
+    public func detach(_ h: VDIHandle, grant: ExportGrant? = nil, force: Bool = false) -> Bool {
         withFamilyLock(h.family) {
+            guard force || lookUp(h.key) === h else { return false }
             if let g = grant { leaveAttachment(h.uuid, digest: g.digest) }
             h.refCount -= 1
-            guard h.refCount == 0 else { return }
+            guard h.refCount == 0 else { return true }
             if h.overlayPath != nil {
                 closeOverlay(h)
-                return
+                return true
             }
             try? h.flush()
             // A clean detach: the log is marked consistent, as blktap does.
@@ -184,6 +188,7 @@ extension SR {
                     }
                 }
             }
+            return true
         }
     }
 

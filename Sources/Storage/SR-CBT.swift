@@ -10,6 +10,16 @@ import GRDB
 extension SR {
     public func cbtLogPath(_ uuid: String) -> String { "\(path)/\(uuid).cbtlog" }
 
+    /// The SR holding `uuid`: this one, or another of the pool. A VDI migrated to another
+    /// SR leaves its snapshots here, and the change-log chain links across the two.
+    func peer(holding uuid: String) -> SR {
+        if (try? anyRecord(uuid)) != nil { return self }
+        return pool?.holding(uuid) ?? self
+    }
+
+    /// The change log of `uuid`, in whichever SR holds it.
+    func logPath(_ uuid: String) -> String { peer(holding: uuid).cbtLogPath(uuid) }
+
     public func enableCBT(_ uuid: String) throws {
         try withFamily(of: uuid) { try enableCBTLocked($0) }
     }
@@ -70,7 +80,9 @@ extension SR {
 
     /// Opens a VDI's log for reading or merging: the attached handle's own when there is one.
     func openLog(_ uuid: String) throws -> ChangeLog {
-        try withOpenHandle(uuid) { h in
+        let owner = peer(holding: uuid)
+        if owner !== self { return try owner.openLog(uuid) }
+        return try withOpenHandle(uuid) { h in
             if let h, let l = h.withCBT({ $0 }) { return l }
             return try ChangeLog.open(path: cbtLogPath(uuid))
         }
@@ -126,7 +138,7 @@ extension SR {
         try old.setChild(UUID(uuidString: vdi))
         try old.setConsistent(true)
         // The log before it now leads to the snapshot, not to the live VDI.
-        if let p = old.parent?.uuidString.lowercased(), let prev = try? ChangeLog.open(path: cbtLogPath(p)) {
+        if let p = old.parent?.uuidString.lowercased(), let prev = try? ChangeLog.open(path: logPath(p)) {
             try prev.setChild(UUID(uuidString: snapshot))
         }
         guard ChangeLog.rename(live, to: moved), ChangeLog.rename(fresh, to: live) else {
@@ -153,7 +165,7 @@ extension SR {
             do {
                 try next.merge(log.bits)
                 try next.setParent(log.parent)
-                if let p = log.parent?.uuidString.lowercased(), let prev = try? ChangeLog.open(path: cbtLogPath(p)) {
+                if let p = log.parent?.uuidString.lowercased(), let prev = try? ChangeLog.open(path: logPath(p)) {
                     try prev.setChild(UUID(uuidString: child))
                 }
             } catch {
@@ -195,7 +207,7 @@ extension SR {
 
     /// The union of the logs after `from` up to `to`, LSB first as stored, and `to`'s size.
     func changedBlocksLSB(from: String, to: String) throws -> ([UInt8], UInt64) {
-        let f = try record(from), t = try record(to)
+        let f = try peer(holding: from).record(from), t = try record(to)
         for r in [f, t] where !r.cbtEnabled {
             throw StorageError.vdiNoCBTMetadata(uuid: r.uuid, reason: r.otherConfig["cbt_disabled_reason"] ?? "changed block tracking is not enabled")
         }
@@ -205,15 +217,17 @@ extension SR {
         for _ in 0..<100_000 {
             let parent: UUID?
             do {
-                if let live = withOpenHandle(cur, { $0?.withCBT({ $0 }) }) {
+                let owner = peer(holding: cur)
+                if let live = owner.withOpenHandle(cur, { $0?.withCBT({ $0 }) }) {
                     // Attached: its log is in memory and changing.
                     ChangedBlocks.or(live.bits, into: &acc)
                     parent = live.parent
                 } else {
-                    parent = try ChangeLog.accumulate(path: cbtLogPath(cur), into: &acc)
+                    parent = try ChangeLog.accumulate(path: owner.cbtLogPath(cur), into: &acc)
                 }
             } catch {
-                if let live = try? record(cur), !live.isASnapshot { try? disableCBTLocked(live, reason: "\(error)") }
+                let owner = peer(holding: cur)
+                if let live = try? owner.record(cur), !live.isASnapshot { try? owner.disableCBTLocked(live, reason: "\(error)") }
                 throw StorageError.vdiNoCBTMetadata(uuid: cur, reason: "\(error)")
             }
             guard let p = parent?.uuidString.lowercased() else {
@@ -251,7 +265,7 @@ extension SR {
         var cur = uuid
         // Headers only: opening each ancestor's log read its whole bitmap (4 MiB for a
         // 2040 GiB disk), over a second per GO with 29 snapshots.
-        while out.count < 1000, let parent = try? ChangeLog.parent(path: cbtLogPath(cur)) {
+        while out.count < 1000, let parent = try? ChangeLog.parent(path: logPath(cur)) {
             let p = parent.uuidString.lowercased()
             out.append(p)
             cur = p

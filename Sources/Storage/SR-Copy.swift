@@ -18,25 +18,29 @@ extension SR {
     static let copyChunk = 4 << 20
 
     /// `format` (xapi's `dest-img-format`): the image format of a fresh target, which may
-    /// differ from the source's (a VHD VDI copied to qcow2, say); by default the source's.
+    /// differ from the source's (a VHD VDI copied to qcow2, say); by default the source's,
+    /// or `destination`'s default when it does not hold that. `destination`: the SR the
+    /// target is in (by default this one); `base` may be in any SR of the pool.
     public func copy(_ uuid: String, base: String?, into: String?, format destFormat: String? = nil,
-                     task: TaskContext?) throws -> VDIRecord {
+                     destination: SR? = nil, task: TaskContext?) throws -> VDIRecord {
+        let dest = destination ?? self
         let src = try record(uuid)
         guard src.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: src.uuid, type: src.type.rawValue) }
         try requireFile(src)
-        let baseRec = try base.map { try record($0) }
+        let baseSR = base.flatMap { pool?.holding($0) } ?? self
+        let baseRec = try base.map { try baseSR.record($0) }
         if let b = baseRec {
             guard b.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: b.uuid, type: b.type.rawValue) }
-            try requireFile(b)
+            try baseSR.requireFile(b)
         }
         var target: VDIRecord
         let fresh = into == nil
         if let i = into {
-            target = try record(i)
+            target = try dest.record(i)
             if target.uuid == src.uuid { throw StorageError.operationNotAllowed(reason: "a VDI cannot be copied into itself") }
             if target.type == .cbtMetadata { throw StorageError.vdiIncompatibleType(uuid: target.uuid, type: target.type.rawValue) }
             if target.readOnly || target.isASnapshot { throw StorageError.vdiReadonly(uuid: target.uuid) }
-            try requireFile(target)
+            try dest.requireFile(target)
             guard target.virtualSize >= src.virtualSize else {
                 throw StorageError.vdiTooSmall(uuid: target.uuid, minimum: src.virtualSize)
             }
@@ -44,38 +48,41 @@ extension SR {
             var cp = CreateParams(nameLabel: src.nameLabel, virtualSize: src.virtualSize)
             cp.nameDescription = src.nameDescription
             cp.tags = src.tags
-            cp.smConfig["image-format"] = destFormat ?? format(of: src.uuid).name
-            target = try create(cp)
+            let own = format(of: src.uuid).name
+            cp.smConfig["image-format"] = destFormat ?? (dest.supportedImageFormats.contains { $0.name == own } ? own : dest.format.name)
+            target = try dest.create(cp)
         }
         do {
-            try copyData(from: src, base: baseRec, into: target, fresh: fresh, task: task)
+            try copyData(from: src, base: baseRec.map { ($0, baseSR) }, into: target, in: dest, fresh: fresh, task: task)
         } catch {
             if fresh {
-                try? destroy(target.uuid)
+                try? dest.destroy(target.uuid)
                 logger.info("copy of \(src.uuid) failed or was cancelled: its target \(target.uuid) is destroyed (\(error))")
             }
             if error is StorageError { throw error }
             throw StorageError.vdiIOError(uuid: target.uuid, detail: "copy from \(src.uuid): \(error)")
         }
-        logger.info("copied VDI \(src.uuid)\(baseRec.map { " (blocks differing from \($0.uuid))" } ?? "") into \(target.uuid)")
-        return try record(target.uuid)
+        logger.info("copied VDI \(src.uuid)\(baseRec.map { " (blocks differing from \($0.uuid))" } ?? "") into \(target.uuid)\(dest === self ? "" : " in SR \(dest.uuid)")")
+        return try dest.record(target.uuid)
     }
 
-    private func copyData(from src: VDIRecord, base: VDIRecord?, into target: VDIRecord, fresh: Bool, task: TaskContext?) throws {
+    private func copyData(from src: VDIRecord, base: (VDIRecord, SR)?, into target: VDIRecord, in dest: SR, fresh: Bool,
+                          task: TaskContext?) throws {
         let source = try format(of: src.uuid).open(path: imagePath(src.uuid), writable: false)
         defer { source.close() }
         let size = src.virtualSize
         var plan = try copyPlan(source, size: size, base: base)
         if fresh { plan.zero = [] }  // a fresh target reads zeros there already
-        let h = try attach(target.uuid)
-        defer { detach(h) }
+        let h = try dest.attach(target.uuid)
+        defer { dest.detach(h) }
         if fresh { h.withChain { $0.setAllocationBarrier(false) } }
         defer { if fresh { h.withChain { $0.setAllocationBarrier(true) } } }
         let total = plan.work.reduce(0) { $0 + $1.range.count } + plan.zero.reduce(0) { $0 + $1.count }
         var done: UInt64 = 0
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096)
         defer { buf.deallocate() }
-        let baseChain = try plan.compareWith.map { try format(of: $0).open(path: imagePath($0), writable: false) }
+        let baseSR = base?.1 ?? self
+        let baseChain = try plan.compareWith.map { try baseSR.format(of: $0).open(path: baseSR.imagePath($0), writable: false) }
         defer { baseChain?.close() }
         let other = baseChain.map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096) }
         defer { other?.deallocate() }
@@ -159,9 +166,9 @@ extension SR {
         var compareWith: String?
     }
 
-    func copyPlan(_ source: any DiskImage, size: UInt64, base: VDIRecord?) throws -> CopyPlan {
+    func copyPlan(_ source: any DiskImage, size: UInt64, base baseAndSR: (VDIRecord, SR)?) throws -> CopyPlan {
         var plan = CopyPlan()
-        guard let base else {
+        guard let (base, baseSR) = baseAndSR else {
             var pos: UInt64 = 0
             for run in try source.allocationRuns(offset: 0, length: size) {
                 let r = pos..<(pos + run.length)
@@ -170,7 +177,7 @@ extension SR {
             }
             return plan
         }
-        let baseChain = try format(of: base.uuid).open(path: imagePath(base.uuid), writable: false)
+        let baseChain = try baseSR.format(of: base.uuid).open(path: baseSR.imagePath(base.uuid), writable: false)
         let basePaths = baseChain.layerPaths
         baseChain.close()
         let srcPaths = source.layerPaths

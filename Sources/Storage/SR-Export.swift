@@ -165,7 +165,7 @@ extension SR {
         var ranges: [Range<UInt64>] = []
         var compare: String?
         if let base {
-            let plan = try copyPlan(image, size: size, base: base)
+            let plan = try copyPlan(image, size: size, base: (base, self))
             ranges = plan.work.map(\.range)
             compare = plan.compareWith
         } else {

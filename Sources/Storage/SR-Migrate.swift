@@ -1,14 +1,20 @@
-// `VDI.pool_migrate(vdi, sr, {"dest-img-format": F})` within this SR: a VDI's current
-// state moves to a file of another image format while clients keep reading and writing
-// it. The chain is copied into one new file, the writes made meanwhile are copied again
-// (tracked as a leaf merge tracks them), and with I/O held off for the last of them the
-// new file takes the VDI's place; the handle reopens it, so connections, tokens and the
-// change log carry on. The VDI's snapshots keep the old format and their chain; the
-// VDI's old leaf goes, and the bases only the snapshots need are left to the collector.
+// `VDI.pool_migrate(vdi, sr, {"dest-img-format": F})`: a VDI's current state moves to a
+// file of another image format, in this SR or another the server hosts, while clients
+// keep reading and writing it. The chain is copied into one new file, the writes made
+// meanwhile are copied again (tracked as a leaf merge tracks them), and with I/O held off
+// for the last of them the new file takes the VDI's place; the handle reopens it, so
+// connections, tokens and the change log carry on. The VDI's snapshots stay where they
+// are, in their format and chain; the VDI's old leaf goes, and the bases only the
+// snapshots need are left to the collector.
 //
-// Journalled (`migrate`): while copying, a crash drops the half-made file (the VDI's own
-// file is untouched); once switching, start-up finishes the switch. While it runs the
-// collector leaves the VDI's family alone.
+// To another SR the VDI's record, tokens and change log go too (SR-Move.swift): the log
+// chain then links the VDI in its new SR to its snapshots in the old one, so the next
+// incremental backup reads only what changed.
+//
+// Journalled (`migrate`, in the VDI's SR): while copying, a crash drops the half-made
+// file (the VDI's own file is untouched); once switching, start-up finishes the switch
+// (`Pool.recover` for a move, once both SRs are open). While it runs the collector
+// leaves the VDI's family alone.
 
 import Foundation
 import GRDB
@@ -19,6 +25,12 @@ extension SR {
     func migrationStaging(_ uuid: String, _ f: any ImageFormat) -> String { "\(path)/\(uuid).migrating.\(f.fileExtension)" }
 
     public func migrate(_ uuid: String, toFormat name: String, task: TaskContext?) throws -> VDIRecord {
+        try migrate(uuid, to: self, format: name, task: task)
+    }
+
+    /// `dest`: the SR the VDI moves to (this one: only its format changes).
+    public func migrate(_ uuid: String, to destSR: SR, format name: String, task: TaskContext?) throws -> VDIRecord {
+        let moving = destSR !== self
         let rec = try record(uuid)
         guard rec.type != .cbtMetadata else { throw StorageError.vdiIncompatibleType(uuid: rec.uuid, type: rec.type.rawValue) }
         if rec.isASnapshot || !rec.managed {
@@ -26,8 +38,11 @@ extension SR {
         }
         try requireFile(rec)
         let src = format(of: rec.uuid)
-        let dest = try formatForNewVDI(smConfig: ["image-format": name], size: rec.virtualSize)
-        if dest.name == src.name { return filledIn(rec) }
+        let dest = try destSR.formatForNewVDI(smConfig: ["image-format": name], size: rec.virtualSize)
+        if dest.name == src.name && !moving { return filledIn(rec) }
+        if moving, try destSR.anyRecord(rec.uuid) != nil {
+            throw StorageError.operationNotAllowed(reason: "SR \(destSR.uuid) already holds a VDI \(rec.uuid)")
+        }
         if rec.cbtEnabled && !dest.holdsChains {
             throw StorageError.valueNotSupported(field: "dest-img-format", value: name,
                 reason: "VDI \(rec.uuid) has changed block tracking on, and \(dest.name) holds no chains to track (disable CBT first)")
@@ -37,9 +52,10 @@ extension SR {
         }
         try holdFamily(rec.family)
         defer { releaseFamily(rec.family) }
-        let staging = migrationStaging(rec.uuid, dest)
+        let staging = destSR.migrationStaging(rec.uuid, dest)
         var entry = JournalEntry(id: UUID().uuidString.lowercased(), operation: .migrate, child: rec.uuid, parent: nil,
                                  phase: .copying, started: Date(), staging: staging)
+        if moving { entry.destination = destSR.uuid }
         try journal.write(entry)
         // Kept when a switch began and failed here: start-up finishes it.
         var keepEntry = false
@@ -83,7 +99,8 @@ extension SR {
             bytes += try collector.copy(runs: tracker.take(size: size), from: { b, o in try self.collector.readThroughVDI(rec.uuid, into: b, at: o) },
                                         into: target, family: rec.family)
         }
-        try withFamilyLock(rec.family) {
+        // A move holds the family in both SRs (always this one first).
+        try withFamilyLock(rec.family) { try destSR.withFamilyLock(rec.family) {
             guard let now = try anyRecord(rec.uuid), now.managed, !now.isASnapshot, now.virtualSize == size else {
                 throw StorageError.operationNotAllowed(reason: "VDI \(rec.uuid) changed during the migration")
             }
@@ -104,7 +121,11 @@ extension SR {
                 try journal.write(entry)
                 collector.stepHook?("migrate-switch")
                 switched = true
-                do { try finishMigrate(rec.uuid, staging: staging, to: dest) } catch {
+                do {
+                    if moving { try finishMove(rec.uuid, staging: staging, to: destSR, format: dest) } else {
+                        try finishMigrate(rec.uuid, staging: staging, to: dest)
+                    }
+                } catch {
                     keepEntry = true
                     logger.error("migration of VDI \(rec.uuid): the switch failed (\(error)); the next start finishes it")
                     throw error
@@ -112,20 +133,23 @@ extension SR {
             }
             if let h = lookUp(rec.uuid) {
                 try h.exclusively { old in
+                    // The log's last bits reach its file before a move copies it.
+                    if moving { try h.cbt?.commit() }
                     try switchOver(old)
                     h.tracker = nil
                     let writable = old.writable
                     old.close()
-                    return try dest.open(path: imagePath(rec.uuid, format: dest), writable: writable)
+                    if moving { try handOver(h, to: destSR) }
+                    return try dest.open(path: destSR.imagePath(rec.uuid, format: dest), writable: writable)
                 }
             } else {
                 try switchOver(nil)
             }
-        }
+        } }
         task?.setProgress(1)
-        logger.info("migrated VDI \(rec.uuid) from \(src.name) to \(dest.name) (\(bytes) bytes in \(String(format: "%.2f", Date().timeIntervalSince(started))) s)")
+        logger.info("migrated VDI \(rec.uuid) from \(src.name) to \(dest.name)\(moving ? " in SR \(destSR.uuid)" : "") (\(bytes) bytes in \(String(format: "%.2f", Date().timeIntervalSince(started))) s)")
         collector.kick()
-        return filledIn(try record(rec.uuid))
+        return destSR.filledIn(try destSR.record(rec.uuid))
     }
 
     /// The switch of a migration (redone at recovery): the staging file takes the VDI's

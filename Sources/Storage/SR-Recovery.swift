@@ -28,6 +28,9 @@ extension SR {
             case (.migrate, .copying):
                 if let s = e.staging { unlink(s) }
                 logger.warning("recovery: dropped an interrupted migration of \(e.child) (its file is as it was)")
+            case (.migrate, .switching) where e.destination != nil:
+                // A move to another SR: finished or undone once both are open (`Pool.recover`).
+                continue
             case (.migrate, .switching):
                 if let s = e.staging { try finishMigrate(e.child, staging: s, to: format(at: s)) }
                 logger.warning("recovery: finished migrating \(e.child) to \(e.staging.map { format(at: $0).name } ?? "?")")

@@ -93,8 +93,11 @@ public final class SR: @unchecked Sendable {
     let journal: Journal
     /// The background coalesce and garbage collector (started by `startCollector`).
     public private(set) var collector: Collector!
-    /// Long operations run as tasks.
-    public let tasks = TaskTable()
+    /// Long operations run as tasks (one table for all the SRs a server hosts).
+    public let tasks: TaskTable
+    /// The SRs served beside this one (set by `Pool`): a VDI migrated to another SR keeps
+    /// its change-log chain, whose earlier links stay here.
+    public internal(set) weak var pool: Pool?
     /// Leaf merges in progress: every handle of the VDI records its writes here (family lock).
     var mergeTrackers: [String: ChangeTracker] = [:]
     /// Families the collector leaves alone (a migration's), and the one it works on now.
@@ -150,8 +153,9 @@ public final class SR: @unchecked Sendable {
     /// it, the formats kept there, else every format this build knows. `format` puts one
     /// first.
     public init(path: String, logger: Logger = Logger(label: "vdinbd.sr"), format: (any ImageFormat)? = nil,
-                supportedFormats: [any ImageFormat]? = nil) throws {
+                supportedFormats: [any ImageFormat]? = nil, tasks: TaskTable = TaskTable()) throws {
         _ = StorageMetrics.installed
+        self.tasks = tasks
         self.path = URL(fileURLWithPath: path).standardizedFileURL.path
         self.logger = logger
         self.journal = Journal(directory: self.path + "/journal")

@@ -19,14 +19,14 @@ struct VDICopy: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vdi-copy",
         abstract: "Copy a VDI into a fresh VDI, or into an existing one; prints the uuid written.",
-        discussion: "With base-vdi=, only the blocks that differ from it. image-format= (vhd, qcow2, raw; one the SR holds) makes the new VDI in that format rather than the source's (xapi's dest-img-format). Runs as a task; Ctrl-C cancels it.")
+        discussion: "With base-vdi=, only the blocks that differ from it. sr-uuid= makes the new VDI in another SR of the server (sr-list shows them; by default the source's). image-format= (vhd, qcow2, raw; one the target SR holds) makes it in that format rather than the source's (xapi's dest-img-format). Runs as a task; Ctrl-C cancels it.")
     @OptionGroup var options: ControlOptions
     @OptionGroup var bar: ProgressOptions
-    @Argument(help: "uuid=UUID [base-vdi=UUID] [into-vdi=UUID | image-format=vhd|qcow2|raw]") var args: [String] = []
+    @Argument(help: "uuid=UUID [base-vdi=UUID] [into-vdi=UUID | [sr-uuid=UUID] [image-format=vhd|qcow2|raw]]") var args: [String] = []
     func run() throws {
-        let kv = try keyValues(args, allowed: ["uuid", "base-vdi", "into-vdi", "image-format"])
+        let kv = try keyValues(args, allowed: ["uuid", "base-vdi", "into-vdi", "image-format", "sr-uuid"])
         let ref: (String) -> JSONValue = { kv[$0].map { .string($0) } ?? .string("") }
-        var params: [JSONValue] = [.string(try require(kv, "uuid")), .string(""), ref("base-vdi"), ref("into-vdi")]
+        var params: [JSONValue] = [.string(try require(kv, "uuid")), ref("sr-uuid"), ref("base-vdi"), ref("into-vdi")]
         if let f = kv["image-format"] { params.append(.object(["dest-img-format": .string(f)])) }
         let task = display(try rpc(options, "Async.VDI.copy", params))
         let result = try waitForTask(options, task, label: "copy", show: bar.show)
@@ -37,22 +37,27 @@ struct VDICopy: ParsableCommand {
 struct VDIPoolMigrate: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vdi-pool-migrate",
-        abstract: "Move a VDI to another image format while it stays attached; prints its uuid (unchanged).",
+        abstract: "Move a VDI to another SR or image format while it stays attached; prints its uuid (unchanged).",
         discussion: """
-            image-format= (vhd, qcow2, raw; one the SR holds) is xapi's dest-img-format. The VDI's \
-            current state is copied into one file of that format, writes made meanwhile are copied \
-            again, then the file takes its place: connections, tokens and change block tracking \
-            carry on; snapshots keep their format. sr-uuid= may name this server's SR (one SR per \
-            server today). Runs as a task; Ctrl-C cancels it before the switch.
+            sr-uuid= names the SR to move to (sr-list shows them; by default the VDI's own). \
+            image-format= (vhd, qcow2, raw; one that SR holds) is xapi's dest-img-format; by default \
+            the VDI's format if the SR holds it, else the SR's default. The VDI's current state is \
+            copied into one file of that format, writes made meanwhile are copied again, then the \
+            file takes its place: connections, tokens and change block tracking carry on. Snapshots \
+            stay in their SR and format, and list-changed-blocks still compares them with later \
+            ones. Runs as a task; Ctrl-C cancels it before the switch.
             """)
     @OptionGroup var options: ControlOptions
     @OptionGroup var bar: ProgressOptions
-    @Argument(help: "uuid=UUID image-format=vhd|qcow2|raw [sr-uuid=UUID]") var args: [String] = []
+    @Argument(help: "uuid=UUID [sr-uuid=UUID] [image-format=vhd|qcow2|raw] (at least one of the two)") var args: [String] = []
     func run() throws {
         let kv = try keyValues(args, allowed: ["uuid", "image-format", "sr-uuid"])
+        guard kv["sr-uuid"] != nil || kv["image-format"] != nil else {
+            throw ValidationError("give sr-uuid= (the SR to move to), image-format= (vhd, qcow2 or raw), or both")
+        }
+        let options2: JSONValue = .object(kv["image-format"].map { ["dest-img-format": .string($0)] } ?? [:])
         let task = display(try rpc(options, "Async.VDI.pool_migrate",
-                                   [.string(try require(kv, "uuid")), .string(kv["sr-uuid"] ?? ""),
-                                    .object(["dest-img-format": .string(try require(kv, "image-format"))])]))
+                                   [.string(try require(kv, "uuid")), .string(kv["sr-uuid"] ?? ""), options2]))
         print(try waitForTask(options, task, label: "migrate", show: bar.show))
     }
 }

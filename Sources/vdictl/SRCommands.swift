@@ -54,7 +54,7 @@ struct SRList: ParsableCommand {
 
 struct SRParamList: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "sr-param-list", abstract: "Show an SR's record (uuid= may be omitted: this server has one SR).")
+        commandName: "sr-param-list", abstract: "Show an SR's record (without uuid=, the server's default SR).")
     @OptionGroup var options: ControlOptions
     @Argument(help: "[uuid=UUID]") var args: [String] = []
     func run() throws {

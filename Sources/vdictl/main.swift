@@ -85,14 +85,15 @@ struct VDICreate: ParsableCommand {
               qcow2 qcow2 version 3 chains (64 KiB clusters; snapshots, clones, CBT), up to 16 TiB
             Without it, the SR's default format if it holds the size, else another of its formats with \
             chains (qcow2 past 2040 GiB, as XCP-ng chooses); a size no such format holds is refused with \
-            the formats that would.
+            the formats that would. sr-uuid= makes it in another SR of the server (sr-list shows them; \
+            by default the first --sr).
             """)
     @OptionGroup var options: ControlOptions
-    @Argument(help: "name-label=NAME virtual-size=SIZE [name-description=TEXT] [sharable=true] [read-only=true] [sm-config:image-format=vhd|raw|qcow2]")
+    @Argument(help: "name-label=NAME virtual-size=SIZE [sr-uuid=UUID] [name-description=TEXT] [sharable=true] [read-only=true] [sm-config:image-format=vhd|raw|qcow2]")
     var args: [String] = []
     func run() throws {
         let kv = try keyValues(args, allowed: ["name-label", "virtual-size", "name-description", "sharable", "read-only",
-                                               "sm-config:image-format"])
+                                               "sm-config:image-format", "sr-uuid"])
         let sizeText = try require(kv, "virtual-size")
         guard let size = parseSize(sizeText), size > 0 else {
             throw ValidationError("virtual-size=\(sizeText): expected a size such as 1073741824, 64MiB or 2GiB")
@@ -104,6 +105,7 @@ struct VDICreate: ParsableCommand {
         if let s = kv["sharable"] { rec["sharable"] = .bool(s == "true") }
         if let s = kv["read-only"] { rec["read_only"] = .bool(s == "true") }
         if let f = kv["sm-config:image-format"] { rec["sm_config"] = .object(["image-format": .string(f)]) }
+        if let s = kv["sr-uuid"] { rec["SR"] = .string(s) }
         print(display(try rpc(options, "VDI.create", [.object(rec)])))
     }
 }
@@ -120,6 +122,7 @@ struct VDIList: ParsableCommand {
         for (_, r) in o.sorted(by: { $0.key < $1.key }) {
             guard let rec = r.objectValue else { continue }
             for f in listFields { print("\(f.replacingOccurrences(of: "_", with: "-")) ( RO): \(display(rec[f] ?? .null))") }
+            print("sr-uuid ( RO): \(display(rec["SR"] ?? .null))")
             print("")
         }
     }

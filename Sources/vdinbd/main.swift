@@ -22,13 +22,18 @@ struct VDINBD: ParsableCommand {
         abstract: "Serve the VDIs of a storage repository over NBD.")
 
     @ArgumentParser.Option(name: .long, help: ArgumentHelp(
-        "Storage repository directory, optionally with the image formats it holds: PATH[,formats=vhd+qcow2+raw].",
-        discussion: "Formats: vhd (VHD chains, up to 2040 GiB), qcow2 (qcow2 v3 chains, up to 16 TiB) and raw (a sparse file, no snapshots, up to 16 TiB); the first is the default for new VDIs, and a size past it takes the next with chains. Kept in the SR; without formats=, the ones kept there, else all."))
-    var sr: String = "./sr"
+        "Storage repository directory, optionally with the image formats it holds: PATH[,formats=vhd+qcow2+raw] (repeatable).",
+        discussion: "Formats: vhd (VHD chains, up to 2040 GiB), qcow2 (qcow2 v3 chains, up to 16 TiB) and raw (a sparse file, no snapshots, up to 16 TiB); the first is the default for new VDIs, and a size past it takes the next with chains. Kept in the SR; without formats=, the ones kept there, else all. Given more than once, the server hosts each SR (SR.get_all lists them); the first is the default for VDI.create and holds the control socket."))
+    var sr: [String] = []
 
-    /// `--sr`'s directory and, when given, its `formats=`.
-    var srPath: String { sr.range(of: ",formats=").map { String(sr[..<$0.lowerBound]) } ?? sr }
-    var srFormats: String? { sr.range(of: ",formats=").map { String(sr[$0.upperBound...]) } }
+    /// Each `--sr`'s directory and, when given, its `formats=`.
+    var srSpecs: [(path: String, formats: String?)] {
+        (sr.isEmpty ? ["./sr"] : sr).map { s in
+            guard let r = s.range(of: ",formats=") else { return (s, nil) }
+            return (String(s[..<r.lowerBound]), String(s[r.upperBound...]))
+        }
+    }
+    var srPath: String { srSpecs[0].path }
 
     @ArgumentParser.Option(name: .long, help: "Address to listen on, HOST:PORT (repeatable; [::1]:PORT for IPv6).")
     var listen: [String] = []
@@ -108,15 +113,24 @@ struct VDINBD: ParsableCommand {
         // Before any metric is made: they report to the registry `/metrics` serves.
         MetricsExport.bootstrap()
 
-        let repo: SR
+        let pool: Pool
         do {
-            repo = try SR(path: srPath, logger: Logger(label: "vdinbd.sr"), supportedFormats: try srFormats.map(SR.parseImageFormats))
-            repo.attachLingerSeconds = attachLinger
-            repo.maxConnectionsPerExport = maxConnectionsPerExport
-            repo.maxConnectionsPerToken = maxConnectionsPerToken
+            let tasks = TaskTable()
+            var srs: [SR] = []
+            for spec in srSpecs {
+                let s = try SR(path: spec.path, logger: Logger(label: "vdinbd.sr"),
+                               supportedFormats: try spec.formats.map(SR.parseImageFormats), tasks: tasks)
+                s.attachLingerSeconds = attachLinger
+                s.maxConnectionsPerExport = maxConnectionsPerExport
+                s.maxConnectionsPerToken = maxConnectionsPerToken
+                srs.append(s)
+            }
+            pool = try Pool(srs)
+            try pool.recover()
         } catch {
             throw ValidationError("\(error)")
         }
+        let repo = pool.primary
         var config = ServerConfig()
         config.listen = (listen.isEmpty ? ["127.0.0.1:10809"] : listen).map { parseListen($0)! }
         config.tlsPolicy = tls == .off ? .off : (tls == .on ? .on : .require)
@@ -134,23 +148,25 @@ struct VDINBD: ParsableCommand {
                 }
                 let creds = try loadCredentials()
                 config.tlsCredentials = creds
-                repo.setTLSIdentity(certificatePEM: creds.trustAnchorPEM, subject: creds.subject)
-                repo.certificatesDirectory = URL(fileURLWithPath: certs).standardizedFileURL.path
+                for s in pool.srs {
+                    s.setTLSIdentity(certificatePEM: creds.trustAnchorPEM, subject: creds.subject)
+                    s.certificatesDirectory = URL(fileURLWithPath: certs).standardizedFileURL.path
+                }
             } catch {
                 throw ValidationError("TLS: \(error)")
             }
         }
         limitAllocatorRetention()
-        let server = NBDServer(config: config, sr: repo, logger: logger)
+        let server = NBDServer(config: config, pool: pool, logger: logger)
         do {
             try server.start()
         } catch {
             throw ValidationError("cannot listen: \(error)")
         }
-        repo.endpoints = server.boundEndpoints
+        for s in pool.srs { s.endpoints = server.boundEndpoints }
 
         let socketPath = controlSocket ?? repo.path + "/control.sock"
-        let control = ControlServer(api: ControlAPI(sr: repo, logger: Logger(label: "vdinbd.control")), path: socketPath,
+        let control = ControlServer(api: ControlAPI(pool: pool, logger: Logger(label: "vdinbd.control")), path: socketPath,
                                     logger: logger, allowedUIDs: controlAllowUid.isEmpty ? nil : Set(controlAllowUid))
         do {
             control.start(listenFD: try listenUnix(path: socketPath, mode: 0o600))
@@ -164,12 +180,13 @@ struct VDINBD: ParsableCommand {
             let (host, port) = parseListen(http ?? "127.0.0.1:10810")!
             do {
                 // HTTPS whenever NBD has TLS, with the same certificate.
-                let hs = HTTPTransferServer(sr: repo, logger: Logger(label: "vdinbd.http"))
+                let hs = HTTPTransferServer(pool: pool, logger: Logger(label: "vdinbd.http"))
                 let bound = try hs.start(host: host, port: port, certsDirectory: tls == .off ? nil : certs)
                 httpServer = hs
                 let h = host.contains(":") ? "[\(host)]" : host
-                repo.httpBase = "\(tls == .off ? "http" : "https")://\(h):\(bound)"
-                httpLine = repo.httpBase! + " (export_raw_vdi, import_raw_vdi, metrics)"
+                let base = "\(tls == .off ? "http" : "https")://\(h):\(bound)"
+                for s in pool.srs { s.httpBase = base }
+                httpLine = base + " (export_raw_vdi, import_raw_vdi, metrics)"
             } catch {
                 if http != nil { throw ValidationError("cannot listen for HTTP on \(http!): \(error)") }
                 logger.warning("HTTP stays off: cannot listen on 127.0.0.1:10810 (\(error)); choose another with --http")
@@ -179,7 +196,8 @@ struct VDINBD: ParsableCommand {
 
         let ctl = controlSocket == nil && srPath == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
         print("""
-            vdinbd: serving SR \(repo.path) (formats \(repo.supportedImageFormats.map(\.name).joined(separator: ", "))) on \(server.boundEndpoints.map { "\($0.address):\($0.port)" }.joined(separator: ", ")) (TLS \(tls.rawValue))
+            \(pool.srs.map { "vdinbd: serving SR \($0.path) (\($0 === repo ? "default, " : "")uuid \($0.uuid), formats \($0.supportedImageFormats.map(\.name).joined(separator: ", ")))" }.joined(separator: "\n"))
+            vdinbd: NBD on \(server.boundEndpoints.map { "\($0.address):\($0.port)" }.joined(separator: ", ")) (TLS \(tls.rawValue))
             vdinbd: control socket \(socketPath)
             vdinbd: http \(httpLine)
             Create a disk and attach it:
@@ -194,19 +212,25 @@ struct VDINBD: ParsableCommand {
             let parts = fault.split(separator: ":")
             let label = String(parts[0]), n = parts.count > 1 ? Int(parts[1]) ?? 1 : 1
             var seen = 0
-            repo.collector.setStepHook { step in
-                guard step == label else { return }
-                seen += 1
-                if seen >= n { logger.warning("VDINBD_FAULT_GC_STEP: exiting at \(step) #\(seen)"); _exit(137) }
+            let lock = NSLock()
+            for s in pool.srs {
+                s.collector.setStepHook { step in
+                    guard step == label else { return }
+                    lock.lock(); defer { lock.unlock() }
+                    seen += 1
+                    if seen >= n { logger.warning("VDINBD_FAULT_GC_STEP: exiting at \(step) #\(seen)"); _exit(137) }
+                }
             }
         }
         if let fault = ProcessInfo.processInfo.environment["VDINBD_FAULT_IMPORT_AFTER"], let n = UInt64(fault) {
             // Fault injection for the crash tests: exit once an import has written n bytes onto its VDI.
-            repo.importWriteHook = { done in
-                if done >= n { logger.warning("VDINBD_FAULT_IMPORT_AFTER: exiting after \(done) bytes"); _exit(137) }
+            for s in pool.srs {
+                s.importWriteHook = { done in
+                    if done >= n { logger.warning("VDINBD_FAULT_IMPORT_AFTER: exiting after \(done) bytes"); _exit(137) }
+                }
             }
         }
-        repo.startCollector()
+        for s in pool.srs { s.startCollector() }
 
         var sources: [DispatchSourceSignal] = []
         for sig in [SIGINT, SIGTERM] {
@@ -216,7 +240,7 @@ struct VDINBD: ParsableCommand {
                 logger.info("signal \(sig): draining connections")
                 server.shutdown {
                     control.stop()
-                    repo.closeIdleHandles()
+                    for s in pool.srs { s.closeIdleHandles() }
                     logger.info("stopped")
                     Glibc.exit(0)
                 }
@@ -233,7 +257,7 @@ struct VDINBD: ParsableCommand {
                     let creds = try loadCredentials()
                     try httpServer?.reloadCertificates(from: certs)
                     server.reloadCredentials(creds)
-                    repo.setTLSIdentity(certificatePEM: creds.trustAnchorPEM, subject: creds.subject)
+                    for s in pool.srs { s.setTLSIdentity(certificatePEM: creds.trustAnchorPEM, subject: creds.subject) }
                     logger.info("SIGHUP: reloaded TLS credentials from \(certs)\(httpServer == nil ? "" : " (NBD and HTTPS)")")
                 } catch {
                     logger.error("SIGHUP: keeping the old TLS credentials: \(error)")
