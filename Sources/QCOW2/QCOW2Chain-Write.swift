@@ -25,10 +25,21 @@ extension QCOW2Chain {
             try writeInPlace(data, at: offset, hosts: hosts, first: first)
             return
         }
-        f.allocating.lock()
-        defer { f.allocating.unlock() }
-        try writeLocked(data, at: offset, beforeVisible: beforeVisible)
-        try f.syncIfDue()
+        // Copy-ups of other clusters go on meanwhile; a sync waits for this one.
+        f.allocating.lockShared()
+        f.filling.acquire(first...last)
+        do {
+            defer {
+                f.filling.release(first...last)
+                f.allocating.unlock()
+            }
+            try writeLocked(data, at: offset, beforeVisible: beforeVisible)
+        }
+        if f.syncDue() {
+            f.allocating.lock()
+            defer { f.allocating.unlock() }
+            try f.syncIfDue()
+        }
     }
 
     /// The host clusters of `maps` if every one is data with refcount 1.
@@ -58,7 +69,7 @@ extension QCOW2Chain {
         }
     }
 
-    /// A write that allocates (`allocating` held).
+    /// A write that allocates (`allocating` held alone, or shared with its clusters in `filling`).
     func writeLocked(_ data: UnsafeRawBufferPointer, at offset: UInt64, beforeVisible: (() throws -> Void)?) throws(QCOW2Error) {
         let f = leaf, cs = f.clusterSize
         let first = offset / cs, end = offset + UInt64(data.count), last = (end - 1) / cs

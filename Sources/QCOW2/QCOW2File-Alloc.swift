@@ -110,7 +110,7 @@ extension QCOW2File {
 
     /// Publishes the in-memory tables: data and refcounts durable, then the dirty L2
     /// tables and L1 entries, durable; then the refcounts of clusters nothing points at
-    /// any more drop (punching their space). `allocating` held.
+    /// any more drop (punching their space). `allocating` held alone.
     func syncLocked() throws(QCOW2Error) {
         guard writable else { return }
         try file.sync()
@@ -150,10 +150,14 @@ extension QCOW2File {
         }
     }
 
-    /// Syncs if enough is waiting to be published. `allocating` held.
+    /// Whether enough is waiting to be published.
+    func syncDue() -> Bool {
+        state.withLock { $0.allocatedSinceSync >= Self.syncAfterClusters || $0.dirtyL2.count >= Self.syncAfterDirtyTables }
+    }
+
+    /// Syncs if enough is waiting to be published. `allocating` held alone.
     func syncIfDue() throws(QCOW2Error) {
-        let due = state.withLock { $0.allocatedSinceSync >= Self.syncAfterClusters || $0.dirtyL2.count >= Self.syncAfterDirtyTables }
-        if due { try syncLocked() }
+        if syncDue() { try syncLocked() }
     }
 
     public func flush() throws(QCOW2Error) {

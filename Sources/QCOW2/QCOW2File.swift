@@ -29,7 +29,7 @@ enum Mapping: Equatable {
 
 public final class QCOW2File: MappableFile, @unchecked Sendable {
     // Unchecked: the lets never change after init; everything that does is in `state`
-    // (a Mutex), and `allocating` (a lock) orders allocating writes and syncs.
+    // (a Mutex), and `allocating` with `filling` (Locks.swift) order allocating writes and syncs.
     public let path: String
     let file: HostFile
     public let writable: Bool
@@ -58,7 +58,10 @@ public final class QCOW2File: MappableFile, @unchecked Sendable {
         var closed = false
     }
     let state: Mutex<State>
-    let allocating = NSLock()
+    /// Shared by allocating writes, alone for syncs, zeroing, growth, repair and close.
+    let allocating = SharedLock()
+    /// The clusters allocating writes are filling now.
+    let filling = ClusterLocks()
     /// The last compressed cluster inflated (sequential reads inflate each once).
     let inflated = Mutex<(host: UInt64, bytes: [UInt8])?>(nil)
     /// What the scan of a file left dirty found and mended at open (nil: it was clean).

@@ -1,0 +1,55 @@
+// The two locks an open qcow2 file orders its writes with. Allocating writes share
+// `allocating` (each holds only the clusters it fills, in `filling`), so copy-ups of
+// different clusters run side by side; a sync, a zeroing, growth, repair and close take it
+// alone, so a sync publishes only entries whose data was written before its first
+// fdatasync.
+
+import Foundation
+
+/// A readers-writer lock that prefers the writer (a sync is not starved by a stream of
+/// allocating writes).
+final class SharedLock: @unchecked Sendable {
+    // Unchecked: the pthread lock is the synchronisation.
+    private let rw = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
+
+    init() {
+        var attr = pthread_rwlockattr_t()
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
+        pthread_rwlock_init(rw, &attr)
+        pthread_rwlockattr_destroy(&attr)
+    }
+
+    deinit {
+        pthread_rwlock_destroy(rw)
+        rw.deallocate()
+    }
+
+    /// Alone.
+    func lock() { pthread_rwlock_wrlock(rw) }
+    /// Shared with other holders of `lockShared`.
+    func lockShared() { pthread_rwlock_rdlock(rw) }
+    func unlock() { pthread_rwlock_unlock(rw) }
+}
+
+/// Clusters being filled by allocating writes: a write waits until none of its clusters
+/// is another's, then holds them all.
+final class ClusterLocks: @unchecked Sendable {
+    // Unchecked: `held` is only touched with `cond` locked.
+    private let cond = NSCondition()
+    private var held: Set<UInt64> = []
+
+    func acquire(_ clusters: ClosedRange<UInt64>) {
+        cond.lock()
+        defer { cond.unlock() }
+        while clusters.contains(where: { held.contains($0) }) { cond.wait() }
+        for c in clusters { held.insert(c) }
+    }
+
+    func release(_ clusters: ClosedRange<UInt64>) {
+        cond.lock()
+        for c in clusters { held.remove(c) }
+        cond.broadcast()
+        cond.unlock()
+    }
+}
