@@ -150,7 +150,9 @@ final class Connection: @unchecked Sendable {
                 var b = ByteBuffer()
                 reply.encode(into: &b)
                 if reply.type.rawValue & 0x8000_0000 != 0 {
-                    logger.info("\(reply.option) refused: \(reply.type) \(String(decoding: reply.data, as: UTF8.self))")
+                    if let more = server.clientLog.admit() {
+                        logger.info("\(reply.option) refused: \(reply.type) \(String(decoding: reply.data, as: UTF8.self))\(more)")
+                    }
                     NBDMetrics.refusedOption.increment()
                 }
                 send(b)
@@ -270,13 +272,20 @@ final class Connection: @unchecked Sendable {
 
     func close(reason: String) {
         guard !isClosed else { return }
+        let attached = inTransmission
         phase = .closed
         closeReason = reason
         handshakeTimer?.cancel()
         handshakeTimer = nil
         idleTimer?.cancel()
         idleTimer = nil
-        logger.info("closing: \(reason) (at most \(peakInputBytes) bytes of input held)")
+        // A connection that never attached is logged within the server's rate (a client
+        // may open them at will); one that did is always logged.
+        if attached {
+            logger.info("closing: \(reason) (at most \(peakInputBytes) bytes of input held)")
+        } else if let more = server.clientLog.admit() {
+            logger.info("closing before attaching: \(reason)\(more)")
+        }
         flushPendingThenShutdown()
     }
 

@@ -50,6 +50,8 @@ public final class NBDServer: @unchecked Sendable {
     var nextID = 1
     public private(set) var boundEndpoints: [NBDEndpoint] = []
     var drainWaiters: [() -> Void] = []
+    /// The rate of log lines clients can cause (closes before attaching, refused options, refusals at the limit).
+    let clientLog = LogLimiter(perSecond: 10)
 
     private var credentials: ServerCredentials?
     private let credentialsLock = NSLock()
@@ -122,7 +124,9 @@ public final class NBDServer: @unchecked Sendable {
             }
             _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
             if connections.count >= config.maxConnections {
-                logger.warning("connection limit \(config.maxConnections) reached: refusing \(peerName(fd))")
+                if let more = clientLog.admit() {
+                    logger.warning("connection limit \(config.maxConnections) reached: refusing \(peerName(fd))\(more)")
+                }
                 NBDMetrics.refusedLimit.increment()
                 Glibc.close(fd)
                 continue

@@ -104,6 +104,20 @@ FMT=${VDINBD_SR_FORMATS:-vhd}; FMT=${FMT%%+*}; export FMT
 # check_image FILE [leaks-ok]: vhd-check for a VHD, qemu-img check for a qcow2 file (exit 3,
 # leaked clusters and nothing worse, passes with leaks-ok: what a kill -9 may leave in a
 # file we have not opened for writing since).
+# Every image file of the SR is a VDI's or a VDI's parent, and each has one (collector idle).
+records_match_files() {
+    vdictl vdi-list --json > "$TMP/records.json"
+    $PY - "$TMP/records.json" "$SR" "$FMT" <<'PY'
+import json, os, sys
+recs = json.load(open(sys.argv[1]))
+live = [r for r in recs.values() if r["type"] != "cbt_metadata"]
+ext = "." + sys.argv[3]
+need = {r["uuid"] + ext for r in live} | {r["parent"] + ext for r in live if r["parent"]}
+files = {f for f in os.listdir(sys.argv[2]) if f.endswith(ext)}
+assert files == need, (sorted(files), sorted(need))
+PY
+}
+
 check_image() {
     case "$1" in
         *.vhd) "$VDINBD_BIN/vdictl" vhd-check "$1" >/dev/null ;;
