@@ -125,10 +125,11 @@ let package = Package(
 // libFuzzer targets (`Tools/fuzz`): built only with VDINBD_FUZZ=1 set, with
 // `-sanitize=fuzzer,address` (libFuzzer supplies `main`), so a plain build never sees them.
 if Context.environment["VDINBD_FUZZ"] != nil {
-    for (name, deps) in [("fuzz-vhd", ["VHD"]), ("fuzz-nbd-request", ["NBD"]), ("fuzz-nbd-handshake", ["NBD"]), ("fuzz-cbt", ["CBT"]), ("fuzz-vhd-stream", ["VHD", "Image"]), ("fuzz-qcow2", ["QCOW2", "Image"])] {
+    for (name, deps) in [("fuzz-vhd", ["VHD"]), ("fuzz-nbd-request", ["NBD"]), ("fuzz-nbd-handshake", ["NBD"]), ("fuzz-cbt", ["CBT"]), ("fuzz-vhd-stream", ["VHD", "Image"]), ("fuzz-qcow2", ["QCOW2", "Image"]), ("fuzz-control", ["Control", "Storage"])] {
         package.targets.append(.executableTarget(
             name: name,
-            dependencies: deps.map { .target(name: $0) } + [.product(name: "NIOCore", package: "swift-nio")],
+            dependencies: deps.map { .target(name: $0) } + [.product(name: "NIOCore", package: "swift-nio")]
+                + (name == "fuzz-control" ? [.product(name: "Logging", package: "swift-log")] : []),
             path: "Tools/fuzz/\(name)",
             swiftSettings: [.unsafeFlags(["-parse-as-library"])]))
     }
