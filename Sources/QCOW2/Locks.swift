@@ -5,32 +5,7 @@
 // fdatasync.
 
 import Foundation
-
-/// A readers-writer lock that prefers the writer (a sync is not starved by a stream of
-/// allocating writes).
-final class SharedLock: @unchecked Sendable {
-    // Unchecked: the pthread lock is the synchronisation.
-    private let rw = UnsafeMutablePointer<pthread_rwlock_t>.allocate(capacity: 1)
-
-    init() {
-        var attr = pthread_rwlockattr_t()
-        pthread_rwlockattr_init(&attr)
-        pthread_rwlockattr_setkind_np(&attr, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
-        pthread_rwlock_init(rw, &attr)
-        pthread_rwlockattr_destroy(&attr)
-    }
-
-    deinit {
-        pthread_rwlock_destroy(rw)
-        rw.deallocate()
-    }
-
-    /// Alone.
-    func lock() { pthread_rwlock_wrlock(rw) }
-    /// Shared with other holders of `lockShared`.
-    func lockShared() { pthread_rwlock_rdlock(rw) }
-    func unlock() { pthread_rwlock_unlock(rw) }
-}
+import Image
 
 /// Clusters being filled by allocating writes: a write waits until none of its clusters
 /// is another's, then holds them all.

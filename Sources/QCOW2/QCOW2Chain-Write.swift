@@ -36,7 +36,7 @@ extension QCOW2Chain {
             try writeLocked(data, at: offset, beforeVisible: beforeVisible)
         }
         if f.syncDue() {
-            f.allocating.lock()
+            f.allocating.lockExclusive()
             defer { f.allocating.unlock() }
             try f.syncIfDue()
         }
@@ -144,7 +144,7 @@ extension QCOW2Chain {
         guard length > 0 else { return }
         let f = leaf, cs = f.clusterSize, size = f.size
         let end = offset + length
-        f.allocating.lock()
+        f.allocating.lockExclusive()
         defer { f.allocating.unlock() }
         // Plan first, so `fastOnly` fails before anything changes.
         var flags: [UInt64] = []

@@ -124,7 +124,7 @@ extension QCOW2File {
     func repair() throws(QCOW2Error) {
         var report = QCOW2CheckReport()
         let refs = try countReferences(&report)
-        allocating.lock()
+        allocating.lockExclusive()
         defer { allocating.unlock() }
         try compare(refs, &report, fix: true)
         try syncLocked()

@@ -162,7 +162,7 @@ extension QCOW2File {
 
     public func flush() throws(QCOW2Error) {
         guard writable else { return }
-        allocating.lock()
+        allocating.lockExclusive()
         defer { allocating.unlock() }
         // Closed meanwhile (a reader's open may race the writer's close): the close synced.
         if state.withLock({ $0.closed }) { return }
@@ -179,7 +179,7 @@ extension QCOW2File {
         }
         guard first else { return }
         if writable {
-            allocating.lock()
+            allocating.lockExclusive()
             if (try? syncLocked()) != nil, (try? file.sync()) != nil {
                 var h = header
                 h.incompatibleFeatures &= ~QCOW2Header.Incompatible.dirty
@@ -198,7 +198,7 @@ extension QCOW2File {
     /// synced before the header points at it, in one sector with the new size).
     func grow(to newSize: UInt64) throws(QCOW2Error) {
         guard writable else { throw .readOnly(path: path) }
-        allocating.lock()
+        allocating.lockExclusive()
         defer { allocating.unlock() }
         guard newSize > size else { return }
         let need = QCOW2Header.l1Entries(size: newSize, clusterBits: UInt32(clusterBits))

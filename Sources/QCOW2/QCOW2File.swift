@@ -59,7 +59,7 @@ public final class QCOW2File: MappableFile, @unchecked Sendable {
     }
     let state: Mutex<State>
     /// Shared by allocating writes, alone for syncs, zeroing, growth, repair and close.
-    let allocating = SharedLock()
+    let allocating = ReadersWriterLock()
     /// The clusters allocating writes are filling now.
     let filling = ClusterLocks()
     /// The last compressed cluster inflated (sequential reads inflate each once).

@@ -1,33 +1,11 @@
 import Foundation
+import Image
 import Synchronization
 
 /// The readers-writer lock between a VDI's I/O (shared) and the operations that change its
-/// chain or change log under it (exclusive). Its storage is allocated once, so its address
-/// never moves (a `pthread_rwlock_t` stored in a Swift property may). A waiting writer is
-/// preferred: steady reads cannot starve a quiesce. So a holder of the shared side must
-/// never take it again (it would wait behind the writer that waits for it).
-final class Gate: @unchecked Sendable {
-    private let lock: UnsafeMutablePointer<pthread_rwlock_t>
-
-    init() {
-        lock = .allocate(capacity: 1)
-        var attr = pthread_rwlockattr_t()
-        pthread_rwlockattr_init(&attr)
-        pthread_rwlockattr_setkind_np(&attr, Int32(PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP))
-        pthread_rwlock_init(lock, &attr)
-        pthread_rwlockattr_destroy(&attr)
-    }
-
-    deinit {
-        pthread_rwlock_destroy(lock)
-        lock.deallocate()
-    }
-
-    @inline(__always) func lockShared() { pthread_rwlock_rdlock(lock) }
-    @inline(__always) func tryLockShared() -> Bool { pthread_rwlock_tryrdlock(lock) == 0 }
-    @inline(__always) func lockExclusive() { pthread_rwlock_wrlock(lock) }
-    @inline(__always) func unlock() { pthread_rwlock_unlock(lock) }
-}
+/// chain or change log under it (exclusive); writer-preferring, so steady I/O cannot starve
+/// a quiesce.
+typealias Gate = ReadersWriterLock
 
 /// While a VDI's leaf is merged into its parent with clients writing: the ranges written,
 /// zeroed or trimmed since the merge began, in 2 MiB units, so the final pass (with I/O

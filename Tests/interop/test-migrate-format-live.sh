@@ -34,23 +34,7 @@ cmp "$TMP/s0.raw" "$TMP/s0-again.raw" || fail "the snapshot changed"
 # The incremental backup after the move.
 s1=$(vdictl vdi-snapshot "uuid=$u")
 vdictl vdi-list-changed-blocks "vdi-from=$s0" "vdi-to=$s1" > "$TMP/bitmap.b64"
-$PY - "$TMP/s0.raw" "$TMP/bitmap.b64" "$(uri "$s1")" "$(uri "$u")" <<'PY'
-import base64, nbd, sys
-backup = bytearray(open(sys.argv[1], "rb").read())
-bm = base64.b64decode(open(sys.argv[2]).read())
-BLK = 64 << 10
-h = nbd.NBD(); h.connect_uri(sys.argv[3])
-changed = 0
-for i in range(len(backup) // BLK):
-    if bm[i // 8] & (0x80 >> (i % 8)):
-        backup[i * BLK:(i + 1) * BLK] = h.pread(BLK, i * BLK); changed += 1
-whole = b"".join(h.pread(8 << 20, o) for o in range(0, len(backup), 8 << 20))
-assert 0 < changed < len(backup) // BLK, changed
-assert bytes(backup) == whole, "the incremental backup after the migration differs from the snapshot"
-v = nbd.NBD(); v.connect_uri(sys.argv[4])
-assert b"".join(v.pread(8 << 20, o) for o in range(0, len(backup), 8 << 20)) == whole, "the VDI differs from its snapshot"
-print("incremental backup: %d changed 64 KiB blocks" % changed)
-PY
+$PY "$(dirname "$0")/incremental_backup.py" "$TMP/s0.raw" "$TMP/bitmap.b64" "$(uri "$s1")" "$(uri "$u")" || fail "the incremental backup"
 # Back to VHD with nothing attached; then a clean stop and the file checks.
 vdictl vdi-pool-migrate "uuid=$u" image-format=vhd --quiet >/dev/null || fail "the migration back to VHD"
 [ -f "$SR/$u.vhd" ] && [ ! -e "$SR/$u.qcow2" ] || fail "files after the migration back: $(ls "$SR")"

@@ -61,6 +61,7 @@ cmp "$TMP/a.raw" "$TMP/c.raw" || fail "the copy differs"
 # Live move of a CBT VDI with a snapshot, VHD in the first SR to qcow2 in the second.
 u=$(vdictl vdi-create name-label=t virtual-size=96MiB)
 vdictl vdi-enable-cbt "uuid=$u"
+sp=$(vdictl vdi-snapshot "uuid=$u")  # the empty disk: the base of the check after s0 goes
 U=$(uri "$u")
 fio --name=fill --ioengine=nbd --uri="$U" --rw=write:2M --bs=1M --size=96M --iodepth=4 >"$TMP/fill.log" 2>&1 || { cat "$TMP/fill.log"; fail "fio fill"; }
 s0=$(vdictl vdi-snapshot "uuid=$u")
@@ -86,24 +87,19 @@ nbdinfo --size "$U" | has -x 100663296 || fail "the old token after the move"
 s1=$(vdictl vdi-snapshot "uuid=$u")
 [ -f "$SR2/$s1.cbtlog" ] || fail "the new snapshot's log is not in the second SR"
 vdictl vdi-list-changed-blocks "vdi-from=$s0" "vdi-to=$s1" > "$TMP/bitmap.b64" || fail "list_changed_blocks across the SRs"
-$PY - "$TMP/s0.raw" "$TMP/bitmap.b64" "$(uri "$s1")" <<'PY'
-import base64, nbd, sys
-backup = bytearray(open(sys.argv[1], "rb").read())
-bm = base64.b64decode(open(sys.argv[2]).read())
-BLK = 64 << 10
-h = nbd.NBD(); h.connect_uri(sys.argv[3])
-changed = 0
-for i in range(len(backup) // BLK):
-    if bm[i // 8] & (0x80 >> (i % 8)):
-        backup[i * BLK:(i + 1) * BLK] = h.pread(BLK, i * BLK); changed += 1
-whole = b"".join(h.pread(8 << 20, o) for o in range(0, len(backup), 8 << 20))
-assert 0 < changed < len(backup) // BLK, changed
-assert bytes(backup) == whole, "the incremental backup across the move differs"
-print("incremental backup across SRs: %d changed 64 KiB blocks" % changed)
-PY
-[ $? = 0 ] || fail "incremental backup"
+$PY "$(dirname "$0")/incremental_backup.py" "$TMP/s0.raw" "$TMP/bitmap.b64" "$(uri "$s1")" || fail "the incremental backup"
 # Destroying the old snapshot merges its log into the next one, across the SRs.
 vdictl vdi-destroy "uuid=$s0" || fail "destroy the snapshot left behind"
+vdictl vdi-list-changed-blocks "vdi-from=$sp" "vdi-to=$s1" > "$TMP/bitmap2.b64" || fail "list_changed_blocks past the destroyed snapshot"
+$PY - "$TMP/bitmap2.b64" "$(uri "$s1")" <<'PY' || fail "the changes before the destroyed snapshot were lost from the log chain"
+import base64, nbd, sys
+bm = base64.b64decode(open(sys.argv[1]).read())
+h = nbd.NBD(); h.connect_uri(sys.argv[2])
+BLK = 64 << 10
+for i in range(h.get_size() // BLK):
+    if h.pread(BLK, i * BLK) != bytes(BLK):
+        assert bm[i // 8] & (0x80 >> (i % 8)), "block %d holds data but is not in the bitmap" % i
+PY
 nbdcopy "$(uri "$u")" "$TMP/u.raw"
 kill "$SERVER_PID"; wait "$SERVER_PID" || fail "server exit status"
 for f in "$SR"/*.vhd "$SR2"/*.qcow2; do check_image "$f" || fail "check $f"; done
