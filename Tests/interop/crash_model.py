@@ -46,6 +46,7 @@ def write(state, uri, seconds):
     rng = random.Random(next_id)
     h = nbd.NBD()
     h.connect_uri(uri)
+    open(os.path.join(state, "started"), "w").close()
     inflight = {}        # cookie -> (kind, blocks, id, buffer)
     busy = set()         # blocks with a write in flight
     acked = []           # (block, history index) acknowledged since the last FLUSH was sent

@@ -29,8 +29,12 @@ edits=0
 for round in $(seq 1 "$ROUNDS"); do
     before=$(vdictl vdi-snapshot "uuid=$v")
     cp "$STATE/ids.json" "$STATE/before.json"
+    rm -f "$STATE/started"
     $M write "$STATE" "$(uri "$v")" 30 > "$TMP/writer.log" 2>&1 &
     writer=$!
+    # The kill comes once the writer is connected (else it would test nothing).
+    for _ in $(seq 1 100); do [ -e "$STATE/started" ] && break; sleep 0.1; done
+    [ -e "$STATE/started" ] || { cat "$TMP/writer.log"; fail "round $round: the writer did not connect"; }
     (
         # Chain edits in flight: a snapshot made and destroyed (the collector merges it
         # away), CBT on and off on the other VDI; errors once the server is gone end it.
@@ -44,7 +48,7 @@ for round in $(seq 1 "$ROUNDS"); do
     ) &
     chaos=$!
     sleep "$((RANDOM % 2)).$((RANDOM % 10))"
-    sleep 0.3
+    sleep 0.2
     kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
     wait "$writer" || { cat "$TMP/writer.log"; fail "round $round: the writer failed"; }
     wait "$chaos" 2>/dev/null || true
