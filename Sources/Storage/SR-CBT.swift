@@ -66,10 +66,12 @@ extension SR {
         if !r.cbtEnabled && reason == nil { return }
         try withHandle(r.uuid) { handle in
             handle?.exclusivelyCBT { _ in nil }
-            if reason == nil { ChangeLog.remove(path: cbtLogPath(r.uuid)) }
             r.cbtEnabled = false
             r.otherConfig["cbt_disabled_reason"] = reason
+            // The record first: a crash between the two leaves an unused log (the next
+            // enable replaces it), never a record naming a log that is gone.
             try save(r)
+            if reason == nil { ChangeLog.remove(path: cbtLogPath(r.uuid)) }
         }
         if let why = reason { logger.error("CBT disabled on VDI \(r.uuid): \(why)") }
     }
@@ -121,6 +123,17 @@ extension SR {
 
     /// At start-up: a live VDI whose log is damaged gets CBT disabled with the reason.
     func checkCBTLogs() {
+        // A snapshot cut between its two log renames (the old log to the snapshot, the
+        // fresh one to the VDI): finish the second, so the VDI's log leads to the old one.
+        for n in (try? FileManager.default.contentsOfDirectory(atPath: path)) ?? [] where n.hasSuffix(".cbtlog.new") {
+            let fresh = "\(path)/\(n)", live = String(fresh.dropLast(4))
+            if FileManager.default.fileExists(atPath: live) {
+                ChangeLog.remove(path: fresh)
+            } else if ChangeLog.rename(fresh, to: live) {
+                logger.warning("recovery: finished moving the change logs of an interrupted snapshot (\(n))")
+            }
+        }
+        try? syncDirectory()
         let live = (try? dbRead { try VDIRecord.filter(Column("cbt_enabled") == true && Column("is_a_snapshot") == false).fetchAll($0) }) ?? []
         for r in live {
             do { _ = try ChangeLog.open(path: cbtLogPath(r.uuid)) } catch { try? disableCBTLocked(r, reason: "\(error)") }

@@ -73,8 +73,32 @@ extension SR {
         for u in known {
             if let p = parentUUID(ofFile: imagePath(u)) { referenced.insert(p) }
         }
+        // A snapshot cut before its leaf's rename: its base is a hard link of the VDI's
+        // file (the same inode, which the VDI keeps writing) that no file with a record
+        // names, and its own file, empty, names that link. Neither holds anything: both go.
+        func inode(_ p: String) -> UInt64? {
+            var st = stat()
+            return stat(p, &st) == 0 ? UInt64(st.st_ino) : nil
+        }
+        let knownInodes = Set(known.compactMap { inode(imagePath($0)) })
+        var staleLinks = Set<String>()
         for n in names {
-            guard let u = SR.imageUUID(n), !known.contains(u) else { continue }
+            guard let u = SR.imageUUID(n), !known.contains(u), !referenced.contains(u),
+                  let i = inode(imagePath(u)), knownInodes.contains(i) else { continue }
+            staleLinks.insert(u)
+        }
+        for n in names {
+            guard let u = SR.imageUUID(n), !known.contains(u), let p = parentUUID(ofFile: imagePath(u)),
+                  staleLinks.contains(p), isEmptyImage(imagePath(u)) else { continue }
+            unlink(imagePath(u))
+            logger.warning("recovery: removed \(n), the empty file of a snapshot cut before its leaf's rename")
+        }
+        for u in staleLinks {
+            unlink(imagePath(u))
+            logger.warning("recovery: removed the base link \(u) of a snapshot cut before its leaf's rename")
+        }
+        for n in names {
+            guard let u = SR.imageUUID(n), !known.contains(u), FileManager.default.fileExists(atPath: imagePath(u)) else { continue }
             if referenced.contains(u) {
                 // A snapshot's base whose records were not committed: keep it as a hidden base.
                 var base = VDIRecord(uuid: u, nameLabel: "base copy", virtualSize: (try? format(of: u).virtualSize(ofFile: imagePath(u))) ?? 0)
@@ -93,8 +117,9 @@ extension SR {
                     }
                 }
                 logger.warning("recovery: adopted base \(u) of an interrupted snapshot")
-            } else if let p = parentUUID(ofFile: imagePath(u)), known.contains(p), isEmptyImage(imagePath(u)) {
-                // The snapshot's own (still empty) file of a snapshot whose records were not committed.
+            } else if let p = parentUUID(ofFile: imagePath(u)), known.contains(p) || referenced.contains(p), isEmptyImage(imagePath(u)) {
+                // The snapshot's own (still empty) file of a snapshot whose records were not
+                // committed (its parent a base with a record, or one adopted in this pass).
                 unlink(imagePath(u))
                 logger.warning("recovery: removed \(n), the empty file of an interrupted snapshot")
             } else {
