@@ -13,8 +13,10 @@ extension SR {
     /// The SR holding `uuid`: this one, or another of the pool. A VDI migrated to another
     /// SR leaves its snapshots here, and the change-log chain links across the two.
     func peer(holding uuid: String) -> SR {
+        // One SR: nothing to look up (this runs for each link of a change-log walk).
+        guard let pool, pool.srs.count > 1 else { return self }
         if (try? anyRecord(uuid)) != nil { return self }
-        return pool?.holding(uuid) ?? self
+        return pool.holding(uuid) ?? self
     }
 
     /// The change log of `uuid`, in whichever SR holds it.
