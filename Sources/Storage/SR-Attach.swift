@@ -53,6 +53,21 @@ extension SR {
         }
     }
 
+    /// Opens a VDI's chain read-only from its files (a copy's or an export's source),
+    /// under its family lock: a merge switches files under that lock, so the chain opened
+    /// is whole (a leaf read before a switch and its parent looked up after it is not).
+    /// Once open, the files stay readable through their descriptors whatever is renamed.
+    func openForReading(_ uuid: String) throws -> any DiskImage {
+        while true {
+            guard let family = try anyRecord(uuid)?.family else { throw StorageError.vdiMissing(uuid: uuid) }
+            let chain = try withFamilyLock(family) { () throws -> (any DiskImage)? in
+                guard try anyRecord(uuid)?.family == family else { return nil }
+                return try format(of: uuid).open(path: imagePath(uuid), writable: false)
+            }
+            if let chain { return chain }
+        }
+    }
+
     /// Nil if `u` is no longer of `family`.
     private func attach(_ u: String, inFamily family: String, grant: ExportGrant?) throws -> VDIHandle? {
         try withFamilyLock(family) {

@@ -68,10 +68,8 @@ extension SR {
 
     private func copyData(from src: VDIRecord, base: (VDIRecord, SR)?, into target: VDIRecord, in dest: SR, fresh: Bool,
                           task: TaskContext?) throws {
-        let source = try format(of: src.uuid).open(path: imagePath(src.uuid), writable: false)
+        var (source, plan) = try openWithPlan(src, base: base)
         defer { source.close() }
-        let size = src.virtualSize
-        var plan = try copyPlan(source, size: size, base: base)
         if fresh { plan.zero = [] }  // a fresh target reads zeros there already
         let h = try dest.attach(target.uuid)
         defer { dest.detach(h) }
@@ -82,7 +80,7 @@ extension SR {
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096)
         defer { buf.deallocate() }
         let baseSR = base?.1 ?? self
-        let baseChain = try plan.compareWith.map { try baseSR.format(of: $0).open(path: baseSR.imagePath($0), writable: false) }
+        let baseChain = try plan.compareWith.map { try baseSR.openForReading($0) }
         defer { baseChain?.close() }
         let other = baseChain.map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: Self.copyChunk, alignment: 4096) }
         defer { other?.deallocate() }
@@ -166,9 +164,45 @@ extension SR {
         var compareWith: String?
     }
 
-    func copyPlan(_ source: any DiskImage, size: UInt64, base baseAndSR: (VDIRecord, SR)?) throws -> CopyPlan {
+    /// The source's chain, opened read-only, and what to copy from it, both from one
+    /// moment of the files. Only chains of one family can share layers; for those, both
+    /// chains are opened and their layers compared under the family lock, so no merge
+    /// renames or removes a file between (a layer looked up by a path it has since left).
+    func openWithPlan(_ rec: VDIRecord, base: (VDIRecord, SR)?) throws -> (any DiskImage, CopyPlan) {
+        var rec = rec, base = base
+        while true {
+            guard let (b, baseSR) = base, baseSR === self, b.family == rec.family else {
+                let image = try openForReading(rec.uuid)
+                do { return (image, try copyPlan(image, size: rec.virtualSize, base: base?.0.uuid, baseChain: nil)) } catch {
+                    image.close()
+                    throw error
+                }
+            }
+            let opened = try withFamilyLock(rec.family) { () throws -> (any DiskImage, CopyPlan)? in
+                guard let r = try anyRecord(rec.uuid), let r2 = try anyRecord(b.uuid) else {
+                    throw StorageError.vdiMissing(uuid: try anyRecord(rec.uuid) == nil ? rec.uuid : b.uuid)
+                }
+                guard r.family == rec.family, r2.family == rec.family else { rec = r; base = (r2, self); return nil }
+                let image = try format(of: rec.uuid).open(path: imagePath(rec.uuid), writable: false)
+                do {
+                    let baseChain = try format(of: b.uuid).open(path: imagePath(b.uuid), writable: false)
+                    defer { baseChain.close() }
+                    return (image, try copyPlan(image, size: rec.virtualSize, base: b.uuid, baseChain: baseChain))
+                } catch {
+                    image.close()
+                    throw error
+                }
+            }
+            if let opened { return opened }
+        }
+    }
+
+    /// Without a base: the source's allocated ranges. With one whose chain is open
+    /// (`baseChain`, its family lock held): the ranges the layers the two do not share
+    /// hold. With one of another family (nil): every byte, compared.
+    func copyPlan(_ source: any DiskImage, size: UInt64, base: String?, baseChain: (any DiskImage)?) throws -> CopyPlan {
         var plan = CopyPlan()
-        guard let (base, baseSR) = baseAndSR else {
+        guard let base else {
             var pos: UInt64 = 0
             for run in try source.allocationRuns(offset: 0, length: size) {
                 let r = pos..<(pos + run.length)
@@ -177,14 +211,12 @@ extension SR {
             }
             return plan
         }
-        let baseChain = try baseSR.format(of: base.uuid).open(path: baseSR.imagePath(base.uuid), writable: false)
-        let basePaths = baseChain.layerPaths
-        baseChain.close()
+        let basePaths = baseChain?.layerPaths ?? []
         let srcPaths = source.layerPaths
         let shared = Set(srcPaths).intersection(basePaths)
         if shared.isEmpty {
             // Nothing in common: compare every byte either side may hold.
-            plan.compareWith = base.uuid
+            plan.compareWith = base
             plan.work = [(0..<size, false)]
             return plan
         }

@@ -131,12 +131,12 @@ extension SR {
             try requireFile(b)
         }
         try requireFile(rec)
-        let image = try format(of: rec.uuid).open(path: imagePath(rec.uuid), writable: false)
+        let (image, plan) = try openWithPlan(rec, base: baseRec.map { ($0, self) })
         do {
             let size = rec.virtualSize
             var blocks: [Int] = []
             if let bs = sf.blockSize {
-                blocks = try exportBlocks(image, size: size, blockSize: bs, base: baseRec)
+                blocks = try exportBlocks(image, size: size, blockSize: bs, plan: baseRec == nil ? nil : plan)
             }
             let id = StreamIdentity(uniqueID: UUID(uuidString: rec.uuid) ?? UUID(), timeStamp: rec.snapshotTime ?? rec.created,
                                     parent: baseRec.map { (UUID(uuidString: $0.uuid) ?? UUID(), $0.snapshotTime ?? $0.created) })
@@ -161,11 +161,10 @@ extension SR {
     /// The blocks an export holds: those any layer holds, or with a base, those where the
     /// two VDIs may differ (layers they do not share; compared byte for byte when they
     /// share none).
-    func exportBlocks(_ image: any DiskImage, size: UInt64, blockSize bs: UInt64, base: VDIRecord?) throws -> [Int] {
+    func exportBlocks(_ image: any DiskImage, size: UInt64, blockSize bs: UInt64, plan: CopyPlan?) throws -> [Int] {
         var ranges: [Range<UInt64>] = []
         var compare: String?
-        if let base {
-            let plan = try copyPlan(image, size: size, base: (base, self))
+        if let plan {
             ranges = plan.work.map(\.range)
             compare = plan.compareWith
         } else {
@@ -183,7 +182,7 @@ extension SR {
         }
         guard let compare else { return blocks }
         // No shared layer: keep only the blocks that read differently.
-        let other = try format(of: compare).open(path: imagePath(compare), writable: false)
+        let other = try openForReading(compare)
         defer { other.close() }
         let a = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(bs), alignment: 4096)
         let b = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(bs), alignment: 4096)

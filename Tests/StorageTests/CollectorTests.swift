@@ -293,6 +293,47 @@ final class CollectorTests: XCTestCase {
     }
 
     /// Logs are independent of the image files: the same changed blocks after coalescing.
+    /// Copies and exports of a VDI while the collector merges its chain under them: each
+    /// opens a whole chain (not a leaf read before a switch with a parent looked up after
+    /// it, a file by then renamed), so each succeeds with the VDI's bytes.
+    func testCopiesAndExportsDuringMergesSucceed() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: Self.size))
+        var model = [UInt8](repeating: 0, count: Int(Self.size))
+        var rng = SystemRandomNumberGenerator()
+        sr.startCollector()
+        var copies = 0
+        for round in 0..<12 {
+            try sr.addToOtherConfig(key: "gc", value: "false")
+            let keep = try sr.snapshot(r.uuid)
+            for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+            let gone = try sr.snapshot(r.uuid)
+            for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+            // Destroying `gone` leaves a hidden base with one child (a leaf merge); with
+            // `keep` destroyed on odd rounds, a base under it too (a non-leaf merge).
+            try sr.destroy(gone.uuid)
+            if round % 2 == 1 { try sr.destroy(keep.uuid) }
+            try sr.removeFromOtherConfig(key: "gc")
+            let mark = sr.collector.kickAndMark()
+            repeat {
+                let c = try sr.copy(r.uuid, base: nil, into: nil, task: nil)
+                XCTAssertEqual(try contents(c.uuid), model, "copy \(copies) in round \(round)")
+                try sr.destroy(c.uuid)
+                let e = try sr.openExport(r.uuid, format: "raw", base: nil)
+                var got = [UInt8](repeating: 0, count: Int(Self.size))
+                var holes: [Range<Int>] = []
+                _ = try got.withUnsafeMutableBytes { try e.read(at: 0, into: $0, holes: &holes) }
+                e.close()
+                XCTAssertEqual(got, model, "export \(copies) in round \(round)")
+                copies += 1
+            } while !sr.collector.waitFinished(mark, timeout: 0)
+            if round % 2 == 0 { try sr.destroy(keep.uuid) }
+        }
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 60))
+        XCTAssertEqual(try depth(r.uuid), 1)
+        XCTAssertEqual(try contents(r.uuid), model)
+        XCTAssertNil(sr.collector.status.lastError)
+    }
+
     func testChangedBlocksAreTheSameAfterCoalescing() throws {
         let r = try sr.create(.init(nameLabel: "d", virtualSize: Self.size))
         try sr.enableCBT(r.uuid)

@@ -12,7 +12,9 @@ import json, os, random, subprocess, sys
 import nbd
 seed = int(sys.argv[1]); rng = random.Random(seed); print("seed", seed)
 def ctl(*a):
-    return subprocess.run([os.environ["VDICTL"], "--socket", os.environ["SOCK"], *a], check=True, capture_output=True, text=True).stdout.strip()
+    r = subprocess.run([os.environ["VDICTL"], "--socket", os.environ["SOCK"], *a], capture_output=True, text=True)
+    assert r.returncode == 0, "vdictl %s failed (exit %d): %s" % (" ".join(a), r.returncode, r.stderr.strip())
+    return r.stdout.strip()
 def connect(u, ro=False):
     i = json.loads(ctl("vdi-get-nbd-info", "uuid=" + u, "--json", *(["read-only=true"] if ro else [])))[0]
     h = nbd.NBD(); h.set_export_name(i["exportname"]); h.connect_tcp(i["address"], str(i["port"])); return h
