@@ -118,6 +118,24 @@ final class HostFile: Sendable {
         }
     }
 
+    /// Writes each piece at its offset; pieces that follow one another in the file (in
+    /// the order given) go out as one pwritev.
+    func write(pieces: [(host: UInt64, bytes: UnsafeRawBufferPointer)]) throws(QCOW2Error) {
+        var i = 0
+        while i < pieces.count {
+            var j = i + 1
+            var next = pieces[i].host + UInt64(pieces[i].bytes.count)
+            while j < pieces.count, pieces[j].host == next {
+                next += UInt64(pieces[j].bytes.count)
+                j += 1
+            }
+            if j == i + 1 { try write(pieces[i].bytes, at: pieces[i].host) } else {
+                try write(gather: pieces[i..<j].map(\.bytes), at: pieces[i].host)
+            }
+            i = j
+        }
+    }
+
     func sync() throws(QCOW2Error) {
         guard fdatasync(fd) == 0 else { throw fail() }
     }

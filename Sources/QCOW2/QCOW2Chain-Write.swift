@@ -80,25 +80,33 @@ extension QCOW2Chain {
             if case .data(let h, true) = m { inPlace.append((first + UInt64(k), h)) } else { fresh.append(first + UInt64(k)) }
         }
         let base = try f.state.withLock { (s) throws(QCOW2Error) in try f.reserve(fresh.count, &s) }
-        var buffers: [UnsafeRawBufferPointer] = []
+        // A fresh cluster lies past all the file ever held (clusters come from its end and
+        // are not reused while it is open), so what is not written there reads as zeros:
+        // only the new bytes and the old contents that are not zeros go out. A small
+        // write into a cluster no layer holds writes only itself, not a whole cluster.
+        var pieces: [(host: UInt64, bytes: UnsafeRawBufferPointer)] = []
         var temps: [UnsafeMutableRawBufferPointer] = []
         defer { for t in temps { t.deallocate() } }
         do {
-            for ci in fresh {
+            for (j, ci) in fresh.enumerated() {
+                let host = (base + UInt64(j)) * cs
                 let cStart = ci * cs, cEnd = cStart + cs
                 let a = max(cStart, offset), b = min(cEnd, end)
+                let new = UnsafeRawBufferPointer(rebasing: data[Int(a - offset)..<Int(b - offset)])
                 if a == cStart && b == cEnd {
-                    buffers.append(UnsafeRawBufferPointer(rebasing: data[Int(a - offset)..<Int(b - offset)]))
+                    pieces.append((host, new))
                     continue
                 }
                 let t = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cs), alignment: 4096)
                 temps.append(t)
-                try oldContents(of: ci, maps[Int(ci - first)], into: t)
-                UnsafeMutableRawBufferPointer(rebasing: t[Int(a - cStart)..<Int(b - cStart)])
-                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(a - offset)..<Int(b - offset)]))
-                buffers.append(UnsafeRawBufferPointer(t))
+                let zeros = try oldContents(of: ci, maps[Int(ci - first)], into: t)
+                let own = Int(a - cStart)..<Int(b - cStart)
+                UnsafeMutableRawBufferPointer(rebasing: t[own]).copyMemory(from: new)
+                for r in Self.written(Int(cs), zeros: zeros, own: own) {
+                    pieces.append((host + UInt64(r.lowerBound), UnsafeRawBufferPointer(rebasing: t[r])))
+                }
             }
-            try f.file.write(gather: buffers, at: base * cs)
+            try f.file.write(pieces: pieces)
             try gate(beforeVisible)
         } catch {
             // Nothing points at the new clusters: they go back after the next sync.
@@ -117,24 +125,52 @@ extension QCOW2Chain {
         }
     }
 
+    /// The parts of a fresh cluster to write: all but the stretches that read as zeros
+    /// (`zeros`, in order), with the new bytes (`own`) always.
+    static func written(_ size: Int, zeros: [Range<Int>], own: Range<Int>) -> [Range<Int>] {
+        var keep: [Range<Int>] = [own]
+        var at = 0
+        for z in zeros + [size..<size] {
+            if z.lowerBound > at { keep.append(at..<z.lowerBound) }
+            at = max(at, z.upperBound)
+        }
+        keep.sort { $0.lowerBound < $1.lowerBound }
+        var out: [Range<Int>] = []
+        for r in keep where !r.isEmpty {
+            if let last = out.last, r.lowerBound <= last.upperBound {
+                out[out.count - 1] = last.lowerBound..<max(last.upperBound, r.upperBound)
+            } else {
+                out.append(r)
+            }
+        }
+        return out
+    }
+
     /// What cluster `ci` of the leaf reads as now, whole (zeros past the disk's end).
-    func oldContents(of ci: UInt64, _ m: Mapping, into t: UnsafeMutableRawBufferPointer) throws(QCOW2Error) {
+    /// Returns the stretches of it that read as zeros because nothing holds them.
+    func oldContents(of ci: UInt64, _ m: Mapping, into t: UnsafeMutableRawBufferPointer) throws(QCOW2Error) -> [Range<Int>] {
         let f = leaf, cs = f.clusterSize
         switch m {
         case .zero:
             t.initializeMemory(as: UInt8.self, repeating: 0)
+            return [0..<Int(cs)]
         case .data(let h, _):
             try f.file.read(into: t, at: h)
+            return []
         case .compressed(let h, let n):
             let c = try f.inflate(host: h, bytes: n)
             c.withUnsafeBytes { t.copyMemory(from: $0) }
+            return []
         case .unallocated:
             let start = ci * cs
             let n = start < f.size ? min(cs, f.size - start) : 0
             t.initializeMemory(as: UInt8.self, repeating: 0)
-            guard n > 0 else { return }
             var holes: [Range<Int>] = []
-            try fill(UnsafeMutableRawBufferPointer(rebasing: t[0..<Int(n)]), try pieces(start, n, from: 1), cachedOnly: false, holes: &holes)
+            if n > 0 {
+                try fill(UnsafeMutableRawBufferPointer(rebasing: t[0..<Int(n)]), try pieces(start, n, from: 1), cachedOnly: false, holes: &holes)
+            }
+            if Int(n) < Int(cs) { holes.append(Int(n)..<Int(cs)) }
+            return holes.sorted { $0.lowerBound < $1.lowerBound }
         }
     }
 

@@ -22,9 +22,23 @@ extension QCOW2File {
         if let b = s.refBlocks[rbi] { return b }
         guard rbi < s.refTable.count, s.refTable[rbi] != 0 else { return nil }
         let b = try file.read(count: Int(clusterSize), at: s.refTable[rbi])
-        if s.refBlocks.count >= Self.cachedTables, let k = s.refBlocks.keys.first { s.refBlocks[k] = nil }
+        if s.refBlocks.count >= Self.cachedTables {
+            if let k = s.refBlocks.keys.first(where: { s.dirtyRefs[$0] == nil }) { s.refBlocks[k] = nil } else {
+                try writeDirtyRefcounts(&s)
+                if let k = s.refBlocks.keys.first { s.refBlocks[k] = nil }
+            }
+        }
         s.refBlocks[rbi] = b
         return b
+    }
+
+    /// Writes the refcount entries changed since they were last written.
+    func writeDirtyRefcounts(_ s: inout State) throws(QCOW2Error) {
+        for (rbi, r) in s.dirtyRefs.sorted(by: { $0.key < $1.key }) {
+            guard let b = s.refBlocks[rbi] else { continue }
+            try file.write(Array(b[(r.lowerBound * 2)..<(r.upperBound * 2)]), at: s.refTable[rbi] + UInt64(r.lowerBound * 2))
+        }
+        s.dirtyRefs.removeAll(keepingCapacity: true)
     }
 
     func refcount(of cluster: UInt64, _ s: inout State) throws(QCOW2Error) -> UInt64 {
@@ -32,8 +46,9 @@ extension QCOW2File {
         return Self.refcount(b, Int(cluster % refsPerBlock), order: header.refcountOrder)
     }
 
-    /// Sets the refcounts of `clusters` (consecutive) to `value`, writing each block's
-    /// changed entries at once. Only for 16-bit refcounts (what a writable file has).
+    /// Sets the refcounts of `clusters` (consecutive) to `value`, in memory: the file gets
+    /// them at the next sync (before the mappings that need them) or when the block leaves
+    /// the cache. Only for 16-bit refcounts (what a writable file has).
     func setRefcounts(_ clusters: Range<UInt64>, to value: UInt16, _ s: inout State) throws(QCOW2Error) {
         var c = clusters.lowerBound
         while c < clusters.upperBound {
@@ -41,13 +56,15 @@ extension QCOW2File {
             try ensureRefBlock(rbi, &s)
             let first = Int(c % refsPerBlock)
             let n = Int(min(clusters.upperBound - c, refsPerBlock - UInt64(first)))
-            var block = s.refBlocks[rbi]!
-            for i in first..<(first + n) {
-                block[i * 2] = UInt8(value >> 8)
-                block[i * 2 + 1] = UInt8(value & 0xff)
+            // In place: the cached block is not copied.
+            s.refBlocks[rbi]!.withUnsafeMutableBytes { b in
+                for i in first..<(first + n) {
+                    b[i * 2] = UInt8(value >> 8)
+                    b[i * 2 + 1] = UInt8(value & 0xff)
+                }
             }
-            s.refBlocks[rbi] = block
-            try file.write(Array(block[(first * 2)..<((first + n) * 2)]), at: s.refTable[rbi] + UInt64(first * 2))
+            let r = first..<(first + n)
+            s.dirtyRefs[rbi] = s.dirtyRefs[rbi].map { min($0.lowerBound, r.lowerBound)..<max($0.upperBound, r.upperBound) } ?? r
             c += UInt64(n)
         }
     }
@@ -57,15 +74,17 @@ extension QCOW2File {
     func ensureRefBlock(_ rbi: Int, _ s: inout State) throws(QCOW2Error) {
         if try refBlock(rbi, &s) != nil { return }
         guard rbi < s.refTable.count else { throw .refcountTableFull(path: path, cluster: UInt64(rbi) * refsPerBlock) }
+        // A fresh cluster (past all the file held) reads as zeros: the block's own
+        // refcount goes out first, then the table entry that points at it.
         let c = s.nextCluster
         s.nextCluster += 1
         s.refBlocks[rbi] = [UInt8](repeating: 0, count: Int(clusterSize))
         s.refTable[rbi] = c * clusterSize
-        try file.write([UInt8](repeating: 0, count: Int(clusterSize)), at: c * clusterSize)
+        try setRefcounts(c..<(c + 1), to: 1, &s)
+        try writeDirtyRefcounts(&s)
         var e = [UInt8](repeating: 0, count: 8)
         put64(&e, 0, c * clusterSize)
         try file.write(e, at: header.refcountTableOffset + UInt64(rbi * 8))
-        try setRefcounts(c..<(c + 1), to: 1, &s)
     }
 
     /// Takes `count` consecutive clusters from the end of the file, refcount 1 each.
@@ -113,6 +132,7 @@ extension QCOW2File {
     /// any more drop (punching their space). `allocating` held alone.
     func syncLocked() throws(QCOW2Error) {
         guard writable else { return }
+        try state.withLock { (s) throws(QCOW2Error) in try writeDirtyRefcounts(&s) }
         try file.sync()
         let (tables, l1Runs): ([(UInt64, [UInt8])], [(UInt64, [UInt8])]) = state.withLock { s in
             var tables: [(UInt64, [UInt8])] = []
@@ -147,6 +167,9 @@ extension QCOW2File {
                 try setRefcounts(c..<(c + 1), to: UInt16(r - 1), &s)
                 if r == 1 { file.punch(c * clusterSize, clusterSize) }
             }
+            // Lost in a crash these would only leak the clusters; the next sync or the
+            // close's data sync makes them durable.
+            try writeDirtyRefcounts(&s)
         }
     }
 

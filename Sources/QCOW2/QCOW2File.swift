@@ -50,6 +50,9 @@ public final class QCOW2File: MappableFile, @unchecked Sendable {
         var dirtyL1: Set<Int> = []
         var refTable: [UInt64]
         var refBlocks: [Int: [UInt8]] = [:]
+        /// Refcount entries changed in memory and not yet written, by block: they go out
+        /// before the next sync (ahead of any mapping that needs them).
+        var dirtyRefs: [Int: Range<Int>] = [:]
         /// The next cluster of the file that has never been used.
         var nextCluster: UInt64
         /// Clusters whose refcount drops once the entries that stopped pointing at them are durable.

@@ -133,6 +133,50 @@ final class QCOW2Tests: XCTestCase {
         XCTAssertTrue(try read(again, 0, Int(size)) == model, "the overlay lost writes after reopening")
     }
 
+    /// A write into a cluster the overlay lacks writes the new bytes and what the backing
+    /// holds there, not the zeros around them: a fresh cluster's unwritten space is a
+    /// hole that reads as zeros, through our reads and to a checker.
+    func testCopyUpsWriteOnlyWhatIsNotZeros() throws {
+        let fmt = QCOW2Format()
+        let size: UInt64 = 8 << 20, cs = 65536
+        let base = dir + "/hb.qcow2", top = dir + "/ht.qcow2"
+        try fmt.create(path: base, size: size)
+        var model = [UInt8](repeating: 0, count: Int(size))
+        do {
+            let img = try fmt.open(path: base, writable: true)
+            let d = [UInt8](repeating: 0x5a, count: cs / 2)
+            try d.withUnsafeBytes { try img.write($0, at: 0) }  // the first half of cluster 0
+            model.replaceSubrange(0..<(cs / 2), with: d)
+            img.close()
+        }
+        try fmt.createChild(path: top, parent: base, size: nil)
+        func allocated() throws -> Int {
+            var st = stat()
+            XCTAssertEqual(stat(top, &st), 0)
+            return Int(st.st_blocks) * 512
+        }
+        let before = try allocated()
+        let img = try fmt.open(path: top, writable: true)
+        var writes: [(at: Int, bytes: [UInt8])] = [(40 << 10, [UInt8](repeating: 1, count: 4096)),
+                                                   (cs + (8 << 10), [UInt8](repeating: 2, count: 4096)),
+                                                   (3 * cs - 512, [UInt8](repeating: 3, count: 1024))]
+        for k in 0..<16 { writes.append((8 * cs + k * cs + 512 * k, [UInt8](repeating: UInt8(k + 4), count: 512))) }
+        for w in writes {
+            try w.bytes.withUnsafeBytes { try img.write($0, at: UInt64(w.at)) }
+            model.replaceSubrange(w.at..<(w.at + w.bytes.count), with: w.bytes)
+        }
+        XCTAssertTrue(try read(img, 0, Int(size)) == model)
+        img.close()
+        XCTAssertNil(fmt.check(path: top))
+        // 20 clusters were allocated; written whole they would take 1,280 KiB besides the
+        // L2 table. Written as here: cluster 0's 32 KiB of backing data, then some KiB.
+        let grew = try allocated() - before
+        XCTAssertLessThan(grew, 64 << 10 + 40 << 10 + 20 * 8192, "the overlay grew by \(grew) bytes")
+        let again = try fmt.open(path: top, writable: false)
+        defer { again.close() }
+        XCTAssertTrue(try read(again, 0, Int(size)) == model, "different after reopening")
+    }
+
     func testFastZeroingRefusesPartialClustersBeforeChangingAnything() throws {
         let p = dir + "/z.qcow2"
         try QCOW2Format().create(path: p, size: 1 << 20)
@@ -196,7 +240,9 @@ final class QCOW2Tests: XCTestCase {
             try d.withUnsafeBytes { try img.write($0, at: 0) }
             try img.flush()
             try d.withUnsafeBytes { try img.write($0, at: 8 << 20) }
-            // No close: the refcounts of the second write are in the file, its L2 entries not.
+            // The second write's refcounts reach the file (as when their block leaves the
+            // cache), its L2 entries not; then no close.
+            try f.state.withLock { (s) throws(QCOW2Error) in try f.writeDirtyRefcounts(&s) }
             f.file.close()
         }
         let report = try QCOW2File.open(path: p, writable: false).check()
