@@ -108,13 +108,33 @@ FMT=${VDINBD_SR_FORMATS:-vhd}; FMT=${FMT%%+*}; export FMT
 records_match_files() {
     vdictl vdi-list --json > "$TMP/records.json"
     $PY - "$TMP/records.json" "$SR" "$FMT" <<'PY'
-import json, os, sys
+import json, os, struct, sys
 recs = json.load(open(sys.argv[1]))
 live = [r for r in recs.values() if r["type"] != "cbt_metadata"]
 ext = "." + sys.argv[3]
-need = {r["uuid"] + ext for r in live} | {r["parent"] + ext for r in live if r["parent"]}
+def parent_of(path):
+    # The file a qcow2 backing name or a VHD parent locator's name points at.
+    with open(path, "rb") as f:
+        head = f.read(512)
+        if head[:4] == b"QFI\xfb":
+            off, n = struct.unpack(">QI", head[8:20])
+            if not off: return None
+            f.seek(off); return os.path.basename(f.read(n).decode())
+        if head[:8] == b"conectix":
+            f.seek(struct.unpack(">Q", head[16:24])[0]); dyn = f.read(1024)
+            name = dyn[64:576].decode("utf-16-be").rstrip("\0")
+            return os.path.basename(name) if name else None
+    return None
+# Every record's file, and the chain of files under each (hidden bases are not listed).
+need, todo = set(), [r["uuid"] + ext for r in live]
+while todo:
+    f = todo.pop()
+    if f in need: continue
+    need.add(f)
+    p = os.path.join(sys.argv[2], f)
+    if os.path.exists(p) and (q := parent_of(p)): todo.append(q)
 files = {f for f in os.listdir(sys.argv[2]) if f.endswith(ext)}
-assert files == need, (sorted(files), sorted(need))
+assert files == need, ("files without a record or a child:", sorted(files - need), "records or parents without a file:", sorted(need - files))
 PY
 }
 
