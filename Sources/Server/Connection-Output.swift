@@ -12,6 +12,8 @@ extension Connection {
     static let gatherLimit = 512
     /// Reads up to this size may be served from the page cache on the connection queue.
     static let inlineReadLimit: UInt32 = 64 * 1024
+    /// Writes up to this size into space the leaf holds may be done on the connection queue.
+    static let inlineWriteLimit = 64 * 1024
 
     func send(_ buf: ByteBuffer) {
         guard !isClosed else { return }

@@ -60,6 +60,18 @@ extension Connection {
                 return .buffer(try Replies.read(h, r, offset: offset, length: length, df: df, pool: self.replyBuffers))
             }
         case .write(let cookie, let offset, let payload, let fua):
+            // Fast path: a small write into space the leaf holds, whose change-log bits are
+            // durable, is a pwrite into the page cache: done right here, without two queue
+            // hops. Anything else (an allocation, a log commit, a snapshot under way, an
+            // error) goes the normal way on the I/O queue.
+            if !fua && payload.readableBytes <= Self.inlineWriteLimit {
+                let started = DispatchTime.now().uptimeNanoseconds
+                if (try? payload.withUnsafeReadableBytes { try h.writeNow($0, at: offset) }) == true {
+                    reply(error: nil, to: to(cookie, offset))
+                    metrics?.done(.write, bytes: payload.readableBytes, started: started)
+                    return
+                }
+            }
             // No thread waits while the change log syncs: the write resumes after it.
             runAsync(to(cookie, offset), bytes: payload.readableBytes, what: Work(.write, offset, UInt64(payload.readableBytes))) {
                 [ioQueue] finish in

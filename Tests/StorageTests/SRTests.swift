@@ -335,3 +335,54 @@ final class NBDInfoURITests: XCTestCase {
         XCTAssertEqual(tls.uri, "nbds://[::1]:10809//u%3Ftoken=s?tls-certificates=/srv/my%20certs%26keys")
     }
 }
+
+/// `VDIHandle.writeNow`, the server's inline write: done only where nothing would wait.
+final class WriteNowTests: XCTestCase {
+    var dir: String!
+    var sr: SR!
+
+    override func setUpWithError() throws {
+        dir = NSTemporaryDirectory() + "writenow-" + UUID().uuidString
+        sr = try SR(path: dir)
+    }
+
+    override func tearDown() { try? FileManager.default.removeItem(atPath: dir) }
+
+    func bytes(_ h: VDIHandle, _ at: UInt64, _ n: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0xEE, count: n)
+        try out.withUnsafeMutableBytes { try h.read(into: $0, at: at) }
+        return out
+    }
+
+    func testWriteNowOnlyWhereNothingWaits() throws {
+        let a = [UInt8](repeating: 1, count: 4096), b = [UInt8](repeating: 2, count: 4096)
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: 8 << 20))
+        let h = try sr.attach(r.uuid)
+        // Space the leaf lacks is an allocation: not done here, and nothing written.
+        XCTAssertFalse(try a.withUnsafeBytes { try h.writeNow($0, at: 0) })
+        XCTAssertEqual(try bytes(h, 0, 4096), [UInt8](repeating: 0, count: 4096))
+        try a.withUnsafeBytes { try h.write($0, at: 0) }
+        // Held now: done here.
+        XCTAssertTrue(try b.withUnsafeBytes { try h.writeNow($0, at: 0) })
+        XCTAssertEqual(try bytes(h, 0, 4096), b)
+        // I/O held off (a snapshot's or a merge's switch): not done here.
+        try h.exclusively { old in
+            XCTAssertFalse(try a.withUnsafeBytes { try h.writeNow($0, at: 0) })
+            return old
+        }
+        XCTAssertEqual(try bytes(h, 0, 4096), b)
+        sr.detach(h)
+
+        // CBT: a block the leaf holds whose bit is not yet durable goes the usual way
+        // (the log commits first); once durable, writes there are done here.
+        try sr.enableCBT(r.uuid)
+        let c = try sr.attach(r.uuid)
+        defer { sr.detach(c) }
+        XCTAssertFalse(try a.withUnsafeBytes { try c.writeNow($0, at: 0) })
+        XCTAssertEqual(try bytes(c, 0, 4096), b)
+        try a.withUnsafeBytes { try c.write($0, at: 0) }
+        XCTAssertTrue(try b.withUnsafeBytes { try c.writeNow($0, at: 512) })
+        XCTAssertEqual(try bytes(c, 0, 512), [UInt8](repeating: 1, count: 512))
+        XCTAssertEqual(try bytes(c, 512, 4096), b)
+    }
+}
