@@ -51,7 +51,7 @@ extension Connection {
             return
         }
         for _ in 0..<Self.readsPerEvent {
-            guard !readSuspended, !isClosed, !disconnectRequested else { return }
+            guard !readSuspended, !isClosed, machine?.isTaking ?? true else { return }
             if case .tlsHandshake = phase { return }
             switch readSome() {
             case .bytes:
@@ -97,19 +97,7 @@ extension Connection {
 
     /// The client closed its side: finish what is in flight, then close.
     func inputEnded() {
-        guard !isClosed else { return }
-        if inFlight > 0 {
-            disconnectRequested = true
-            pauseReading()
-        } else {
-            close(reason: "client closed the connection")
-        }
-    }
-
-    /// Whether a new request may be taken now.
-    var belowLimits: Bool {
-        inFlight < limits.maxInFlightRequests && inFlightBytes < limits.maxInFlightBytes
-            && outboundBytes < limits.maxQueuedReplyBytes
+        stopTaking(reason: "client closed the connection")
     }
 
     /// Decodes and starts every whole request buffered, up to the limits. Replies made
@@ -132,8 +120,8 @@ extension Connection {
                     logger.debug("option \(opt.option)")
                     perform(handshake.receive(option: opt, resolver: resolver))
                 case .transmission:
-                    if disconnectRequested { return .stopped }
-                    guard belowLimits else {
+                    guard let m = machine, m.isTaking else { return .stopped }
+                    guard m.mayTake(queuedReplyBytes: outboundBytes) else {
                         pauseReading()
                         return .atLimit
                     }
@@ -158,7 +146,7 @@ extension Connection {
     /// A request finished or replies drained: take what is buffered, and once that is used
     /// up read the socket again.
     func resumeIntake() {
-        guard readSuspended, !isClosed, !disconnectRequested, let rs = readSource else { return }
+        guard readSuspended, !isClosed, machine?.isTaking ?? true, let rs = readSource else { return }
         guard intake() == .needBytes, readSuspended else { return }
         readSuspended = false
         rs.resume()

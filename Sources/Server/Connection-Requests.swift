@@ -9,37 +9,30 @@ import NIOCore
 import Storage
 
 extension Connection {
+    /// A decoded request, through the transmission machine: refused, run, or the end of input.
     func handle(_ decoded: DecodedRequest) {
-        guard let ts = transmission, let h = handle else { return }
+        guard machine != nil, let h = handle else { return }
         lastRequest = .now()
-        switch decoded {
-        case .oversizedWrite(let r):
-            logger.info("cookie \(r.cookie): \(r.command) of \(r.length) bytes exceeds the maximum: NBD_EINVAL")
-            reply(error: .einval, to: ReplyTo(cookie: r.cookie, framing: ts.framing(requestOffset: r.offset)))
-            return
-        case .request(let r):
-            switch RequestValidator.validate(r, ts) {
-            case .failure(let e):
-                logger.info("cookie \(r.cookie): \(r.command) offset \(r.offset) length \(r.length) refused: \(e)")
-                // NBD spec: with structured replies a READ never gets a simple reply.
-                let to = ReplyTo(cookie: r.cookie, framing: ts.framing(requestOffset: r.offset))
-                reply(error: e, to: to, message: r.command == .read && to.framing != nil ? "\(e)" : nil)
-            case .success(let v):
-                execute(v, handle: h)
-            }
+        switch machine!.receive(decoded) {
+        case .refuse(let e, let to, let message, let why):
+            logger.info("\(why)")
+            reply(error: e, to: to, message: message)
+        case .execute(let v, let to, let bytes):
+            execute(v, to: to, bytes: bytes, handle: h)
+        case .stopReading:
+            pauseReading()
+        case .close(let reason):
+            close(reason: reason)
         }
     }
 
-    func execute(_ v: ValidatedRequest, handle h: VDIHandle) {
-        guard let ts = transmission else { return }
-        func to(_ cookie: UInt64, _ offset: UInt64) -> ReplyTo { ReplyTo(cookie: cookie, framing: ts.framing(requestOffset: offset)) }
+    /// Runs a request the machine counted in flight; `end(bytes:)` (or, done inline,
+    /// `doneInline(bytes:)`) tells it the reply is queued.
+    func execute(_ v: ValidatedRequest, to r: ReplyTo, bytes: Int, handle h: VDIHandle) {
         switch v {
         case .disconnect:
-            disconnectRequested = true
-            pauseReading()
-            if inFlight == 0 { close(reason: "client sent NBD_CMD_DISC") }
-        case .read(let cookie, let offset, let length, let df):
-            let r = to(cookie, offset)
+            return  // the machine answers it
+        case .read(_, let offset, let length, let df):
             // Fast path: small reads whose data is all in the page cache are answered right
             // here, without two queue hops. preadv2(RWF_NOWAIT) never waits for the disk;
             // anything else (a miss, an error) goes the normal way on the I/O queue.
@@ -48,10 +41,10 @@ extension Connection {
                 if let reply = try? Replies.read(h, r, offset: offset, length: length, df: df, cachedOnly: true, pool: replyBuffers) {
                     send(reply)
                     metrics?.done(.read, bytes: Int(length), started: started)
-                    return
+                    return doneInline(bytes: bytes)
                 }
             }
-            run(r, bytes: Int(length), what: Work(.read, offset, UInt64(length)), chunked: r.framing != nil) {
+            run(r, bytes: bytes, what: Work(.read, offset, UInt64(length)), chunked: r.framing != nil) {
                 // Large reads go straight from the files' page cache, without a copy of ours.
                 if length >= Self.mappedReadMinimum,
                    let pieces = try Replies.readMapped(h, r, offset: offset, length: length, df: df) {
@@ -59,7 +52,7 @@ extension Connection {
                 }
                 return .buffer(try Replies.read(h, r, offset: offset, length: length, df: df, pool: self.replyBuffers))
             }
-        case .write(let cookie, let offset, let payload, let fua):
+        case .write(_, let offset, let payload, let fua):
             // Fast path: a small write into space the leaf holds, whose change-log bits are
             // durable, is a pwrite into the page cache: done right here, without two queue
             // hops. Anything else (an allocation, a log commit, a snapshot under way, an
@@ -67,13 +60,13 @@ extension Connection {
             if !fua && payload.readableBytes <= Self.inlineWriteLimit {
                 let started = DispatchTime.now().uptimeNanoseconds
                 if (try? payload.withUnsafeReadableBytes { try h.writeNow($0, at: offset) }) == true {
-                    reply(error: nil, to: to(cookie, offset))
+                    reply(error: nil, to: r)
                     metrics?.done(.write, bytes: payload.readableBytes, started: started)
-                    return
+                    return doneInline(bytes: bytes)
                 }
             }
             // No thread waits while the change log syncs: the write resumes after it.
-            runAsync(to(cookie, offset), bytes: payload.readableBytes, what: Work(.write, offset, UInt64(payload.readableBytes))) {
+            runAsync(r, bytes: bytes, what: Work(.write, offset, UInt64(payload.readableBytes))) {
                 [ioQueue] finish in
                 h.write(length: payload.readableBytes, at: offset, on: ioQueue,
                         withBytes: { body in try payload.withUnsafeReadableBytes(body) }) { error in
@@ -84,28 +77,27 @@ extension Connection {
                     finish(.success(.none))
                 }
             }
-        case .flush(let cookie):
-            run(to(cookie, 0), bytes: 0, what: Work(.flush, 0, 0)) {
+        case .flush:
+            run(r, bytes: 0, what: Work(.flush, 0, 0)) {
                 try h.flush()
                 return .none
             }
-        case .trim(let cookie, let offset, let length, let fua):
-            run(to(cookie, offset), bytes: 0, what: Work(.trim, offset, length)) {
+        case .trim(_, let offset, let length, let fua):
+            run(r, bytes: 0, what: Work(.trim, offset, length)) {
                 try h.writeZeroes(offset: offset, length: length, punch: true, fastOnly: false)
                 if fua { try h.flush() }
                 return .none
             }
-        case .writeZeroes(let cookie, let offset, let length, let fua, let noHole, let fastZero):
-            run(to(cookie, offset), bytes: 0, what: Work(.writeZeroes, offset, length), fastZero: fastZero) {
+        case .writeZeroes(_, let offset, let length, let fua, let noHole, let fastZero):
+            run(r, bytes: 0, what: Work(.writeZeroes, offset, length), fastZero: fastZero) {
                 try h.writeZeroes(offset: offset, length: length, punch: !noHole, fastOnly: fastZero)
                 if fua { try h.flush() }
                 return .none
             }
-        case .cache(let cookie, let offset, let length):
+        case .cache(_, let offset, let length):
             // Every read goes to the page cache already; CACHE only checks the range.
-            run(to(cookie, offset), bytes: 0, what: Work(.cache, offset, length)) { .none }
-        case .blockStatus(let cookie, let offset, let length, let reqOne, let contexts):
-            let r = to(cookie, offset)
+            run(r, bytes: 0, what: Work(.cache, offset, length)) { .none }
+        case .blockStatus(_, let offset, let length, let reqOne, let contexts):
             run(r, bytes: 0, what: Work(.blockStatus, offset, length), chunked: true) {
                 .buffer(try Replies.blockStatus(h, r, offset: offset, length: length, reqOne: reqOne, contexts: contexts) {
                     try self.server.pool.route(h.uuid).changedBlocks(from: $0, to: h.uuid)
@@ -126,7 +118,7 @@ extension Connection {
     /// `run` for a body that finishes later, on any thread, by calling `finish` once.
     func runAsync(_ to: ReplyTo, bytes: Int, what: Work, chunked: Bool = false, fastZero: Bool = false,
                   _ body: @escaping (_ finish: @escaping (Result<Reply, Error>) -> Void) -> Void) {
-        begin(bytes: bytes)
+        NBDMetrics.inFlight.increment()
         runners.submit(on: ioQueue) { [self] in
             body { [self] result in
                 completions.add(on: queue) { [self] in
@@ -161,25 +153,21 @@ extension Connection {
         end(bytes: bytes)
     }
 
-    func begin(bytes: Int) {
-        NBDMetrics.inFlight.increment()
-        inFlight += 1
-        inFlightBytes += bytes
-    }
-
+    /// A request run on the I/O queue has its reply queued: what the machine says follows.
     func end(bytes: Int) {
         NBDMetrics.inFlight.decrement()
-        inFlight -= 1
-        inFlightBytes -= bytes
-        if isClosed {
-            if inFlight == 0 { finishClose() }
-            return
+        guard machine != nil else { return }
+        switch machine!.completed(bytes: bytes) {
+        case .takeMore: resumeIntake()
+        case .wait: break
+        case .close(let reason): close(reason: reason)
+        case .release: finishClose()
         }
-        if disconnectRequested {
-            if inFlight == 0 { close(reason: "client disconnected") }
-            return
-        }
-        resumeIntake()
+    }
+
+    /// A request answered on the connection queue, within intake (which goes on by itself).
+    func doneInline(bytes: Int) {
+        _ = machine!.completed(bytes: bytes)
     }
 
     /// A reply without data: simple, unless extended headers make every reply a chunk, or a

@@ -21,12 +21,6 @@ import TLS
 import Glibc
 #endif
 
-/// Where a request's reply goes and how it is framed (nil: simple replies only).
-struct ReplyTo {
-    let cookie: UInt64
-    let framing: ChunkFraming?
-}
-
 final class Connection: @unchecked Sendable {
     enum Phase {
         case clientFlags
@@ -62,7 +56,8 @@ final class Connection: @unchecked Sendable {
     var writeSuspended = true
     var sourcesLeft = 0
 
-    var transmission: TransmissionState?
+    /// The transmission phase's state: what is in flight, whether requests are still taken.
+    var machine: TransmissionMachine?
     var handle: VDIHandle?
     /// Request counters for the export attached (set on entering transmission).
     var metrics: RequestMetrics?
@@ -71,9 +66,6 @@ final class Connection: @unchecked Sendable {
     var requestDecoder = RequestDecoder()
     let completions = Completions()
     let runners = Runners(width: 16)
-    var inFlight = 0
-    var inFlightBytes = 0
-    var disconnectRequested = false
     var handshakeTimer: DispatchSourceTimer?
     var idleTimer: DispatchSourceTimer?
     var lastRequest = DispatchTime.now()
@@ -233,15 +225,10 @@ final class Connection: @unchecked Sendable {
         }
         let vdi = granted.uuid
         let g = resolver.grants[export.name]
-        var sr = resolver.srs[export.name] ?? server.pool.route(vdi)
         do {
-            do {
-                handle = try sr.attach(vdi, familyHint: granted.family, grant: g)
-            } catch StorageError.vdiMissing where server.pool.route(vdi) !== sr {
-                // Moved to another SR since GO resolved it: its token went along.
-                sr = server.pool.route(vdi)
-                handle = try sr.attach(vdi, familyHint: granted.family, grant: g)
-            }
+            let (h, sr) = try server.pool.attach(vdi, in: resolver.srs[export.name] ?? server.pool.route(vdi),
+                                                 familyHint: granted.family, grant: g)
+            handle = h
             attachedSR = sr
             grant = g
             metrics = RequestMetrics(export: vdi)
@@ -250,7 +237,9 @@ final class Connection: @unchecked Sendable {
             close(reason: "attach failed")
             return
         }
-        transmission = ts
+        machine = TransmissionMachine(negotiated: ts, limits: .init(
+            maxInFlightRequests: limits.maxInFlightRequests, maxInFlightBytes: limits.maxInFlightBytes,
+            maxQueuedReplyBytes: limits.maxQueuedReplyBytes))
         requestDecoder.extended = ts.extendedHeaders
         phase = .transmission
         handshakeTimer?.cancel()
@@ -259,7 +248,7 @@ final class Connection: @unchecked Sendable {
             let t = DispatchSource.makeTimerSource(queue: queue)
             t.schedule(deadline: .now() + idle, repeating: .seconds(1))
             t.setEventHandler { [weak self] in
-                guard let self, self.inFlight == 0, !self.isClosed else { return }
+                guard let self, self.machine?.inFlight == 0, !self.isClosed else { return }
                 if DispatchTime.now() > self.lastRequest + idle { self.close(reason: "idle timeout") }
             }
             t.resume()
@@ -270,10 +259,20 @@ final class Connection: @unchecked Sendable {
 
     // MARK: closing
 
+    /// Takes no more requests (a revoked token, a shutdown, the client's end of input):
+    /// closes once what is in flight is answered.
+    func stopTaking(reason: String) {
+        guard !isClosed else { return }
+        guard machine != nil else { return close(reason: reason) }
+        pauseReading()
+        if case .close(let r) = machine!.stopTaking(reason: reason) { close(reason: r) }
+    }
+
     func close(reason: String) {
         guard !isClosed else { return }
         let attached = inTransmission
         phase = .closed
+        _ = machine?.close()
         closeReason = reason
         handshakeTimer?.cancel()
         handshakeTimer = nil
@@ -306,13 +305,9 @@ final class Connection: @unchecked Sendable {
     }
 
     func finishClose() {
-        guard !finished else { return }
-        if inFlight > 0 {
-            // Replies still to come: `end(bytes:)` calls back here once they are in, so the
-            // handle outlives its I/O.
-            disconnectRequested = true
-            return
-        }
+        // Replies still to come: `end(bytes:)` calls back here once they are in, so the
+        // handle outlives its I/O.
+        guard !finished, (machine?.inFlight ?? 0) == 0 else { return }
         finished = true
         if let h = handle {
             handle = nil

@@ -87,9 +87,7 @@ public final class NBDServer: @unchecked Sendable {
             for c in connections.values {
                 c.queue.async {
                     guard let g = c.grant, digests.contains(g.digest) else { return }
-                    c.disconnectRequested = true
-                    c.pauseReading()
-                    if c.inFlight == 0 { c.close(reason: "its export token was revoked") }
+                    c.stopTaking(reason: "its export token was revoked")
                 }
             }
         }
@@ -162,11 +160,7 @@ public final class NBDServer: @unchecked Sendable {
             let once: () -> Void = { if !fired { fired = true; done() } }
             drainWaiters.append(once)
             for c in connections.values {
-                c.queue.async {
-                    c.disconnectRequested = true
-                    c.pauseReading()
-                    if c.inFlight == 0 { c.close(reason: "server shutting down") }
-                }
+                c.queue.async { c.stopTaking(reason: "server shutting down") }
             }
             queue.asyncAfter(deadline: .now() + timeout) { once() }
         }

@@ -71,11 +71,26 @@ public final class Pool: Sendable {
     /// Lets go of a connection's handle in the SR that holds it now; `attachedTo` is where
     /// the connection attached (used when no table holds the handle any more).
     public func detach(_ h: VDIHandle, grant: SR.ExportGrant?, attachedTo: SR) {
-        for _ in 0..<100 {
+        // A move hands the handle over under the source's family lock: a detach that
+        // waited for it there finds the handle gone and, on the next look, in the
+        // destination. Another move of it takes a whole copy first, so two looks suffice;
+        // a third costs nothing.
+        for _ in 0..<3 {
             let sr = owner(of: h) ?? attachedTo
             if sr.detach(h, grant: grant) { return }
         }
         attachedTo.detach(h, grant: grant, force: true)
+    }
+
+    /// Attaches a connection to `vdi` in `sr` (where GO resolved it), or in the SR it
+    /// moved to since: its token went along.
+    public func attach(_ vdi: String, in sr: SR, familyHint: String?, grant: SR.ExportGrant?) throws -> (VDIHandle, SR) {
+        do {
+            return (try sr.attach(vdi, familyHint: familyHint, grant: grant), sr)
+        } catch StorageError.vdiMissing where route(vdi) !== sr {
+            let now = route(vdi)
+            return (try now.attach(vdi, familyHint: nil, grant: grant), now)
+        }
     }
 
     /// All the VDIs' records, SR by SR.
