@@ -119,7 +119,7 @@ let package = Package(
         .testTarget(name: "StorageTests", dependencies: ["Storage", "VHD", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "ControlTests", dependencies: ["Control", "Storage"]),
     ],
-    swiftLanguageModes: [.v5]
+    swiftLanguageModes: [.v6]
 )
 
 // libFuzzer targets (`Tools/fuzz`): built only with VDINBD_FUZZ=1 set, with

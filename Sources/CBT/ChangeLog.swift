@@ -33,6 +33,8 @@ public enum CBTError: Error, Equatable, Sendable, CustomStringConvertible {
 }
 
 public final class ChangeLog: @unchecked Sendable {
+    // Unchecked: every var, and the mapped bitmap (`LogBits`), is touched with `lock` held
+    // (a condition variable: commits wait on it for the batch ahead).
     public static let blockSize: UInt64 = 64 * 1024
     public static let headerSize = 48
 

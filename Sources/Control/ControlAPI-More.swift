@@ -2,6 +2,7 @@
 // `Async.*`: any method run as a task.
 
 import Foundation
+import Synchronization
 import Storage
 
 extension ControlAPI {
@@ -127,11 +128,8 @@ extension ControlAPI {
 
     /// One formatter, shared under a lock: making one costs more than a task poll's
     /// other work (vdictl polls a running transfer every 50 ms).
-    static let formatter = ISO8601DateFormatter()
-    static let formatterLock = NSLock()
+    static let formatter = Mutex(ISO8601DateFormatter())
     static func iso8601(_ d: Date) -> String {
-        formatterLock.lock()
-        defer { formatterLock.unlock() }
-        return formatter.string(from: d)
+        formatter.withLock { $0.string(from: d) }
     }
 }

@@ -5,7 +5,7 @@ import Storage
 /// The method table: XenAPI-named methods over the hosted SRs. Each request runs against
 /// one SR (`sr`): the one holding the VDI it names, the SR it names, or the default; the
 /// listings (`VDI.get_all`, `SR.get_all`, ...) cover them all.
-public final class ControlAPI: @unchecked Sendable {
+public final class ControlAPI: Sendable {
     let sr: SR
     let pool: Pool
     let logger: Logger

@@ -11,6 +11,8 @@ import Glibc
 /// registration behind for a hung-up descriptor, so a later socket given the same number
 /// would never signal (a `vdictl` call that waits forever).
 public final class ControlServer: @unchecked Sendable {
+    // Unchecked: the descriptor tables and buffers belong to the poll thread alone;
+    // requests run on per-client queues and touch only `api` (Sendable) and the reply's fd.
     let api: ControlAPI
     let path: String
     let logger: Logger

@@ -23,7 +23,7 @@ import NIOSSL
 import Storage
 import Synchronization
 
-public final class HTTPTransferServer: @unchecked Sendable {
+public final class HTTPTransferServer: Sendable {
     /// The hosted SRs: a transfer goes to the one holding its VDI.
     let pool: Pool
     /// The default SR (its task table is the pool's).
@@ -268,21 +268,23 @@ final class TLSIdentity: Sendable {
 }
 
 /// The outcome of binding, handed from the server's task to `start`.
-final class BoundPort: @unchecked Sendable {
-    let cond = NSCondition()
-    var result: Result<Int, Error>?
+final class BoundPort: Sendable {
+    private let result = Mutex<Result<Int, Error>?>(nil)
+    private let ready = DispatchSemaphore(value: 0)
 
+    /// The first outcome stands.
     func set(_ r: Result<Int, Error>) {
-        cond.lock()
-        if result == nil { result = r }
-        cond.broadcast()
-        cond.unlock()
+        let first = result.withLock { old in
+            guard old == nil else { return false }
+            old = r
+            return true
+        }
+        if first { ready.signal() }
     }
 
     func wait() throws -> Int {
-        cond.lock()
-        defer { cond.unlock() }
-        while result == nil { cond.wait() }
-        return try result!.get()
+        ready.wait()
+        ready.signal()  // for any later waiter
+        return try result.withLock { $0! }.get()
     }
 }

@@ -6,8 +6,7 @@
 import Foundation
 import Image
 
-public final class QCOW2Chain: DiskImage, @unchecked Sendable {
-    // Unchecked: `layers` never changes; each file guards its own state.
+public final class QCOW2Chain: DiskImage, Sendable {
     public let layers: [QCOW2File]
     var leaf: QCOW2File { layers[0] }
     public static let maxDepth = 64

@@ -7,6 +7,7 @@ import Foundation
 import NBD
 import NIOCore
 import Storage
+import Synchronization
 
 extension Connection {
     /// A decoded request, through the transmission machine: refused, run, or the end of input.
@@ -109,7 +110,7 @@ extension Connection {
     /// Runs `body` on the I/O queue, then sends its reply (or a plain OK/error) from the
     /// connection queue. `chunked`: errors go back as a structured error chunk.
     func run(_ to: ReplyTo, bytes: Int, what: Work, chunked: Bool = false, fastZero: Bool = false,
-             _ body: @escaping () throws -> Reply) {
+             _ body: @escaping @Sendable () throws -> Reply) {
         runAsync(to, bytes: bytes, what: what, chunked: chunked, fastZero: fastZero) { finish in
             do { finish(.success(try body())) } catch { finish(.failure(error)) }
         }
@@ -117,7 +118,7 @@ extension Connection {
 
     /// `run` for a body that finishes later, on any thread, by calling `finish` once.
     func runAsync(_ to: ReplyTo, bytes: Int, what: Work, chunked: Bool = false, fastZero: Bool = false,
-                  _ body: @escaping (_ finish: @escaping (Result<Reply, Error>) -> Void) -> Void) {
+                  _ body: @escaping @Sendable (_ finish: @escaping @Sendable (Result<Reply, Error>) -> Void) -> Void) {
         NBDMetrics.inFlight.increment()
         runners.submit(on: ioQueue) { [self] in
             body { [self] result in
@@ -209,67 +210,70 @@ struct Work: CustomStringConvertible, Sendable {
 /// Requests finished on I/O threads, waiting for the connection queue. One queue hop
 /// carries every completion that arrives while it is pending, so a burst of small
 /// requests costs one wake-up of the connection, not one each.
-final class Completions: @unchecked Sendable {
-    private let lock = NSLock()
-    private var pending: [() -> Void] = []
-    private var spare: [() -> Void] = []
-    private var scheduled = false
+final class Completions: Sendable {
+    private struct State {
+        var pending: [@Sendable () -> Void] = []
+        var spare: [@Sendable () -> Void] = []
+        var scheduled = false
+    }
+    private let state = Mutex(State())
 
-    func add(on queue: DispatchQueue, _ work: @escaping () -> Void) {
-        lock.lock()
-        pending.append(work)
-        let schedule = !scheduled
-        scheduled = true
-        lock.unlock()
+    func add(on queue: DispatchQueue, _ work: @escaping @Sendable () -> Void) {
+        let schedule = state.withLock { s in
+            s.pending.append(work)
+            defer { s.scheduled = true }
+            return !s.scheduled
+        }
         if schedule { queue.async { self.drain() } }
     }
 
     private func drain() {
-        lock.lock()
-        var batch = spare
-        swap(&batch, &pending)
-        scheduled = false
-        lock.unlock()
+        var batch: [@Sendable () -> Void] = state.withLock { s in
+            var batch = s.spare
+            swap(&batch, &s.pending)
+            s.scheduled = false
+            return batch
+        }
         for work in batch { work() }
         batch.removeAll(keepingCapacity: true)
-        lock.lock()
-        spare = batch
-        lock.unlock()
+        state.withLock { $0.spare = batch }
     }
 }
 
 /// Requests waiting for the I/O queue. Up to `width` runners take them in turn, so a
 /// flood of small requests wakes a few threads rather than one per request, while slow
 /// ones (a page-cache miss) still run side by side.
-final class Runners: @unchecked Sendable {
-    private let lock = NSLock()
-    private var jobs = Deque<() -> Void>()
-    private var running = 0
+final class Runners: Sendable {
+    private struct State {
+        var jobs = Deque<@Sendable () -> Void>()
+        var running = 0
+    }
+    private let state = Mutex(State())
     let width: Int
 
     init(width: Int) { self.width = width }
 
-    func submit(on queue: DispatchQueue, _ job: @escaping () -> Void) {
-        lock.lock()
-        jobs.append(job)
-        // Another runner only when the backlog outgrows those running: a stream of quick
-        // requests keeps one busy instead of waking a thread for each, while requests that
-        // wait for the disk pile up and bring more, up to `width`.
-        let start = running < width && (running == 0 || jobs.count > running)
-        if start { running += 1 }
-        lock.unlock()
+    func submit(on queue: DispatchQueue, _ job: @escaping @Sendable () -> Void) {
+        let start = state.withLock { s in
+            s.jobs.append(job)
+            // Another runner only when the backlog outgrows those running: a stream of quick
+            // requests keeps one busy instead of waking a thread for each, while requests that
+            // wait for the disk pile up and bring more, up to `width`.
+            let start = s.running < width && (s.running == 0 || s.jobs.count > s.running)
+            if start { s.running += 1 }
+            return start
+        }
         if start { queue.async { self.run() } }
     }
 
     private func run() {
-        while true {
-            lock.lock()
-            guard let job = jobs.popFirst() else {
-                running -= 1
-                lock.unlock()
-                return
+        while let job = state.withLock({ s -> (@Sendable () -> Void)? in
+            guard let job = s.jobs.popFirst() else {
+                s.running -= 1
+                return nil
             }
-            lock.unlock()
+            return job
+        }) {
             job()
         }
     }

@@ -22,6 +22,8 @@ import Glibc
 #endif
 
 final class Connection: @unchecked Sendable {
+    // Unchecked: every var is touched on `queue` only (the connection's serial queue runs
+    // its socket sources, timers and completions); other threads reach it by `queue.async`.
     enum Phase {
         case clientFlags
         case optionHaggling

@@ -33,6 +33,8 @@ public struct ServerConfig: Sendable {
 
 /// Accepts NBD clients and runs their connections.
 public final class NBDServer: @unchecked Sendable {
+    // Unchecked: the listeners, connections and shutdown state are touched on `queue` only,
+    // the credentials under `credentialsLock`; the rest are lets.
     public let config: ServerConfig
     /// The SRs whose VDIs this server exports.
     public let pool: Pool
@@ -49,7 +51,9 @@ public final class NBDServer: @unchecked Sendable {
     var connections: [Int: Connection] = [:]
     var nextID = 1
     public private(set) var boundEndpoints: [NBDEndpoint] = []
-    var drainWaiters: [() -> Void] = []
+    /// What a shutdown calls, once, when the last connection has gone or its time is up
+    /// (on `queue`, like everything else here).
+    var shutdownDone: (@Sendable () -> Void)?
     /// The rate of log lines clients can cause (closes before attaching, refused options, refusals at the limit).
     let clientLog = LogLimiter(perSecond: 10)
 
@@ -143,9 +147,7 @@ public final class NBDServer: @unchecked Sendable {
             if connections.isEmpty {
                 // Hand freed read/write buffers back to the system while nobody is connected.
                 _ = c_malloc_trim(0)
-                let w = drainWaiters
-                drainWaiters = []
-                w.forEach { $0() }
+                finishShutdown()
             }
         }
     }
@@ -156,14 +158,18 @@ public final class NBDServer: @unchecked Sendable {
             for l in listeners { l.source.cancel() }
             listeners = []
             if connections.isEmpty { done(); return }
-            var fired = false
-            let once: () -> Void = { if !fired { fired = true; done() } }
-            drainWaiters.append(once)
+            shutdownDone = done
             for c in connections.values {
                 c.queue.async { c.stopTaking(reason: "server shutting down") }
             }
-            queue.asyncAfter(deadline: .now() + timeout) { once() }
+            queue.asyncAfter(deadline: .now() + timeout) { [self] in finishShutdown() }
         }
+    }
+
+    func finishShutdown() {
+        let done = shutdownDone
+        shutdownDone = nil
+        done?()
     }
 
     public var connectionCount: Int { queue.sync { connections.count } }

@@ -3,8 +3,10 @@
 import NIOCore
 import Storage
 
-/// One piece of the outgoing byte stream.
-enum Outgoing {
+/// One piece of the outgoing byte stream. Sendable unchecked for `.mapped`: its pointer is
+/// to memory nobody writes while the piece lives (a file's mapped pages, which `keep` holds
+/// mapped, or the shared zeros), handed once from the I/O queue to the connection's.
+enum Outgoing: @unchecked Sendable {
     /// Bytes in a buffer of ours (headers, replies read into a buffer).
     case buffer(ByteBuffer)
     /// Bytes of a file's page cache (or of the shared zeros), kept valid by `keep`.
@@ -63,8 +65,9 @@ enum Outgoing {
         pool.give(&b)
     }
 
-    /// 1 MiB of zeros that holes of mapped reads are sent from.
-    static let zeros: UnsafeRawBufferPointer = {
+    /// 1 MiB of zeros that holes of mapped reads are sent from: written once, while the
+    /// lazy initialiser runs, and only read after.
+    nonisolated(unsafe) static let zeros: UnsafeRawBufferPointer = {
         let p = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
         p.initializeMemory(as: UInt8.self, repeating: 0)
         return UnsafeRawBufferPointer(p)
@@ -82,7 +85,7 @@ enum Outgoing {
 }
 
 /// What a request's body produced.
-enum Reply {
+enum Reply: Sendable {
     /// Nothing beyond a plain OK (or done chunk).
     case none
     case buffer(ByteBuffer)

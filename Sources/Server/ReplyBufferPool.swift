@@ -8,18 +8,21 @@
 import Dispatch
 import Foundation
 import NIOCore
+import Synchronization
 
-final class ReplyBufferPool: @unchecked Sendable {
+final class ReplyBufferPool: Sendable {
     /// Smaller buffers are cheap to allocate and not kept.
     static let minimumCapacity = 128 * 1024
 
     let maxBytes: Int
     /// How long the pool keeps buffers nobody has asked for.
     let idleLifetime: DispatchTimeInterval
-    private let lock = NSLock()
-    private var free: [ByteBuffer] = []
-    private var freeBytes = 0
-    private var lastTake = DispatchTime.now()
+    private struct State {
+        var free: [ByteBuffer] = []
+        var freeBytes = 0
+        var lastTake = DispatchTime.now()
+    }
+    private let state = Mutex(State())
 
     init(maxBytes: Int = 32 << 20, idleLifetime: DispatchTimeInterval = .seconds(2)) {
         self.maxBytes = maxBytes
@@ -33,16 +36,14 @@ final class ReplyBufferPool: @unchecked Sendable {
             b.reserveCapacity(capacity)
             return b
         }
-        lock.lock()
-        lastTake = .now()
-        if let i = free.lastIndex(where: { $0.capacity >= capacity }) {
-            let b = free.remove(at: i)
-            freeBytes -= b.capacity
-            lock.unlock()
+        let reused: ByteBuffer? = state.withLock { s in
+            s.lastTake = .now()
+            guard let i = s.free.lastIndex(where: { $0.capacity >= capacity }) else { return nil }
+            let b = s.free.remove(at: i)
+            s.freeBytes -= b.capacity
             return b
         }
-        lock.unlock()
-        return ByteBufferAllocator().buffer(capacity: capacity)
+        return reused ?? ByteBufferAllocator().buffer(capacity: capacity)
     }
 
     /// Takes back a buffer whose reply has been sent, leaving `buffer` empty. Passed in
@@ -53,28 +54,28 @@ final class ReplyBufferPool: @unchecked Sendable {
         buffer.clear()
         let b = buffer
         buffer = ByteBuffer()
-        lock.lock()
-        if freeBytes + b.capacity <= maxBytes {
-            freeBytes += b.capacity
-            free.append(b)
+        state.withLock { s in
+            if s.freeBytes + b.capacity <= maxBytes {
+                s.freeBytes += b.capacity
+                s.free.append(b)
+            }
         }
-        lock.unlock()
     }
 
     /// Drops every buffer if none was taken for `idleLifetime` (called on a timer).
     func trimIfIdle() {
-        lock.lock()
-        var dropped: [ByteBuffer] = []
-        if DispatchTime.now() > lastTake + idleLifetime, !free.isEmpty {
-            swap(&dropped, &free)
-            freeBytes = 0
+        let dropped: [ByteBuffer] = state.withLock { s in
+            var dropped: [ByteBuffer] = []
+            if DispatchTime.now() > s.lastTake + idleLifetime, !s.free.isEmpty {
+                swap(&dropped, &s.free)
+                s.freeBytes = 0
+            }
+            return dropped
         }
-        lock.unlock()
         _ = dropped  // released here, outside the lock
     }
 
     var bytesHeld: Int {
-        lock.lock(); defer { lock.unlock() }
-        return freeBytes
+        state.withLock { $0.freeBytes }
     }
 }

@@ -30,6 +30,8 @@ import Image
 import Synchronization
 
 public final class Collector: @unchecked Sendable {
+    // Unchecked: its state is touched with `cond` locked (a condition variable, which
+    // `Mutex` has not); the settings and `stepHook` are set before the collector starts.
     unowned let sr: SR
     private let cond = NSCondition()
     private var started = false

@@ -55,7 +55,7 @@ struct JournalEntry: Codable, Equatable, Sendable {
     var destination: String? = nil
 }
 
-final class Journal: @unchecked Sendable {
+final class Journal: Sendable {
     let directory: String
 
     init(directory: String) { self.directory = directory }

@@ -20,6 +20,8 @@ import Synchronization
 
 
 final class ParkedWrites: @unchecked Sendable {
+    // Unchecked: everything but `pending` (an Atomic) is touched with `cond` locked, a
+    // condition variable that writes waiting for room sleep on.
     struct Entry {
         let seq: UInt64
         let offset: UInt64

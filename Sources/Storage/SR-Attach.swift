@@ -3,19 +3,20 @@
 
 import Foundation
 import Image
+import Synchronization
 
 /// One recursive lock per family (chain tree), made on first use.
-final class FamilyLocks: @unchecked Sendable {
-    private let lock = NSLock()
-    private var locks: [String: NSRecursiveLock] = [:]
+final class FamilyLocks: Sendable {
+    private let locks = Mutex<[String: NSRecursiveLock]>([:])
 
     func lock(_ family: String) -> NSRecursiveLock {
-        lock.lock(); defer { lock.unlock() }
-        if let l = locks[family] { return l }
-        let l = NSRecursiveLock()
-        l.name = "family \(family)"
-        locks[family] = l
-        return l
+        locks.withLock { locks in
+            if let l = locks[family] { return l }
+            let l = NSRecursiveLock()
+            l.name = "family \(family)"
+            locks[family] = l
+            return l
+        }
     }
 }
 
@@ -106,7 +107,7 @@ extension SR {
         }
         let h = VDIHandle(uuid: r.uuid, family: r.family, chain: chain)
         h.refCount = 1
-        h.tracker = mergeTrackers[r.uuid]
+        h.tracker = mergeTrackers.withLock { $0[r.uuid] }
         if writable { attachCBT(r, handle: h) }
         handlesLock.lock()
         handles[r.uuid] = h
@@ -219,7 +220,7 @@ extension SR {
     func startTracking<T>(_ uuid: String, family: String, then open: () throws -> T) throws -> (ChangeTracker, T) {
         let tracker = ChangeTracker()
         let view = try withFamilyLock(family) { () throws -> T in
-            mergeTrackers[uuid] = tracker
+            mergeTrackers.withLock { $0[uuid] = tracker }
             do {
                 if let h = lookUp(uuid) { h.paused { _ in h.tracker = tracker } }
                 return try open()
@@ -233,7 +234,7 @@ extension SR {
 
     func stopTracking(_ uuid: String, family: String, _ tracker: ChangeTracker) {
         withFamilyLock(family) {
-            if mergeTrackers[uuid] === tracker { mergeTrackers[uuid] = nil }
+            mergeTrackers.withLock { if $0[uuid] === tracker { $0[uuid] = nil } }
             if let h = lookUp(uuid), h.tracker === tracker { h.paused { _ in h.tracker = nil } }
         }
     }

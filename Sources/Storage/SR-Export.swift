@@ -6,9 +6,10 @@
 
 import Foundation
 import Image
+import Synchronization
 
 /// An open export.
-public final class ExportStream: @unchecked Sendable {
+public final class ExportStream: Sendable {
     public let uuid: String
     public let format: any StreamFormat
     public let layout: any StreamLayout
@@ -62,8 +63,7 @@ public final class ExportStream: @unchecked Sendable {
     /// An export whose HTTP body was never sent (the client went first) closes here.
     deinit { close() }
 
-    private let closed = NSLock()
-    private var isClosed = false
+    private let isClosed = Mutex(false)
     /// Writes `[offset, offset+count)` of the stream into a regular file straight from the
     /// layers' mapped pages (one copy, into the file's page cache), leaving holes where
     /// nothing is held. False where a file cannot be mapped: the caller reads instead.
@@ -105,12 +105,13 @@ public final class ExportStream: @unchecked Sendable {
     }
 
     public func close() {
-        closed.lock()
-        defer { closed.unlock() }
-        guard !isClosed else { return }
-        isClosed = true
-        image.close()
-        StorageMetrics.activeExports.decrement()
+        // Under the lock: a second close waits until the first has closed the image.
+        isClosed.withLock { closed in
+            guard !closed else { return }
+            closed = true
+            image.close()
+            StorageMetrics.activeExports.decrement()
+        }
     }
 }
 

@@ -20,6 +20,8 @@ import GRDB
 import Image
 
 public final class ImportSession: @unchecked Sendable {
+    // Unchecked: one caller feeds a session at a time (vdictl's request or the HTTP
+    // body's task, each awaiting the last chunk before the next); the lets never change.
     let sr: SR
     public let uuid: String
     let size: UInt64

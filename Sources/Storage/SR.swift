@@ -71,6 +71,9 @@ public struct NBDInfoRecord: Codable, Sendable, Equatable {
 }
 
 public final class SR: @unchecked Sendable {
+    // Unchecked: `handles` changes under `handlesLock`; `collector` and `pool` are set once
+    // while the SR opens, and `attachLingerSeconds`, `onTokensRevoked` and `endpoints`
+    // before serving starts; every other stored property is a let or a Mutex.
     public let path: String
     let db: DatabaseQueue
     let logger: Logger
@@ -98,8 +101,10 @@ public final class SR: @unchecked Sendable {
     /// The SRs served beside this one (set by `Pool`): a VDI migrated to another SR keeps
     /// its change-log chain, whose earlier links stay here.
     public internal(set) weak var pool: Pool?
-    /// Leaf merges in progress: every handle of the VDI records its writes here (family lock).
-    var mergeTrackers: [String: ChangeTracker] = [:]
+    /// Leaf merges and migrations in progress: every handle of the VDI records its writes
+    /// here. Set and cleared under the VDI's family lock, but one table for every family,
+    /// so a Mutex of its own (two families' merges may start at once).
+    let mergeTrackers = Mutex<[String: ChangeTracker]>([:])
     /// Families the collector leaves alone (a migration's), and the one it works on now.
     struct FamilyWork { var held: Set<String> = []; var performing: String? }
     let familyWork = Mutex(FamilyWork())

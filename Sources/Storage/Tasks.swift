@@ -3,6 +3,7 @@
 // in memory (as xapi's do across a restart, they are not kept).
 
 import Foundation
+import Synchronization
 
 public enum TaskStatus: String, Codable, Sendable {
     case pending, success, failure, cancelling, cancelled
@@ -30,7 +31,7 @@ public struct TaskRecord: Codable, Sendable, Equatable {
 }
 
 /// What a running operation sees of its task.
-public final class TaskContext: @unchecked Sendable {
+public final class TaskContext: Sendable {
     public let uuid: String
     private let table: TaskTable
     init(uuid: String, table: TaskTable) {
@@ -47,24 +48,23 @@ public final class TaskContext: @unchecked Sendable {
     }
 }
 
-public final class TaskTable: @unchecked Sendable {
-    private let lock = NSLock()
-    private var tasks: [String: TaskRecord] = [:]
+public final class TaskTable: Sendable {
+    private let tasks = Mutex<[String: TaskRecord]>([:])
     /// Finished tasks are forgotten after this long unless destroyed sooner.
-    public var keepFinished: TimeInterval = 3600
+    public let keepFinished: TimeInterval
 
-    public init() {}
+    public init(keepFinished: TimeInterval = 3600) { self.keepFinished = keepFinished }
 
     /// Starts `body` on a thread of its own; returns the task's uuid at once. `body`
     /// returns the JSON-encoded result or throws (a `StorageError` becomes its error_info).
     public func run(name: String, _ body: @escaping @Sendable (TaskContext) throws -> String) -> String {
         let uuid = UUID().uuidString.lowercased()
-        lock.lock()
         let now = Date()
-        tasks = tasks.filter { $0.value.finished.map { now.timeIntervalSince($0) < keepFinished } ?? true }
-        tasks[uuid] = TaskRecord(uuid: uuid, nameLabel: name, status: .pending, progress: 0, created: now,
-                                 finished: nil, result: "", errorInfo: [])
-        lock.unlock()
+        tasks.withLock { tasks in
+            tasks = tasks.filter { $0.value.finished.map { now.timeIntervalSince($0) < keepFinished } ?? true }
+            tasks[uuid] = TaskRecord(uuid: uuid, nameLabel: name, status: .pending, progress: 0, created: now,
+                                     finished: nil, result: "", errorInfo: [])
+        }
         let ctx = TaskContext(uuid: uuid, table: self)
         let t = Thread { [self] in
             do {
@@ -82,28 +82,27 @@ public final class TaskTable: @unchecked Sendable {
     /// `finish`. With `adopting`, the pending task of that uuid a client made with
     /// `Task.create` (xapi's `task_id=`), if there is one.
     public func begin(name: String, adopting existing: String? = nil) -> TaskContext {
-        lock.lock()
-        defer { lock.unlock() }
-        if let u = existing?.lowercased(), var r = tasks[u], r.status == .pending, r.otherConfig["owner"] == "client" {
-            r.otherConfig["owner"] = "server"
-            tasks[u] = r
-            return TaskContext(uuid: u, table: self)
+        let uuid: String = tasks.withLock { tasks in
+            if let u = existing?.lowercased(), var r = tasks[u], r.status == .pending, r.otherConfig["owner"] == "client" {
+                r.otherConfig["owner"] = "server"
+                tasks[u] = r
+                return u
+            }
+            let uuid = UUID().uuidString.lowercased()
+            tasks[uuid] = TaskRecord(uuid: uuid, nameLabel: name, status: .pending, progress: 0, created: Date(),
+                                     finished: nil, result: "", errorInfo: [])
+            return uuid
         }
-        let uuid = UUID().uuidString.lowercased()
-        tasks[uuid] = TaskRecord(uuid: uuid, nameLabel: name, status: .pending, progress: 0, created: Date(),
-                                 finished: nil, result: "", errorInfo: [])
         return TaskContext(uuid: uuid, table: self)
     }
 
     /// `Task.create`: a pending task nothing runs until a transfer adopts it (`task_id=`).
     public func create(name: String) -> String {
-        lock.lock()
-        defer { lock.unlock() }
         let uuid = UUID().uuidString.lowercased()
         var r = TaskRecord(uuid: uuid, nameLabel: name, status: .pending, progress: 0, created: Date(),
                            finished: nil, result: "", errorInfo: [])
         r.otherConfig["owner"] = "client"
-        tasks[uuid] = r
+        tasks.withLock { $0[uuid] = r }
         return uuid
     }
 
@@ -128,41 +127,42 @@ public final class TaskTable: @unchecked Sendable {
     }
 
     public func record(_ uuid: String) -> TaskRecord? {
-        lock.lock(); defer { lock.unlock() }
-        return tasks[uuid.lowercased()]
+        tasks.withLock { $0[uuid.lowercased()] }
     }
 
     public func all() -> [TaskRecord] {
-        lock.lock(); defer { lock.unlock() }
-        return tasks.values.sorted { $0.created < $1.created }
+        tasks.withLock { $0.values.sorted { $0.created < $1.created } }
     }
 
     func update(_ uuid: String, _ change: (inout TaskRecord) -> Void) {
-        lock.lock(); defer { lock.unlock() }
-        if var r = tasks[uuid] {
-            change(&r)
-            tasks[uuid] = r
+        tasks.withLock { tasks in
+            if var r = tasks[uuid] {
+                change(&r)
+                tasks[uuid] = r
+            }
         }
     }
 
     /// Asks a pending task to stop; `HANDLE_INVALID` for an unknown one.
     public func cancel(_ uuid: String) throws {
-        lock.lock(); defer { lock.unlock() }
-        guard var r = tasks[uuid.lowercased()] else { throw StorageError.handleInvalid(kind: "task", value: uuid) }
-        guard r.status == .pending else {
-            throw StorageError.operationNotAllowed(reason: "task \(r.uuid) is \(r.status.rawValue), not pending")
+        try tasks.withLock { tasks in
+            guard var r = tasks[uuid.lowercased()] else { throw StorageError.handleInvalid(kind: "task", value: uuid) }
+            guard r.status == .pending else {
+                throw StorageError.operationNotAllowed(reason: "task \(r.uuid) is \(r.status.rawValue), not pending")
+            }
+            r.status = .cancelling
+            tasks[r.uuid] = r
         }
-        r.status = .cancelling
-        tasks[r.uuid] = r
     }
 
     /// Forgets a finished task; a running one is refused.
     public func destroy(_ uuid: String) throws {
-        lock.lock(); defer { lock.unlock() }
-        guard let r = tasks[uuid.lowercased()] else { throw StorageError.handleInvalid(kind: "task", value: uuid) }
-        guard r.finished != nil else {
-            throw StorageError.operationNotAllowed(reason: "task \(r.uuid) is still \(r.status.rawValue)")
+        try tasks.withLock { tasks in
+            guard let r = tasks[uuid.lowercased()] else { throw StorageError.handleInvalid(kind: "task", value: uuid) }
+            guard r.finished != nil else {
+                throw StorageError.operationNotAllowed(reason: "task \(r.uuid) is still \(r.status.rawValue)")
+            }
+            tasks[r.uuid] = nil
         }
-        tasks[r.uuid] = nil
     }
 }

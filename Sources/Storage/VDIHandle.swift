@@ -8,6 +8,10 @@ import Synchronization
 /// exclusive side of `gate`; every I/O holds the shared side, so no I/O sees a half-swapped
 /// chain. The chain is any format's `DiskImage`: nothing here knows VHD.
 public final class VDIHandle: @unchecked Sendable {
+    // Unchecked: `chain`, `cbt` and `tracker` change only with every I/O held off (the
+    // exclusive side of `gate`) and are read under its shared side; `key`, `overlayPath`,
+    // `refCount` and `lingerGeneration` change under the family lock, with `handlesLock`
+    // for the table's view of them.
     public let uuid: String
     /// The VDI's family (whose lock guards attach, detach and chain changes).
     let family: String
@@ -362,6 +366,8 @@ public final class VDIHandle: @unchecked Sendable {
 /// The pieces of a read as mapped file memory and zero runs (`VDIHandle.readMapped`).
 /// The memory stays valid while this value (which holds the files) lives.
 public struct MappedRead: @unchecked Sendable {
+    // Unchecked: the pointers are into mapped pages nobody writes while `owners` (the
+    // files, which keep the mappings) live, and this value holds them.
     public enum Piece {
         case bytes(UnsafeRawBufferPointer)
         case zeros(Int)

@@ -5,6 +5,8 @@ import Foundation
 /// verify client certificates against. Immutable once made; sessions retain the object
 /// they started with, so a reload (SIGHUP) never disturbs a running session.
 public final class ServerCredentials: @unchecked Sendable {
+    // Unchecked: the GnuTLS credential handles are C pointers, made in init and never
+    // changed; GnuTLS lets sessions on any thread share one credentials structure.
     let x509: gnutls_certificate_credentials_t
     let psk: gnutls_psk_server_credentials_t?
     public let priority: String

@@ -49,6 +49,8 @@ extension RandomAccessFile {
 
 /// A `RandomAccessFile` over a POSIX file descriptor.
 public final class PosixFile: RandomAccessFile, @unchecked Sendable {
+    // Unchecked: the descriptor and path never change and pread/pwrite need no lock; the
+    // mapping is made and grown under its own lock (FileMappings); `closed` is atomic.
     public let path: String
     let fd: FileDescriptor
     /// Set by the first `close()`: a second one must not close a descriptor number the
@@ -166,6 +168,7 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
 
 /// An in-memory `RandomAccessFile`, for tests and for building images in memory.
 public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
+    // Unchecked: a test and image-building helper, used by one thread at a time.
     public let path: String
     public var bytes: [UInt8]
     public var syncCount = 0

@@ -11,7 +11,7 @@
 
 import Foundation
 
-public final class VHDChain: @unchecked Sendable {
+public final class VHDChain: Sendable {
     /// Leaf first, base last.
     public let layers: [VHDFile]
     public let blockSize: UInt32

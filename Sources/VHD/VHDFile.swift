@@ -24,6 +24,8 @@ public enum BlockState: Sendable {
 }
 
 public final class VHDFile: @unchecked Sendable {
+    // Unchecked: the footer, header, BAT and bitmaps change under `lock` (allocation and
+    // bitmap updates) and are looked up under it; the lets and the mapped BAT never change.
     public let path: String
     public let file: RandomAccessFile
     public let writable: Bool

@@ -205,7 +205,7 @@ struct VDINBD: ParsableCommand {
               swift run \(ctl) vdi-get-nbd-info uuid=$uuid
               nbdinfo "<uri printed above>"
             """)
-        fflush(stdout)
+        fflush(nil)  // every output stream (glibc's `stdout` is a mutable global)
         // Coalesce and garbage collection in the background (SR other_config:gc=false stops it).
         if let fault = ProcessInfo.processInfo.environment["VDINBD_FAULT_GC_STEP"] {
             // Fault injection for the crash tests: exit at the n-th `label` step of the collector.

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import XCTest
 @testable import CBT
 
@@ -64,8 +65,7 @@ final class ChangeLogTests: XCTestCase {
         let p = dir + "/async.cbtlog"
         let log = try ChangeLog.create(path: p, size: 64 << 20)
         let group = DispatchGroup()
-        let checked = NSLock()
-        var seen = 0
+        let seen = Atomic<Int>(0)
         for i in 0..<500 {
             let off = UInt64(i % 1024) * ChangeLog.blockSize
             guard log.markDirty(offset: off, length: 512) else { continue }
@@ -76,12 +76,12 @@ final class ChangeLogTests: XCTestCase {
                 let onDisk = Array(try! Data(contentsOf: URL(fileURLWithPath: p)))
                 let bit = Int(off / ChangeLog.blockSize)
                 XCTAssertNotEqual(onDisk[48 + bit / 8] & UInt8(1 << (bit % 8)), 0)
-                checked.lock(); seen += 1; checked.unlock()
+                seen.add(1, ordering: .relaxed)
                 group.leave()
             }
         }
         XCTAssertEqual(group.wait(timeout: .now() + 30), .success)
-        XCTAssertEqual(seen, 500)
+        XCTAssertEqual(seen.load(ordering: .relaxed), 500)
         XCTAssertFalse(log.markDirty(offset: 0, length: 1))
     }
 
@@ -90,7 +90,7 @@ final class ChangeLogTests: XCTestCase {
     func testLazyCommitsBecomeDurableAloneOrWithAnEagerOne() throws {
         let p = dir + "/lazy.cbtlog"
         let log = try ChangeLog.create(path: p, size: 64 << 20)
-        func onDisk(_ bit: Int) -> Bool {
+        @Sendable func onDisk(_ bit: Int) -> Bool {
             let b = Array(try! Data(contentsOf: URL(fileURLWithPath: p)))
             return b[48 + bit / 8] & UInt8(1 << (bit % 8)) != 0
         }

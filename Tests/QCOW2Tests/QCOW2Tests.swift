@@ -1,6 +1,7 @@
 import Foundation
 import Image
 @testable import QCOW2
+import Synchronization
 import XCTest
 
 final class QCOW2Tests: XCTestCase {
@@ -105,8 +106,7 @@ final class QCOW2Tests: XCTestCase {
         let pieces = Int(size) / piece
         // Each thread's pieces: i % threads == t, in a shuffled order.
         let plan: [[Int]] = (0..<threads).map { t in Array(stride(from: t, to: pieces, by: threads)).shuffled() }
-        let lock = NSLock()
-        var failures: [String] = []
+        let failures = Mutex<[String]>([])
         DispatchQueue.concurrentPerform(iterations: threads) { t in
             var buf = [UInt8](repeating: 0, count: piece)
             for (n, i) in plan[t].enumerated() where n % 2 == 0 {
@@ -115,11 +115,11 @@ final class QCOW2Tests: XCTestCase {
                     try buf.withUnsafeBytes { try img.write($0, at: UInt64(i * piece)) }
                     if n % 512 == 0 { try img.flush() }
                 } catch {
-                    lock.lock(); failures.append("\(error)"); lock.unlock()
+                    failures.withLock { $0.append("\(error)") }
                 }
             }
         }
-        XCTAssertEqual(failures, [])
+        XCTAssertEqual(failures.withLock { $0 }, [])
         for t in 0..<threads {
             for (n, i) in plan[t].enumerated() where n % 2 == 0 {
                 for k in 0..<piece { model[i * piece + k] = UInt8(truncatingIfNeeded: i &+ k &* 7 &+ t) }

@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Synchronization
 import XCTest
 @testable import Storage
 
@@ -97,33 +98,32 @@ final class CollectorTests: XCTestCase {
     func testWritesDuringALeafCoalesceAreKept() throws {
         let size: UInt64 = 64 << 20
         let r = try sr.create(.init(nameLabel: "d", virtualSize: size))
-        var model = [UInt8](repeating: 0, count: Int(size))
+        var model = [UInt8](repeating: 0, count: Int(size)), writes = 0
         // A fully written leaf over a base, so the merge copies 64 MiB.
         let s = try sr.snapshot(r.uuid)
         for i in 0..<32 { try write(r.uuid, [UInt8](repeating: UInt8(i + 1), count: 2 << 20), at: UInt64(i) << 21, model: &model) }
         try sr.destroy(s.uuid)
         let h = try sr.attach(r.uuid)
-        let lock = NSLock()
-        var stop = false, writes = 0
+        let shared = Shared(WriterState(model: model))
         let writer = Thread {
             var rng = SystemRandomNumberGenerator()
             while true {
-                lock.lock(); let done = stop; lock.unlock()
-                if done { return }
+                if shared.state.withLock({ $0.stop }) { return }
                 let sector = UInt64.random(in: 0..<(size / 512 - 64), using: &rng)
                 let bytes = [UInt8](repeating: UInt8.random(in: 1...255, using: &rng), count: Int.random(in: 1...64, using: &rng) * 512)
                 try! bytes.withUnsafeBytes { try h.write($0, at: sector * 512) }
-                lock.lock()
-                model.replaceSubrange(Int(sector * 512)..<(Int(sector * 512) + bytes.count), with: bytes)
-                writes += 1
-                lock.unlock()
+                shared.state.withLock {
+                    $0.model.replaceSubrange(Int(sector * 512)..<(Int(sector * 512) + bytes.count), with: bytes)
+                    $0.writes += 1
+                }
             }
         }
         writer.start()
         sr.startCollector()
         XCTAssertTrue(sr.collector.waitIdle(timeout: 120))
-        lock.lock(); stop = true; lock.unlock()
+        shared.state.withLock { $0.stop = true }
         while !writer.isFinished { usleep(1000) }
+        (model, writes) = shared.state.withLock { ($0.model, $0.writes) }
         XCTAssertGreaterThan(writes, 0)
         XCTAssertEqual(try depth(r.uuid), 1)
         XCTAssertEqual(h.withChain { $0.depth }, 1)
@@ -141,31 +141,29 @@ final class CollectorTests: XCTestCase {
     func testConcurrentWritersAcrossRepeatedLeafCoalescesLoseNothing() throws {
         let size: UInt64 = 128 << 20, writers = 4
         let r = try sr.create(.init(nameLabel: "d", virtualSize: size))
-        var model = [UInt8](repeating: 0, count: Int(size))
+        var base = [UInt8](repeating: 0, count: Int(size))
         // A full base, so each merge has a layer to move and the leaf stays small.
-        for i in 0..<Int(size >> 21) { try write(r.uuid, [UInt8](repeating: UInt8(i % 250 + 1), count: 2 << 20), at: UInt64(i) << 21, model: &model) }
+        for i in 0..<Int(size >> 21) { try write(r.uuid, [UInt8](repeating: UInt8(i % 250 + 1), count: 2 << 20), at: UInt64(i) << 21, model: &base) }
         sr.startCollector()
         let h = try sr.attach(r.uuid)
-        let lock = NSLock()
-        var stop = false, writes = 0
+        let shared = Shared(WriterState(model: base))
         let stretch = size / UInt64(writers)
         let threads = (0..<writers).map { w in
             Thread {
                 var rng = SystemRandomNumberGenerator()
                 var n: UInt32 = 0
                 while true {
-                    lock.lock(); let done = stop; lock.unlock()
-                    if done { return }
+                    if shared.state.withLock({ $0.stop }) { return }
                     // 4 KiB stamped with the writer and a counter, anywhere in its stretch.
                     let at = UInt64(w) * stretch + UInt64.random(in: 0..<(stretch / 4096), using: &rng) * 4096
                     n += 1
                     var bytes = [UInt8](repeating: UInt8(w + 1), count: 4096)
                     withUnsafeBytes(of: n.littleEndian) { for k in 0..<4 { bytes[k] = $0[k] } }
                     try! bytes.withUnsafeBytes { try h.write($0, at: at) }
-                    lock.lock()
-                    model.replaceSubrange(Int(at)..<(Int(at) + 4096), with: bytes)
-                    writes += 1
-                    lock.unlock()
+                    shared.state.withLock {
+                        $0.model.replaceSubrange(Int(at)..<(Int(at) + 4096), with: bytes)
+                        $0.writes += 1
+                    }
                 }
             }
         }
@@ -180,8 +178,9 @@ final class CollectorTests: XCTestCase {
             try sr.removeFromOtherConfig(key: "gc")
             XCTAssertTrue(sr.collector.waitIdle(timeout: 120))
         }
-        lock.lock(); stop = true; lock.unlock()
+        shared.state.withLock { $0.stop = true }
         while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
+        let (model, writes) = shared.state.withLock { ($0.model, $0.writes) }
         XCTAssertEqual(try depth(r.uuid), 1)
         var got = [UInt8](repeating: 0, count: Int(size))
         try got.withUnsafeMutableBytes { try h.read(into: $0, at: 0) }
@@ -398,4 +397,17 @@ final class CollectorTests: XCTestCase {
         XCTAssertEqual(report.missing, [gone.uuid])
         XCTAssertEqual(try contents(orphan), model)
     }
+}
+
+/// What writer threads and the test share: the model they write into and when to stop.
+struct WriterState: Sendable {
+    var model: [UInt8]
+    var stop = false
+    var writes = 0
+}
+
+/// A value threads share under a lock (a class, so closures capture it; `Mutex` is not copyable).
+final class Shared<Value: Sendable>: Sendable {
+    let state: Mutex<Value>
+    init(_ value: Value) { state = Mutex(value) }
 }

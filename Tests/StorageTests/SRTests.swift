@@ -1,5 +1,6 @@
 import Foundation
 import GRDB
+import Synchronization
 import XCTest
 @testable import Storage
 import VHD
@@ -123,15 +124,16 @@ final class SRTests: XCTestCase {
         for i in 0..<25 {  // each snapshot adds a layer (the collector is not running); snapshots stop at depth 30
             let h = try sr.attach(r.uuid)
             try [UInt8](repeating: UInt8(i), count: 4096).withUnsafeBytes { try h.write($0, at: 0) }
-            var failure: Error?
+            let failure = Mutex<String?>(nil)
+            let sr = self.sr!
             DispatchQueue.concurrentPerform(iterations: 2) { k in
                 if k == 0 {
-                    do { _ = try sr.snapshot(r.uuid) } catch { failure = error }
+                    do { _ = try sr.snapshot(r.uuid) } catch { failure.withLock { $0 = "\(error)" } }
                 } else {
                     sr.detach(h)
                 }
             }
-            XCTAssertNil(failure)
+            XCTAssertNil(failure.withLock { $0 })
             XCTAssertFalse(sr.isAttached(r.uuid))
             let again = try sr.attach(r.uuid)
             var got = [UInt8](repeating: 0, count: 4096)
