@@ -19,15 +19,19 @@ prev=$(vdictl vdi-snapshot "uuid=$u")
 nbdcopy "$(uri "$prev")" "$TMP/backup.raw"
 for j in 0 1; do
     fio --name=soak$j --ioengine=nbd --uri="$U" --rw=randrw --bs=4k --size=48M --offset=$((j * 128))M --iodepth=8 \
-        --time_based --runtime=$((MINUTES * 60)) --verify=crc32c --verify_backlog=1024 --verify_fatal=1 \
+        --time_based --runtime=$((MINUTES * 60 + 90)) --verify=crc32c --verify_backlog=1024 --verify_fatal=1 \
         >"$TMP/fio$j.log" 2>&1 &
     eval "fio$j=\$!"
 done
 fds() { ls "/proc/$SERVER_PID/fd" | wc -l; }
 rss() { awk '/^VmRSS:/ {print $2}' "/proc/$SERVER_PID/status"; }
 first_rss=""; first_fds=""
+# Each minute's backup starts on the minute, whatever the last one took; fio runs 90 s
+# past the last, so every backup has writes to find.
+t0=$(date +%s)
 for m in $(seq 1 "$MINUTES"); do
-    sleep 55
+    left=$(( t0 + m * 60 - $(date +%s) ))
+    [ "$left" -le 0 ] || sleep "$left"
     snap=$(vdictl vdi-snapshot "uuid=$u")
     vdictl vdi-list-changed-blocks "vdi-from=$prev" "vdi-to=$snap" > "$TMP/bitmap.b64"
     $PY "$(dirname "$0")/incremental_backup.py" "$TMP/backup.raw" "$TMP/bitmap.b64" "$(uri "$snap")" >/dev/null \
