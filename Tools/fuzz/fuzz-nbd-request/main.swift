@@ -1,5 +1,7 @@
 // libFuzzer target: bytes as a transmission-phase stream, compact then extended headers,
-// through the request decoder and the validator.
+// through the request decoder and the transmission machine (which validates each request,
+// counts it in flight and drains on NBD_CMD_DISC); requests run complete in order, as soon
+// as the machine stops taking more.
 import NBD
 import NIOCore
 
@@ -10,13 +12,27 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
         var d = RequestDecoder(maxPayload: 1 << 20)
         d.extended = extended
         var buf = ByteBuffer(bytes: UnsafeBufferPointer(start: data, count: size))
-        let state = TransmissionState(export: export, structuredReplies: true, extendedHeaders: extended)
-        while true {
+        let state = TransmissionState(export: export, structuredReplies: true, extendedHeaders: extended,
+                                      metaContexts: [MetaContext(id: 1, name: "base:allocation")])
+        var m = TransmissionMachine(negotiated: state, limits: .init(maxInFlightRequests: 4, maxInFlightBytes: 1 << 21,
+                                                                     maxQueuedReplyBytes: 1 << 20))
+        var running: [Int] = []
+        decoding: while true {
+            if !m.mayTake(queuedReplyBytes: 0) {
+                guard !running.isEmpty else { break }
+                switch m.completed(bytes: running.removeFirst()) {
+                case .close, .release: break decoding
+                case .takeMore, .wait: continue
+                }
+            }
             guard let r = try? d.decode(buffer: &buf) else { break }
-            switch r {
-            case .request(let q), .oversizedWrite(let q): _ = RequestValidator.validate(q, state)
+            switch m.receive(r) {
+            case .execute(_, _, let bytes): running.append(bytes)
+            case .refuse, .stopReading: break
+            case .close: break decoding
             }
         }
+        precondition(m.inFlight == running.count && m.inFlightBytes == running.reduce(0, +))
     }
     return 0
 }
