@@ -16,13 +16,17 @@ public struct ReplyTo: Sendable, Equatable {
 }
 
 public struct TransmissionMachine: Sendable {
-    /// What one connection may have in flight before it stops reading: NBD sets no limit on
-    /// outstanding requests, so the server holds the client back by not reading.
+    /// What one connection may have outstanding before it stops reading: NBD sets no limit
+    /// on outstanding requests, so the server holds the client back in TCP by not reading
+    /// (the bound this gives is in the Server's `Connection-Input`). The server's settings.
     public struct Limits: Sendable, Equatable {
         public var maxInFlightRequests: Int
         public var maxInFlightBytes: Int
+        /// Replies made but not yet taken by the socket: a client that sends without
+        /// reading is held by TCP, not by our memory.
         public var maxQueuedReplyBytes: Int
-        public init(maxInFlightRequests: Int, maxInFlightBytes: Int, maxQueuedReplyBytes: Int) {
+        public init(maxInFlightRequests: Int = 256, maxInFlightBytes: Int = 128 * 1024 * 1024,
+                    maxQueuedReplyBytes: Int = 4 * 1024 * 1024) {
             self.maxInFlightRequests = maxInFlightRequests
             self.maxInFlightBytes = maxInFlightBytes
             self.maxQueuedReplyBytes = maxQueuedReplyBytes

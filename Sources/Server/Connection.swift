@@ -239,9 +239,7 @@ final class Connection: @unchecked Sendable {
             close(reason: "attach failed")
             return
         }
-        machine = TransmissionMachine(negotiated: ts, limits: .init(
-            maxInFlightRequests: limits.maxInFlightRequests, maxInFlightBytes: limits.maxInFlightBytes,
-            maxQueuedReplyBytes: limits.maxQueuedReplyBytes))
+        machine = TransmissionMachine(negotiated: ts, limits: limits)
         requestDecoder.extended = ts.extendedHeaders
         phase = .transmission
         handshakeTimer?.cancel()

@@ -16,16 +16,8 @@ public struct ServerConfig: Sendable {
     /// Close a connection with nothing in flight after this long without a request (nil: never).
     public var idleTimeout: DispatchTimeInterval?
     public var limits = Limits()
-    /// What one connection may have outstanding; past any of them no new request is taken
-    /// and the client waits in TCP (the bound this gives is in `Connection-Input`).
-    public struct Limits: Sendable {
-        public var maxInFlightRequests = 256
-        public var maxInFlightBytes = 128 * 1024 * 1024
-        /// Replies made but not yet taken by the socket: a client that sends without
-        /// reading is held by TCP, not by our memory.
-        public var maxQueuedReplyBytes = 4 * 1024 * 1024
-        public init() {}
-    }
+    /// What one connection may have outstanding: the transmission machine's limits.
+    public typealias Limits = TransmissionMachine.Limits
     /// Needed unless `tlsPolicy` is `.off`.
     public var tlsCredentials: ServerCredentials?
     public init() {}
