@@ -75,6 +75,7 @@ final class TransmissionMachineTests: XCTestCase {
             return XCTFail("an error chunk with a message")
         }
         XCTAssertEqual(to.framing, .structured)
+        XCTAssertFalse(message.isEmpty)
     }
 
     func testExtendedHeadersFrameRepliesWithTheRequestOffset() {

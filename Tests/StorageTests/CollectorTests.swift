@@ -104,15 +104,15 @@ final class CollectorTests: XCTestCase {
         for i in 0..<32 { try write(r.uuid, [UInt8](repeating: UInt8(i + 1), count: 2 << 20), at: UInt64(i) << 21, model: &model) }
         try sr.destroy(s.uuid)
         let h = try sr.attach(r.uuid)
-        let shared = Shared(WriterState(model: model))
+        let shared = Mutex(WriterState(model: model))
         let writer = Thread {
             var rng = SystemRandomNumberGenerator()
             while true {
-                if shared.state.withLock({ $0.stop }) { return }
+                if shared.withLock({ $0.stop }) { return }
                 let sector = UInt64.random(in: 0..<(size / 512 - 64), using: &rng)
                 let bytes = [UInt8](repeating: UInt8.random(in: 1...255, using: &rng), count: Int.random(in: 1...64, using: &rng) * 512)
                 try! bytes.withUnsafeBytes { try h.write($0, at: sector * 512) }
-                shared.state.withLock {
+                shared.withLock {
                     $0.model.replaceSubrange(Int(sector * 512)..<(Int(sector * 512) + bytes.count), with: bytes)
                     $0.writes += 1
                 }
@@ -121,9 +121,9 @@ final class CollectorTests: XCTestCase {
         writer.start()
         sr.startCollector()
         XCTAssertTrue(sr.collector.waitIdle(timeout: 120))
-        shared.state.withLock { $0.stop = true }
+        shared.withLock { $0.stop = true }
         while !writer.isFinished { usleep(1000) }
-        (model, writes) = shared.state.withLock { ($0.model, $0.writes) }
+        (model, writes) = shared.withLock { ($0.model, $0.writes) }
         XCTAssertGreaterThan(writes, 0)
         XCTAssertEqual(try depth(r.uuid), 1)
         XCTAssertEqual(h.withChain { $0.depth }, 1)
@@ -146,21 +146,21 @@ final class CollectorTests: XCTestCase {
         for i in 0..<Int(size >> 21) { try write(r.uuid, [UInt8](repeating: UInt8(i % 250 + 1), count: 2 << 20), at: UInt64(i) << 21, model: &base) }
         sr.startCollector()
         let h = try sr.attach(r.uuid)
-        let shared = Shared(WriterState(model: base))
+        let shared = Mutex(WriterState(model: base))
         let stretch = size / UInt64(writers)
         let threads = (0..<writers).map { w in
             Thread {
                 var rng = SystemRandomNumberGenerator()
                 var n: UInt32 = 0
                 while true {
-                    if shared.state.withLock({ $0.stop }) { return }
+                    if shared.withLock({ $0.stop }) { return }
                     // 4 KiB stamped with the writer and a counter, anywhere in its stretch.
                     let at = UInt64(w) * stretch + UInt64.random(in: 0..<(stretch / 4096), using: &rng) * 4096
                     n += 1
                     var bytes = [UInt8](repeating: UInt8(w + 1), count: 4096)
                     withUnsafeBytes(of: n.littleEndian) { for k in 0..<4 { bytes[k] = $0[k] } }
                     try! bytes.withUnsafeBytes { try h.write($0, at: at) }
-                    shared.state.withLock {
+                    shared.withLock {
                         $0.model.replaceSubrange(Int(at)..<(Int(at) + 4096), with: bytes)
                         $0.writes += 1
                     }
@@ -178,9 +178,9 @@ final class CollectorTests: XCTestCase {
             try sr.removeFromOtherConfig(key: "gc")
             XCTAssertTrue(sr.collector.waitIdle(timeout: 120))
         }
-        shared.state.withLock { $0.stop = true }
+        shared.withLock { $0.stop = true }
         while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
-        let (model, writes) = shared.state.withLock { ($0.model, $0.writes) }
+        let (model, writes) = shared.withLock { ($0.model, $0.writes) }
         XCTAssertEqual(try depth(r.uuid), 1)
         var got = [UInt8](repeating: 0, count: Int(size))
         try got.withUnsafeMutableBytes { try h.read(into: $0, at: 0) }
@@ -404,10 +404,4 @@ struct WriterState: Sendable {
     var model: [UInt8]
     var stop = false
     var writes = 0
-}
-
-/// A value threads share under a lock (a class, so closures capture it; `Mutex` is not copyable).
-final class Shared<Value: Sendable>: Sendable {
-    let state: Mutex<Value>
-    init(_ value: Value) { state = Mutex(value) }
 }
