@@ -91,6 +91,7 @@ extension Collector {
             let bytes = try copy(runs: runs, from: { b, o in try source.read(into: b, at: o) }, into: target, family: xr.family)
             try target.flush()
             try sr.withFamilyLock(xr.family) {
+                if let why = sr.familyKept(xr.family) { throw Gave(reason: why) }
                 guard let x2 = try sr.anyRecord(x), !x2.managed, x2.parent == p, let p2 = try sr.anyRecord(p), !p2.managed,
                       try sr.dbRead({ try VDIRecord.filter(Column("parent") == p).fetchCount($0) }) == 1
                 else { throw Gave(reason: "the chain changed during the copy") }
@@ -134,6 +135,7 @@ extension Collector {
                 bytes += try copy(runs: again, from: { b, o in try self.readThroughVDI(c, into: b, at: o) }, into: target, family: cr.family)
             }
             try sr.withFamilyLock(cr.family) {
+                if let why = sr.familyKept(cr.family) { throw Gave(reason: why) }
                 guard let c2 = try sr.anyRecord(c), c2.parent == p, let p2 = try sr.anyRecord(p), !p2.managed,
                       try sr.dbRead({ try VDIRecord.filter(Column("parent") == p).fetchCount($0) }) == 1,
                       try sr.dbRead({ try VDIRecord.filter(Column("parent") == c).fetchCount($0) }) == 0

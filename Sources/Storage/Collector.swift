@@ -280,6 +280,7 @@ public final class Collector: @unchecked Sendable {
     func deleteBase(_ b: String) throws {
         guard let rec = try sr.anyRecord(b) else { return }
         try sr.withFamilyLock(rec.family) {
+            if let why = sr.familyKept(rec.family) { throw Gave(reason: why) }
             guard let r = try sr.anyRecord(b), !r.managed else { return }
             let kids = try sr.dbRead { try VDIRecord.filter(Column("parent") == b).fetchCount($0) }
             guard kids == 0 else { return }

@@ -69,6 +69,15 @@ extension SR {
         }
     }
 
+    /// Why the collector must leave a family's files as they are now, or nil. Asked at
+    /// planning and again under the family lock at every switch: a forget or an overlay
+    /// that came during a merge's copy holds the merge off too.
+    func familyKept(_ family: String) -> String? {
+        if familiesWithOverlays().contains(family) { return "an overlay reads through its files" }
+        if familiesWithForgottenFiles().contains(family) { return "a forgotten VDI's file reads through its bases" }
+        return nil
+    }
+
     /// Families with a forgotten VDI whose file is still there: the collector leaves them
     /// as they are until scan brings the VDI back (or its file goes).
     func familiesWithForgottenFiles() -> Set<String> {

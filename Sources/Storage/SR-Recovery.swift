@@ -183,12 +183,8 @@ extension SR {
             if let f = forgotten[u], let size = try? format(at: p).virtualSize(ofFile: p) {
                 // A VDI.forget: back under its old name, whatever the file holds.
                 var r = VDIRecord(uuid: u, nameLabel: f.0, nameDescription: f.1, virtualSize: size)
-                r.parent = parentUUID(ofFile: p).flatMap { known[$0] != nil ? $0 : nil }
                 r.family = f.2
-                if let par = r.parent, let pr = known[par] { r.family = pr.family }
-                let rr = r
-                try dbWrite { db in
-                    try rr.insert(db)
+                try introduce(r, file: p) { db in
                     try db.execute(sql: "DELETE FROM forgotten WHERE uuid = ?", arguments: [u])
                 }
                 report.introduced.append(u)
@@ -201,11 +197,7 @@ extension SR {
                 continue
             }
             guard let size = try? format(at: p).virtualSize(ofFile: p) else { continue }
-            var r = VDIRecord(uuid: u, nameLabel: "unknown (introduced by SR.scan)", virtualSize: size)
-            r.parent = parentUUID(ofFile: p).flatMap { known[$0] != nil ? $0 : nil }
-            if let par = r.parent, let pr = known[par] { r.family = pr.family }
-            let rr = r
-            try dbWrite { try rr.insert($0) }
+            try introduce(VDIRecord(uuid: u, nameLabel: "unknown (introduced by SR.scan)", virtualSize: size), file: p)
             report.introduced.append(u)
             logger.warning("scan: introduced \(n) as VDI \(u)")
         }
@@ -229,5 +221,26 @@ extension SR {
         collector.retryNow()
         collector.kick()
         return report
+    }
+
+    /// Records a file the scan found, in its parent's family and under that family's lock:
+    /// the collector switches chains under the same lock, so the parent is read afresh
+    /// there (a merge since the scan began may have replaced it) and a merge planned
+    /// before this record existed sees it at its switch.
+    private func introduce(_ record: VDIRecord, file p: String, also: (Database) throws -> Void = { _ in }) throws {
+        let parent = parentUUID(ofFile: p)
+        let family = try parent.flatMap { try anyRecord($0)?.family } ?? record.family
+        try withFamilyLock(family) {
+            var r = record
+            if let par = parentUUID(ofFile: p), let pr = try anyRecord(par) {
+                r.parent = par
+                r.family = pr.family
+            }
+            let rr = r
+            try dbWrite { db in
+                try rr.insert(db)
+                try also(db)
+            }
+        }
     }
 }

@@ -383,6 +383,38 @@ final class CollectorTests: XCTestCase {
         XCTAssertThrowsError(try t.cancel(UUID().uuidString)) { XCTAssertEqual(($0 as? StorageError)?.code, "HANDLE_INVALID") }
     }
 
+    /// A VDI forgotten while a merge under it copies: its file still reads through the
+    /// layer being merged, so the switch is held off (the family is kept as it is) until a
+    /// scan brings the VDI back, and then both children are relinked.
+    func testForgetDuringACoalesceCopyKeepsTheForgottenFileReadable() throws {
+        let r = try sr.create(.init(nameLabel: "d", virtualSize: Self.size))
+        var model = [UInt8](repeating: 0, count: Int(Self.size))
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        let s1 = try sr.snapshot(r.uuid)
+        for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        let s2 = try sr.snapshot(r.uuid)
+        let m2 = model
+        for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        try sr.destroy(s1.uuid)
+        let forgot = Atomic(false)
+        let sr = self.sr!
+        sr.collector.setStepHook { step in
+            guard step == "copy", !forgot.exchange(true, ordering: .relaxed) else { return }
+            do { try sr.forget(s2.uuid) } catch { XCTFail("forget: \(error)") }
+        }
+        sr.startCollector()
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 60))
+        XCTAssertTrue(forgot.load(ordering: .relaxed), "the forget came during a merge's copy")
+        XCTAssertEqual(try depth(r.uuid), 3, "nothing merged while the forgotten file reads through the chain")
+        XCTAssertEqual(try sr.scan().introduced, [s2.uuid])
+        XCTAssertTrue(sr.collector.waitIdle(timeout: 60))
+        XCTAssertEqual(try depth(r.uuid), 2)
+        XCTAssertEqual(try depth(s2.uuid), 2)
+        XCTAssertEqual(try contents(s2.uuid), m2)
+        XCTAssertEqual(try contents(r.uuid), model)
+    }
+
     /// A scan finds files without records (introduced, data kept) and records without files.
     func testScanIntroducesOrphansAndReportsMissingFiles() throws {
         let r = try sr.create(.init(nameLabel: "d", virtualSize: 1 << 20))
