@@ -239,6 +239,10 @@ public struct QCOW2Header: Sendable, Equatable {
     UInt32(b[o]) << 24 | UInt32(b[o + 1]) << 16 | UInt32(b[o + 2]) << 8 | UInt32(b[o + 3])
 }
 @inline(__always) func be64(_ b: [UInt8], _ o: Int) -> UInt64 { UInt64(be32(b, o)) << 32 | UInt64(be32(b, o + 4)) }
+/// A table of big-endian 64-bit entries (L1, L2, the refcount table), eight bytes at a time.
+func be64Table(_ b: [UInt8], count: Int) -> [UInt64] {
+    b.withUnsafeBytes { raw in (0..<count).map { UInt64(bigEndian: raw.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self)) } }
+}
 @inline(__always) func put32(_ b: inout [UInt8], _ o: Int, _ v: UInt32) {
     b[o] = UInt8(v >> 24); b[o + 1] = UInt8((v >> 16) & 0xff); b[o + 2] = UInt8((v >> 8) & 0xff); b[o + 3] = UInt8(v & 0xff)
 }

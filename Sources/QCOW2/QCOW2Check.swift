@@ -75,15 +75,19 @@ extension QCOW2File {
         let order = header.refcountOrder
         let per = refsPerBlock
         try state.withLock { (s) throws(QCOW2Error) in
-            // Every cluster with a refcount, then every referenced one.
-            var seen = Set<UInt64>()
+            // Every cluster with a refcount (found eight bytes of the block at a time: most
+            // of a block is zeros), then every referenced one without.
+            let perWord = 64 >> Int(order)
             for rbi in s.refTable.indices where s.refTable[rbi] != 0 {
                 guard let b = try refBlock(rbi, &s) else { continue }
-                for i in 0..<Int(per) {
+                let words = b.withUnsafeBytes { raw in
+                    (0..<(raw.count / 8)).filter { raw.loadUnaligned(fromByteOffset: $0 * 8, as: UInt64.self) != 0 }
+                }
+                for i in words.flatMap({ ($0 * perWord)..<(($0 + 1) * perWord) }) {
                     let c = UInt64(rbi) * per + UInt64(i)
                     let stored = Self.refcount(b, i, order: order)
+                    guard stored != 0 else { continue }
                     let want = refs[c] ?? 0
-                    if stored != 0 || want != 0 { seen.insert(c) }
                     if stored > want {
                         report.leakedClusters += 1
                         if fix {
@@ -96,7 +100,7 @@ extension QCOW2File {
                     }
                 }
             }
-            for (c, want) in refs where !seen.contains(c) {
+            for (c, want) in refs.sorted(by: { $0.key < $1.key }) where try refcount(of: c, &s) == 0 {
                 report.errors.append("cluster \(c): no refcount, referenced \(want) times")
                 if fix { try setRefcounts(c..<(c + 1), to: UInt16(want), &s) }
             }

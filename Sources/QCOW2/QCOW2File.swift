@@ -142,9 +142,9 @@ public final class QCOW2File: MappableFile, @unchecked Sendable {
         headerWasDirty = h.incompatibleFeatures & QCOW2Header.Incompatible.dirty != 0
 
         let l1Bytes = try file.read(count: Int(h.l1Size) * 8, at: h.l1TableOffset)
-        let l1 = (0..<Int(h.l1Size)).map { be64(l1Bytes, $0 * 8) }
+        let l1 = be64Table(l1Bytes, count: Int(h.l1Size))
         let rtBytes = try file.read(count: Int(UInt64(h.refcountTableClusters) * clusterSize), at: h.refcountTableOffset)
-        let rt = (0..<(rtBytes.count / 8)).map { be64(rtBytes, $0 * 8) }
+        let rt = be64Table(rtBytes, count: rtBytes.count / 8)
         for (i, e) in l1.enumerated() where e & Self.offsetMask != 0 && e & Self.offsetMask % clusterSize != 0 {
             throw .invalidField(path: path, field: "L1[\(i)]", value: e, reason: "an L2 table not aligned to a cluster")
         }
@@ -240,7 +240,7 @@ public final class QCOW2File: MappableFile, @unchecked Sendable {
         if let t = s.l2[l1i] { return t }
         let off = s.l1[l1i] & Self.offsetMask
         let raw = try file.read(count: Int(clusterSize), at: off)
-        let t = (0..<Int(clusterSize / 8)).map { be64(raw, $0 * 8) }
+        let t = be64Table(raw, count: Int(clusterSize / 8))
         if s.l2.count >= Self.cachedTables {
             // Drop a table that matches the file (dirty ones wait for the next sync).
             if let k = s.l2.keys.first(where: { !s.dirtyL2.contains($0) }) { s.l2[k] = nil }

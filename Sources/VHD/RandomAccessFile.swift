@@ -166,11 +166,16 @@ public final class PosixFile: RandomAccessFile, @unchecked Sendable {
     }
 }
 
-/// An in-memory `RandomAccessFile`, for tests and for building images in memory.
+/// An in-memory `RandomAccessFile`, for tests, fuzzing and building images in memory.
+/// Sparse, as a file system's files are: only pages written hold memory, so a block
+/// allocated far out (a footer written 2 MiB past the last block, or an offset a crafted
+/// table names) costs what was written, not the gap.
 public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
     // Unchecked: a test and image-building helper, used by one thread at a time.
     public let path: String
-    public var bytes: [UInt8]
+    static let pageSize = 1 << 16
+    private var pages: [UInt64: [UInt8]] = [:]
+    private var count: UInt64 = 0
     public var syncCount = 0
     /// Every write in order, so tests can pin the allocation order.
     public var writeLog: [(offset: UInt64, length: Int)] = []
@@ -180,29 +185,88 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
         self.bytes = bytes
     }
 
-    public func read(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) {
-        // Past the end reads zeros, whatever the offset (a crafted one may be near 2^64).
-        guard offset < UInt64(bytes.count) else {
-            buffer.initializeMemory(as: UInt8.self, repeating: 0)
-            return
+    /// The whole file as one array (holes read as zeros).
+    public var bytes: [UInt8] {
+        get {
+            var out = [UInt8](repeating: 0, count: Int(count))
+            out.withUnsafeMutableBytes { read(into: $0, at: 0) }
+            return out
         }
-        let n = min(buffer.count, bytes.count - Int(offset))
-        bytes.withUnsafeBytes { b in
-            UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n]).copyMemory(from: UnsafeRawBufferPointer(rebasing: b[Int(offset)..<(Int(offset) + n)]))
+        set {
+            pages = [:]
+            count = 0
+            newValue.withUnsafeBytes { write($0, at: 0) }
+            count = UInt64(newValue.count)
         }
-        if n < buffer.count { UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0) }
     }
 
     /// An in-memory file grows to this at most (what a test or a fuzzer's input can need).
     static let maxLength: UInt64 = 1 << 32
 
+    private func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) {
+        var done = 0
+        while done < buffer.count {
+            let o = offset + UInt64(done)
+            let page = o / UInt64(Self.pageSize), within = Int(o % UInt64(Self.pageSize))
+            let n = min(buffer.count - done, Self.pageSize - within)
+            let out = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
+            if let p = pages[page], o < count {
+                let valid = Int(min(UInt64(n), count - o))
+                p.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[within..<(within + valid)])) }
+                if valid < n { UnsafeMutableRawBufferPointer(rebasing: out[valid...]).initializeMemory(as: UInt8.self, repeating: 0) }
+            } else {
+                out.initializeMemory(as: UInt8.self, repeating: 0)
+            }
+            done += n
+        }
+    }
+
+    private func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) {
+        var done = 0
+        while done < buffer.count {
+            let o = offset + UInt64(done)
+            let page = o / UInt64(Self.pageSize), within = Int(o % UInt64(Self.pageSize))
+            let n = min(buffer.count - done, Self.pageSize - within)
+            let piece = UnsafeRawBufferPointer(rebasing: buffer[done..<(done + n)])
+            // All-zero pieces of pages never written stay holes.
+            if pages[page] != nil || piece.contains(where: { $0 != 0 }) {
+                pages[page, default: [UInt8](repeating: 0, count: Self.pageSize)].withUnsafeMutableBytes {
+                    UnsafeMutableRawBufferPointer(rebasing: $0[within..<(within + n)]).copyMemory(from: piece)
+                }
+            }
+            done += n
+        }
+        count = max(count, offset + UInt64(buffer.count))
+    }
+
+    /// Zeros `[offset, offset+length)`, dropping the pages it covers whole.
+    private func zero(from offset: UInt64, length: UInt64) {
+        var o = offset
+        let end = offset + length
+        while o < end {
+            let page = o / UInt64(Self.pageSize), within = Int(o % UInt64(Self.pageSize))
+            let n = Int(min(end - o, UInt64(Self.pageSize - within)))
+            if n == Self.pageSize { pages[page] = nil } else if pages[page] != nil {
+                pages[page]!.withUnsafeMutableBytes {
+                    UnsafeMutableRawBufferPointer(rebasing: $0[within..<(within + n)]).initializeMemory(as: UInt8.self, repeating: 0)
+                }
+            }
+            o += UInt64(n)
+        }
+    }
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, atAbsoluteOffset offset: UInt64) throws(VHDError) {
+        // Past the end reads zeros, whatever the offset (a crafted one may be near 2^64).
+        guard offset < count else {
+            buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            return
+        }
+        read(into: buffer, at: offset)
+    }
+
     public func writeAll(_ buffer: UnsafeRawBufferPointer, toAbsoluteOffset offset: UInt64) throws(VHDError) {
         guard offset <= Self.maxLength - min(UInt64(buffer.count), Self.maxLength) else { throw .io(path: path, errno: .fileTooLarge) }
-        let end = Int(offset) + buffer.count
-        if end > bytes.count { bytes += [UInt8](repeating: 0, count: end - bytes.count) }
-        bytes.withUnsafeMutableBytes { b in
-            UnsafeMutableRawBufferPointer(rebasing: b[Int(offset)..<end]).copyMemory(from: buffer)
-        }
+        write(buffer, at: offset)
         writeLog.append((offset, buffer.count))
     }
 
@@ -211,16 +275,16 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
         return true
     }
 
-    public func length() throws(VHDError) -> UInt64 { UInt64(bytes.count) }
+    public func length() throws(VHDError) -> UInt64 { count }
     public func truncate(toLength length: UInt64) throws(VHDError) {
         guard length <= Self.maxLength else { throw .io(path: path, errno: .fileTooLarge) }
-        if Int(length) < bytes.count { bytes.removeLast(bytes.count - Int(length)) } else {
-            bytes += [UInt8](repeating: 0, count: Int(length) - bytes.count)
-        }
+        // What a later growth exposes reads as zeros.
+        if length < count { zero(from: length, length: count - length) }
+        count = length
     }
     public func synchronize() throws(VHDError) { syncCount += 1 }
     public func punchHole(offset: UInt64, length: UInt64) -> Bool {
-        for i in Int(offset)..<min(Int(offset + length), bytes.count) { bytes[i] = 0 }
+        if offset < count { zero(from: offset, length: min(length, count - offset)) }
         return true
     }
     public func close() {}

@@ -257,6 +257,31 @@ final class QCOW2Tests: XCTestCase {
         XCTAssertEqual(try read(img, 8 << 20, 4096), [UInt8](repeating: 0, count: 4096))
     }
 
+    /// The reference check finds a referenced cluster without a refcount (an error) and
+    /// refcounts nothing needs (leaks), wherever they sit in a refcount block.
+    func testCheckFindsMissingAndExtraRefcounts() throws {
+        let fmt = QCOW2Format()
+        let p = dir + "/refs.qcow2"
+        try fmt.create(path: p, size: 64 << 20)
+        do {
+            let f = try QCOW2File.open(path: p, writable: true)
+            let img = QCOW2Chain(layers: [f])
+            try [UInt8](repeating: 5, count: 1 << 20).withUnsafeBytes { try img.write($0, at: 0) }
+            try img.flush()
+            let l1Cluster = f.header.l1TableOffset / f.clusterSize
+            try f.state.withLock { (s) throws(QCOW2Error) in
+                try f.setRefcounts(l1Cluster..<(l1Cluster + 1), to: 0, &s)
+                try f.setRefcounts(0..<1, to: 3, &s)
+                try f.setRefcounts(900..<901, to: 1, &s)
+                try f.writeDirtyRefcounts(&s)
+            }
+            f.file.close()
+        }
+        let report = try QCOW2File.open(path: p, writable: false).check()
+        XCTAssertEqual(report.errors, ["cluster \(try QCOW2File.open(path: p, writable: false).header.l1TableOffset / 65536): no refcount, referenced 1 times"])
+        XCTAssertEqual(report.leakedClusters, 2)
+    }
+
     /// A file has one writer: a second writable open (through another name too) is
     /// refused while the first is open, and allowed once it is closed; a reader is let in
     /// and sees what the writer wrote before it opened.
