@@ -21,12 +21,14 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.0.0"),
     ],
     targets: [
+        // The locks (the standard library's, or pthread ones ThreadSanitizer sees through).
+        .target(name: "Locking"),
         // The storage seam: what Storage and Server know of a disk image (pure: no I/O).
-        .target(name: "Image", dependencies: [.product(name: "SystemPackage", package: "swift-system")]),
+        .target(name: "Image", dependencies: ["Locking", .product(name: "SystemPackage", package: "swift-system")]),
         .target(
             name: "VHD",
             dependencies: [
-                "Image",
+                "Image", "Locking",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
@@ -34,13 +36,13 @@ let package = Package(
         // Raw sparse files: the second implementation of the seam.
         .target(
             name: "RawImage",
-            dependencies: ["Image", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["Image", "Locking", .product(name: "SystemPackage", package: "swift-system")]
         ),
         // qcow2 (version 3, backing chains, compressed clusters read): the third.
         .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
         .target(
             name: "QCOW2",
-            dependencies: ["Image", "CZlib", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["Image", "Locking", "CZlib", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .systemLibrary(
             name: "CGnuTLS",
@@ -48,12 +50,12 @@ let package = Package(
             providers: [.apt(["libgnutls28-dev"])]
         ),
         .target(name: "TLS", dependencies: ["CGnuTLS"]),
-        .target(name: "CBT", dependencies: [.product(name: "SystemPackage", package: "swift-system")]),
+        .target(name: "CBT", dependencies: ["Locking", .product(name: "SystemPackage", package: "swift-system")]),
         .target(name: "NBD", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         .target(
             name: "Storage",
             dependencies: [
-                "Image", "VHD", "RawImage", "QCOW2", "CBT", "CGnuTLS",
+                "Image", "VHD", "RawImage", "QCOW2", "CBT", "CGnuTLS", "Locking",
                 .product(name: "GRDB", package: "GRDB.swift"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "SystemPackage", package: "swift-system"),
@@ -63,7 +65,7 @@ let package = Package(
         .target(
             name: "Server",
             dependencies: [
-                "NBD", "Storage", "TLS",
+                "NBD", "Storage", "TLS", "Locking",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "CoreMetrics", package: "swift-metrics"),
                 .product(name: "DequeModule", package: "swift-collections"),
@@ -73,7 +75,7 @@ let package = Package(
         .target(
             name: "Control",
             dependencies: [
-                "Storage",
+                "Storage", "Locking",
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -81,7 +83,7 @@ let package = Package(
         .target(
             name: "HTTP",
             dependencies: [
-                "Storage",
+                "Storage", "Locking",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HummingbirdTLS", package: "hummingbird"),
                 .product(name: "HummingbirdCore", package: "hummingbird"),
@@ -109,14 +111,14 @@ let package = Package(
         ),
         .testTarget(name: "VHDTests", dependencies: ["VHD", "CBT", "Image"]),
         .testTarget(name: "RawImageTests", dependencies: ["RawImage", "Image"]),
-        .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "Image"]),
+        .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "Image", "Locking"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS"]),
-        .testTarget(name: "CBTTests", dependencies: ["CBT"]),
+        .testTarget(name: "CBTTests", dependencies: ["CBT", "Locking"]),
         .testTarget(
             name: "NBDTests",
             dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOTestUtils", package: "swift-nio")]
         ),
-        .testTarget(name: "StorageTests", dependencies: ["Storage", "VHD", .product(name: "GRDB", package: "GRDB.swift")]),
+        .testTarget(name: "StorageTests", dependencies: ["Storage", "VHD", "Locking", .product(name: "GRDB", package: "GRDB.swift")]),
         .testTarget(name: "ControlTests", dependencies: ["Control", "Storage"]),
     ],
     swiftLanguageModes: [.v6]

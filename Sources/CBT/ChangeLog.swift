@@ -16,7 +16,7 @@
 // it rides along with the next batch, or starts one a few milliseconds later.
 
 import Foundation
-import Synchronization
+import Locking
 import SystemPackage
 
 public enum CBTError: Error, Equatable, Sendable, CustomStringConvertible {

@@ -2,7 +2,7 @@
 // `Async.*`: any method run as a task.
 
 import Foundation
-import Synchronization
+import Locking
 import Storage
 
 extension ControlAPI {

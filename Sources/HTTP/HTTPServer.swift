@@ -21,7 +21,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import Storage
-import Synchronization
+import Locking
 
 public final class HTTPTransferServer: Sendable {
     /// The hosted SRs: a transfer goes to the one holding its VDI.

@@ -2,7 +2,7 @@
 // for reads that lend page-cache pages instead of copying: one place for what each
 // format's file would otherwise map the same way.
 
-import Synchronization
+import Locking
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -2,7 +2,7 @@
 // hole punching, and read-only shared mappings for zero-copy reads.
 
 import Image
-import Synchronization
+import Locking
 import SystemPackage
 #if canImport(Glibc)
 import Glibc

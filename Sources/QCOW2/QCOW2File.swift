@@ -13,7 +13,7 @@
 
 import Foundation
 import Image
-import Synchronization
+import Locking
 
 /// Where one cluster's bytes are, as its L2 entry says.
 enum Mapping: Equatable {

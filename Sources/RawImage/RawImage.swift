@@ -4,7 +4,7 @@
 // is no chain: a raw image is always one layer, has no parent, and cannot be given one.
 
 import Image
-import Synchronization
+import Locking
 import SystemPackage
 #if canImport(Glibc)
 import Glibc

@@ -83,10 +83,9 @@ extension Connection {
             continueTLSHandshake(session)
             return
         }
-        // Intake may have stopped for the queued replies: restart it once they drain.
-        let wasFull = outboundBytes >= limits.maxQueuedReplyBytes
+        // Intake may have stopped for the queued replies: the machine says when it may go on.
         defer {
-            if wasFull && outboundBytes < limits.maxQueuedReplyBytes && !isClosed { resumeIntake() }
+            if readSuspended, !isClosed, machine?.mayTake(queuedReplyBytes: outboundBytes) == true { resumeIntake() }
         }
         // Plain sockets take queued small replies in one sendmsg, without copying them; a
         // large reply goes in a call of its own, as with TLS below.

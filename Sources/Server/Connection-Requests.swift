@@ -7,7 +7,7 @@ import Foundation
 import NBD
 import NIOCore
 import Storage
-import Synchronization
+import Locking
 
 extension Connection {
     /// A decoded request, through the transmission machine: refused, run, or the end of input.

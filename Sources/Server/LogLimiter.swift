@@ -4,7 +4,7 @@
 // of hostile connections then costs a few lines a second, not one per connection.
 
 import Foundation
-import Synchronization
+import Locking
 
 final class LogLimiter: Sendable {
     let perSecond: Int

@@ -8,7 +8,7 @@
 import Dispatch
 import Foundation
 import NIOCore
-import Synchronization
+import Locking
 
 final class ReplyBufferPool: Sendable {
     /// Smaller buffers are cheap to allocate and not kept.

@@ -27,7 +27,7 @@
 import Foundation
 import GRDB
 import Image
-import Synchronization
+import Locking
 
 public final class Collector: @unchecked Sendable {
     // Unchecked: its state is touched with `cond` locked (a condition variable, which

@@ -1,6 +1,6 @@
 import Foundation
 import Image
-import Synchronization
+import Locking
 
 /// The readers-writer lock between a VDI's I/O (shared) and the operations that change its
 /// chain or change log under it (exclusive); writer-preferring, so steady I/O cannot starve

@@ -16,7 +16,7 @@
 
 import CBT
 import Foundation
-import Synchronization
+import Locking
 
 
 final class ParkedWrites: @unchecked Sendable {

@@ -3,7 +3,7 @@
 
 import Foundation
 import Image
-import Synchronization
+import Locking
 
 /// One recursive lock per family (chain tree), made on first use.
 final class FamilyLocks: Sendable {

@@ -6,7 +6,7 @@
 
 import Foundation
 import Image
-import Synchronization
+import Locking
 
 /// An open export.
 public final class ExportStream: Sendable {

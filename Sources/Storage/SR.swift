@@ -24,7 +24,7 @@ import Foundation
 import GRDB
 import Logging
 import Image
-import Synchronization
+import Locking
 
 /// Where clients reach the NBD server; filled in by the server at start-up.
 public struct NBDEndpoint: Sendable, Equatable {

@@ -3,7 +3,7 @@
 // in memory (as xapi's do across a restart, they are not kept).
 
 import Foundation
-import Synchronization
+import Locking
 
 public enum TaskStatus: String, Codable, Sendable {
     case pending, success, failure, cancelling, cancelled

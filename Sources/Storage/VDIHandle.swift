@@ -1,7 +1,7 @@
 import CBT
 import Foundation
 import Image
-import Synchronization
+import Locking
 
 /// A VDI opened for I/O. All connections to one VDI share one handle, so they share one
 /// open chain and one allocation lock. Snapshot and coalesce swap the chain under the

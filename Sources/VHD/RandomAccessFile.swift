@@ -1,6 +1,6 @@
 import Image
 import SystemPackage
-import Synchronization
+import Locking
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,7 +1,7 @@
 import Foundation
 import Image
 @testable import QCOW2
-import Synchronization
+import Locking
 import XCTest
 
 final class QCOW2Tests: XCTestCase {
