@@ -110,6 +110,11 @@ public protocol DiskImage: AnyObject, Sendable {
     func leafHoldsAll(offset: UInt64, length: UInt64) -> Bool
     /// The leaf holds none of the range's allocation units: a write there allocates.
     func leafLacksAll(offset: UInt64, length: UInt64) -> Bool
+    /// A write of the range is one plain write into the leaf's file: no table of the
+    /// image's own to change and nothing to copy up from a parent (so it may be done on the
+    /// caller's thread). By default where the leaf holds all of it; a raw file, whose holes
+    /// the file system fills, always.
+    func writesInPlace(offset: UInt64, length: UInt64) -> Bool
     func flush() throws
     func close()
     /// Off: a newly allocated unit's data need not be durable before the image points at
@@ -153,6 +158,8 @@ public protocol ImageFormat: Sendable {
 }
 
 extension DiskImage {
+    public func writesInPlace(offset: UInt64, length: UInt64) -> Bool { leafHoldsAll(offset: offset, length: length) }
+
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try write(data, at: offset, beforeVisible: nil)
     }

@@ -142,6 +142,10 @@ public final class RawImage: DiskImage, MappableFile, @unchecked Sendable {
         return hole >= 0 && UInt64(hole) >= offset + length
     }
 
+    /// A hole is filled by the file system at the write: no lookup needed (SEEK_HOLE
+    /// costs a walk of the file's extents).
+    public func writesInPlace(offset: UInt64, length: UInt64) -> Bool { true }
+
     public func leafLacksAll(offset: UInt64, length: UInt64) -> Bool {
         guard length > 0 else { return true }
         let data = lseek(fd, off_t(offset), seekData)

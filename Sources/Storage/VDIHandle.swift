@@ -153,8 +153,9 @@ public final class VDIHandle: @unchecked Sendable {
 
     /// A write done here and now, on the caller's thread, when nothing would make it wait
     /// beyond a pwrite into the page cache: no parked write overlaps it, the gate is free
-    /// to share, its change-log bits are durable already (or there is no log), and the leaf
-    /// holds all its space (no allocation, no copy-up). False when any of that fails: then
+    /// to share, its change-log bits are durable already (or there is no log), and it is one
+    /// plain write into the leaf's file (`writesInPlace`: no allocation in the image's
+    /// tables, no copy-up). False when any of that fails: then
     /// nothing was written, and the caller submits the write as usual.
     public func writeNow(_ buf: UnsafeRawBufferPointer, at offset: UInt64) throws(DiskError) -> Bool {
         let n = UInt64(buf.count)
@@ -162,7 +163,7 @@ public final class VDIHandle: @unchecked Sendable {
         defer { gate.unlock() }
         // True while any bit is not durable; it stays so for the usual path to commit.
         if let log = cbt, log.markDirty(offset: offset, length: n) { return false }
-        guard chain.leafHoldsAll(offset: offset, length: n) else { return false }
+        guard chain.writesInPlace(offset: offset, length: n) else { return false }
         ops.add(1, ordering: .relaxed)
         defer { tracker?.mark(offset, n) }
         do { try chain.write(buf, at: offset) } catch { throw DiskError(error) }
