@@ -203,13 +203,23 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
     /// An in-memory file grows to this at most (what a test or a fuzzer's input can need).
     static let maxLength: UInt64 = 1 << 32
 
-    private func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) {
+    /// The pieces of `[offset, offset+length)` within one page each: the page, where in it,
+    /// where in the range, and how long.
+    private func pieces(_ offset: UInt64, _ length: Int, _ body: (_ page: UInt64, _ within: Int, _ done: Int, _ n: Int) -> Void) {
         var done = 0
-        while done < buffer.count {
+        while done < length {
             let o = offset + UInt64(done)
-            let page = o / UInt64(Self.pageSize), within = Int(o % UInt64(Self.pageSize))
-            let n = min(buffer.count - done, Self.pageSize - within)
+            let within = Int(o % UInt64(Self.pageSize))
+            let n = min(length - done, Self.pageSize - within)
+            body(o / UInt64(Self.pageSize), within, done, n)
+            done += n
+        }
+    }
+
+    private func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) {
+        pieces(offset, buffer.count) { page, within, done, n in
             let out = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
+            let o = offset + UInt64(done)
             if let p = pages[page], o < count {
                 let valid = Int(min(UInt64(n), count - o))
                 p.withUnsafeBytes { out.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[within..<(within + valid)])) }
@@ -217,16 +227,11 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
             } else {
                 out.initializeMemory(as: UInt8.self, repeating: 0)
             }
-            done += n
         }
     }
 
     private func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) {
-        var done = 0
-        while done < buffer.count {
-            let o = offset + UInt64(done)
-            let page = o / UInt64(Self.pageSize), within = Int(o % UInt64(Self.pageSize))
-            let n = min(buffer.count - done, Self.pageSize - within)
+        pieces(offset, buffer.count) { page, within, done, n in
             let piece = UnsafeRawBufferPointer(rebasing: buffer[done..<(done + n)])
             // All-zero pieces of pages never written stay holes.
             if pages[page] != nil || piece.contains(where: { $0 != 0 }) {
@@ -234,24 +239,21 @@ public final class MemoryFile: RandomAccessFile, @unchecked Sendable {
                     UnsafeMutableRawBufferPointer(rebasing: $0[within..<(within + n)]).copyMemory(from: piece)
                 }
             }
-            done += n
         }
         count = max(count, offset + UInt64(buffer.count))
     }
 
     /// Zeros `[offset, offset+length)`, dropping the pages it covers whole.
     private func zero(from offset: UInt64, length: UInt64) {
-        var o = offset
-        let end = offset + length
-        while o < end {
-            let page = o / UInt64(Self.pageSize), within = Int(o % UInt64(Self.pageSize))
-            let n = Int(min(end - o, UInt64(Self.pageSize - within)))
-            if n == Self.pageSize { pages[page] = nil } else if pages[page] != nil {
-                pages[page]!.withUnsafeMutableBytes {
-                    UnsafeMutableRawBufferPointer(rebasing: $0[within..<(within + n)]).initializeMemory(as: UInt8.self, repeating: 0)
-                }
+        // Only pages written can hold bytes to zero: a range far larger than them (a
+        // truncation from 4 GiB) visits those, not every page of the range.
+        for page in pages.keys where page >= offset / UInt64(Self.pageSize) && page * UInt64(Self.pageSize) < offset + length {
+            let start = max(offset, page * UInt64(Self.pageSize)), end = min(offset + length, (page + 1) * UInt64(Self.pageSize))
+            if end - start == UInt64(Self.pageSize) { pages[page] = nil; continue }
+            let within = Int(start % UInt64(Self.pageSize))
+            pages[page]!.withUnsafeMutableBytes {
+                UnsafeMutableRawBufferPointer(rebasing: $0[within..<(within + Int(end - start))]).initializeMemory(as: UInt8.self, repeating: 0)
             }
-            o += UInt64(n)
         }
     }
 

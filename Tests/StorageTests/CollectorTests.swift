@@ -67,7 +67,9 @@ final class CollectorTests: XCTestCase {
         XCTAssertNil(sr.collector.status.lastError)
     }
 
-    func testNonLeafCoalesceRelinksTheChildren() throws {
+    /// A VDI written between two snapshots and after them (depth 3): the VDI, its
+    /// snapshots, what the second holds and what the VDI holds.
+    func twoSnapshotChain() throws -> (r: VDIRecord, s1: VDIRecord, s2: VDIRecord, m2: [UInt8], model: [UInt8]) {
         let r = try sr.create(.init(nameLabel: "d", virtualSize: Self.size))
         var model = [UInt8](repeating: 0, count: Int(Self.size))
         var rng = SystemRandomNumberGenerator()
@@ -77,6 +79,11 @@ final class CollectorTests: XCTestCase {
         let s2 = try sr.snapshot(r.uuid)
         let m2 = model
         for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        return (r, s1, s2, m2, model)
+    }
+
+    func testNonLeafCoalesceRelinksTheChildren() throws {
+        let (r, s1, s2, m2, model) = try twoSnapshotChain()
         XCTAssertEqual(try depth(r.uuid), 3)
         // The leaf is attached throughout: its chain is reopened under it.
         let h = try sr.attach(r.uuid)
@@ -387,15 +394,7 @@ final class CollectorTests: XCTestCase {
     /// layer being merged, so the switch is held off (the family is kept as it is) until a
     /// scan brings the VDI back, and then both children are relinked.
     func testForgetDuringACoalesceCopyKeepsTheForgottenFileReadable() throws {
-        let r = try sr.create(.init(nameLabel: "d", virtualSize: Self.size))
-        var model = [UInt8](repeating: 0, count: Int(Self.size))
-        var rng = SystemRandomNumberGenerator()
-        for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
-        let s1 = try sr.snapshot(r.uuid)
-        for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
-        let s2 = try sr.snapshot(r.uuid)
-        let m2 = model
-        for _ in 0..<10 { try randomWrite(r.uuid, model: &model, rng: &rng) }
+        let (r, s1, s2, m2, model) = try twoSnapshotChain()
         try sr.destroy(s1.uuid)
         let forgot = Atomic(false)
         let sr = self.sr!
