@@ -7,13 +7,23 @@
 
 public struct QCOW2CheckReport: Sendable, Equatable {
     public var leakedClusters = 0
+    /// The first `describedErrors` errors, described.
     public var errors: [String] = []
-    public var isClean: Bool { leakedClusters == 0 && errors.isEmpty }
+    /// Every error found: a damaged table can hold thousands, which are counted, not each
+    /// described.
+    public var errorCount = 0
+    public static let describedErrors = 100
+    public var isClean: Bool { leakedClusters == 0 && errorCount == 0 }
+
+    mutating func error(_ text: @autoclosure () -> String) {
+        errorCount += 1
+        if errors.count < Self.describedErrors { errors.append(text()) }
+    }
 
     public var summary: String? {
         if isClean { return nil }
         var parts = errors.prefix(5).map { $0 }
-        if errors.count > 5 { parts.append("and \(errors.count - 5) more errors") }
+        if errorCount > 5 { parts.append("and \(errorCount - 5) more errors") }
         if leakedClusters > 0 { parts.append("\(leakedClusters) leaked clusters") }
         return parts.joined(separator: "; ")
     }
@@ -34,7 +44,7 @@ extension QCOW2File {
         add(s0.2, UInt64(s0.0.count) * 8, "L1 table")
         add(h.refcountTableOffset, UInt64(h.refcountTableClusters) * cs, "refcount table")
         if h.snapshotCount > 0 {
-            report.errors.append("internal snapshots are not checked here (qemu-img check them)")
+            report.error("internal snapshots are not checked here (qemu-img check them)")
         }
         for e in s0.1 where e != 0 { add(e, cs, "refcount block") }
         let length = try file.length
@@ -42,7 +52,7 @@ extension QCOW2File {
             let off = e & Self.offsetMask
             guard off != 0 else { continue }
             guard off + cs <= max(length, state.withLock { $0.nextCluster } * cs) else {
-                report.errors.append("L1[\(i)] points past the end of the file (\(off))")
+                report.error("L1[\(i)] points past the end of the file (\(off))")
                 continue
             }
             add(off, cs, "L2 table")
@@ -50,7 +60,7 @@ extension QCOW2File {
             for (k, raw) in table.enumerated() {
                 let m: Mapping
                 do { m = try decode(raw) } catch {
-                    report.errors.append("L2 entry \(k) of table \(i): \(error)")
+                    report.error("L2 entry \(k) of table \(i): \(error)")
                     continue
                 }
                 switch m {
@@ -95,27 +105,27 @@ extension QCOW2File {
                             if want == 0 { file.punch(c * clusterSize, clusterSize) }
                         }
                     } else if stored < want {
-                        report.errors.append("cluster \(c): refcount \(stored), referenced \(want) times")
+                        report.error("cluster \(c): refcount \(stored), referenced \(want) times")
                         if fix { try setRefcounts(c..<(c + 1), to: UInt16(want), &s) }
                     }
                 }
             }
             for (c, want) in refs.sorted(by: { $0.key < $1.key }) where try refcount(of: c, &s) == 0 {
-                report.errors.append("cluster \(c): no refcount, referenced \(want) times")
+                report.error("cluster \(c): no refcount, referenced \(want) times")
                 if fix { try setRefcounts(c..<(c + 1), to: UInt16(want), &s) }
             }
             // COPIED must say exactly whether the refcount is 1.
             for i in s.l1.indices where s.l1[i] & Self.offsetMask != 0 {
                 let l2 = s.l1[i] & Self.offsetMask
                 if (try refcount(of: l2 / clusterSize, &s) == 1) != (s.l1[i] & Self.copiedBit != 0) {
-                    report.errors.append("L1[\(i)]: COPIED flag disagrees with the refcount")
+                    report.error("L1[\(i)]: COPIED flag disagrees with the refcount")
                     if fix { s.l1[i] ^= Self.copiedBit; s.dirtyL1.insert(i) }
                 }
                 let t = try l2Table(i, &s)
                 for (k, raw) in t.enumerated() where raw & Self.compressedBit == 0 && raw & Self.offsetMask != 0 {
                     let host = raw & Self.offsetMask
                     if (try refcount(of: host / clusterSize, &s) == 1) != (raw & Self.copiedBit != 0) {
-                        report.errors.append("L2 entry \(k) of table \(i): COPIED flag disagrees with the refcount")
+                        report.error("L2 entry \(k) of table \(i): COPIED flag disagrees with the refcount")
                         if fix { s.l2[i]![k] ^= Self.copiedBit; s.dirtyL2.insert(i) }
                     }
                 }

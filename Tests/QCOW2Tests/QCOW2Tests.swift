@@ -282,6 +282,32 @@ final class QCOW2Tests: XCTestCase {
         XCTAssertEqual(report.leakedClusters, 2)
     }
 
+    /// A damaged L2 table yields thousands of errors: all are counted, the first hundred
+    /// described (a check of a wrecked file stays as quick as of a sound one).
+    func testCheckCountsEveryErrorAndDescribesTheFirstHundred() throws {
+        let fmt = QCOW2Format()
+        let p = dir + "/wrecked.qcow2"
+        try fmt.create(path: p, size: 64 << 20)
+        let l2: UInt64
+        do {
+            let f = try QCOW2File.open(path: p, writable: true)
+            try [UInt8](repeating: 5, count: 65536).withUnsafeBytes { try QCOW2Chain(layers: [f]).write($0, at: 0) }
+            l2 = f.state.withLock { $0.l1[0] } & QCOW2File.offsetMask
+            f.close()
+        }
+        // Every entry a data cluster at byte 512: not aligned to a cluster.
+        var table = [UInt8](repeating: 0, count: 65536)
+        for k in 0..<8192 { table[k * 8 + 6] = 0x02 }
+        let fd = open(p, O_WRONLY)
+        XCTAssertEqual(table.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(l2)) }, 65536)
+        close(fd)
+        let report = try QCOW2File.open(path: p, writable: false).check()
+        XCTAssertGreaterThanOrEqual(report.errorCount, 8192)
+        XCTAssertEqual(report.errors.count, QCOW2CheckReport.describedErrors)
+        XCTAssertTrue(report.errors[0].hasPrefix("L2 entry 0 of table 0:"), report.errors[0])
+        XCTAssertTrue(report.summary?.contains("and \(report.errorCount - 5) more errors") == true, report.summary ?? "nil")
+    }
+
     /// A file has one writer: a second writable open (through another name too) is
     /// refused while the first is open, and allowed once it is closed; a reader is let in
     /// and sees what the writer wrote before it opened.
