@@ -62,7 +62,8 @@ public struct QCOW2Header: Sendable, Equatable {
     /// L1 entries needed for `size` bytes with `clusterBits` clusters.
     public static func l1Entries(size: UInt64, clusterBits: UInt32) -> UInt64 {
         let perL1 = UInt64(1) << (UInt64(clusterBits) * 2 - 3)
-        return (size + perL1 - 1) / perL1
+        // Rounded up without `size + perL1 - 1`, which a crafted size near 2^64 overflows.
+        return size / perL1 + (size % perL1 == 0 ? 0 : 1)
     }
 
     /// Parses cluster 0 (or at least its first `headerLength` bytes plus extensions and

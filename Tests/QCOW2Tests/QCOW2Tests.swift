@@ -282,6 +282,22 @@ final class QCOW2Tests: XCTestCase {
         XCTAssertEqual(report.leakedClusters, 2)
     }
 
+    /// Found by fuzz-qcow2: a virtual size near 2^64 overflowed the L1 size it needs
+    /// (a trap); it is a typed refusal of the header.
+    func testAVirtualSizeNear2To64IsRefusedNotATrap() throws {
+        let fmt = QCOW2Format()
+        let p = dir + "/huge.qcow2"
+        try fmt.create(path: p, size: 1 << 20)
+        let fd = open(p, O_WRONLY)
+        let size = [UInt8](repeating: 0xFF, count: 8)
+        XCTAssertEqual(size.withUnsafeBytes { pwrite(fd, $0.baseAddress, 8, 24) }, 8)
+        close(fd)
+        XCTAssertThrowsError(try QCOW2File.open(path: p, writable: false)) { e in
+            guard case .invalidField(_, let field, _, _)? = e as? QCOW2Error else { return XCTFail("\(e)") }
+            XCTAssertEqual(field, "l1_size")
+        }
+    }
+
     /// A damaged L2 table yields thousands of errors: all are counted, the first hundred
     /// described (a check of a wrecked file stays as quick as of a sound one).
     func testCheckCountsEveryErrorAndDescribesTheFirstHundred() throws {
