@@ -2,10 +2,10 @@
 //
 // A normal build uses the standard library's `Synchronization.Mutex` and `Atomic`,
 // re-exported here. A ThreadSanitizer build (`-Xswiftc -DVDINBD_TSAN`, as
-// `Tools/stress --tsan` makes) gets a `Mutex` with the same interface over `pthread_mutex_t`: the standard one
-// hands a contended lock over through futex calls in its own library, which
-// ThreadSanitizer cannot see, so every access it guards under contention would be
-// reported as a race. With this one the reports that remain are real.
+// `Tools/stress --tsan` makes) gets a `Mutex` with the same interface over a
+// `pthread_mutex_t`: the standard one hands a contended lock over through futex calls in
+// its own library, which ThreadSanitizer cannot see, so every access it guards under
+// contention would be reported as a race. With this one the reports that remain are real.
 
 #if VDINBD_TSAN
 @_exported import struct Synchronization.Atomic

@@ -69,9 +69,9 @@ extension SR {
         }
     }
 
-    /// Why the collector must leave a family's files as they are now, or nil. Asked at
-    /// planning and again under the family lock at every switch: a forget or an overlay
-    /// that came during a merge's copy holds the merge off too.
+    /// Why the collector must leave a family's files as they are now, or nil: the two
+    /// reasons its plan leaves families out for, asked again under the family lock at every
+    /// switch, so that a forget or an overlay that came during a merge's copy holds it off.
     func familyKept(_ family: String) -> String? {
         if familiesWithOverlays().contains(family) { return "an overlay reads through its files" }
         if familiesWithForgottenFiles().contains(family) { return "a forgotten VDI's file reads through its bases" }

@@ -232,7 +232,7 @@ extension SR {
         let family = try parent.flatMap { try anyRecord($0)?.family } ?? record.family
         try withFamilyLock(family) {
             var r = record
-            if let par = parentUUID(ofFile: p), let pr = try anyRecord(par) {
+            if let par = parent, let pr = try anyRecord(par) {
                 r.parent = par
                 r.family = pr.family
             }

@@ -222,7 +222,8 @@ public final class SR: @unchecked Sendable {
     }
 
     func dbWrite<T>(_ body: (Database) throws -> T) throws -> T {
-        do { return try db.write(body) } catch let e as StorageError { throw e } catch let e as DatabaseError where e.resultCode == .SQLITE_FULL {
+        do { return try db.write(body) } catch let e as StorageError { throw e }
+        catch let e as DatabaseError where e.resultCode == .SQLITE_FULL {
             // The file system is full: said as plainly as an image file's ENOSPC is.
             throw StorageError.srBackendFailure(detail: "no space left in the SR for its records: \(e.message ?? "\(e)")")
         } catch {
