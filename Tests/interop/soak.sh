@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The soak (Tools/stress --soak MINUTES; not in Tools/test): two fio jobs (--ioengine=nbd,
-# random reads and writes with verification, one connection each) on a VDI with CBT on,
-# for MINUTES; every minute a snapshot, an incremental backup from the one before
+# The soak (Tools/stress --soak MINUTES; Tools/test runs three 15 s "minutes" of it,
+# test-soak-short.sh): two fio jobs (--ioengine=nbd, random reads and writes with
+# verification, one connection each) on a VDI with CBT on, for MINUTES; every minute
+# (SOAK_PERIOD seconds, default 60) a snapshot, an incremental backup from the one before
 # (list_changed_blocks, the changed blocks read onto the previous backup, which must then
 # equal the snapshot), the previous snapshot destroyed (so the collector merges) and
 # `sr-scan --wait`. Each minute prints the server's RSS and descriptor count; at the end
@@ -10,6 +11,7 @@
 . "$(dirname "$0")/functions.sh"
 requires fio nbdcopy nbdsh
 MINUTES=${MINUTES:-30}
+PERIOD=${SOAK_PERIOD:-60}
 start_vdinbd
 u=$(vdictl vdi-create name-label=soak virtual-size=256MiB)
 vdictl vdi-enable-cbt "uuid=$u"
@@ -19,18 +21,18 @@ prev=$(vdictl vdi-snapshot "uuid=$u")
 nbdcopy "$(uri "$prev")" "$TMP/backup.raw"
 for j in 0 1; do
     fio --name=soak$j --ioengine=nbd --uri="$U" --rw=randrw --bs=4k --size=48M --offset=$((j * 128))M --iodepth=8 \
-        --time_based --runtime=$((MINUTES * 60 + 90)) --verify=crc32c --verify_backlog=1024 --verify_fatal=1 \
+        ${SOAK_RATE_IOPS:+--rate_iops=$SOAK_RATE_IOPS} --time_based --runtime=$((MINUTES * PERIOD + PERIOD * 3 / 2)) --verify=crc32c --verify_backlog=1024 --verify_fatal=1 \
         >"$TMP/fio$j.log" 2>&1 &
     eval "fio$j=\$!"
 done
 fds() { ls "/proc/$SERVER_PID/fd" | wc -l; }
 rss() { awk '/^VmRSS:/ {print $2}' "/proc/$SERVER_PID/status"; }
 first_rss=""; first_fds=""
-# Each minute's backup starts on the minute, whatever the last one took; fio runs 90 s
-# past the last, so every backup has writes to find.
+# Each minute's backup starts on the minute, whatever the last one took; fio runs a minute
+# and a half past the last, so every backup has writes to find.
 t0=$(date +%s)
 for m in $(seq 1 "$MINUTES"); do
-    left=$(( t0 + m * 60 - $(date +%s) ))
+    left=$(( t0 + m * PERIOD - $(date +%s) ))
     [ "$left" -le 0 ] || sleep "$left"
     snap=$(vdictl vdi-snapshot "uuid=$u")
     vdictl vdi-list-changed-blocks "vdi-from=$prev" "vdi-to=$snap" > "$TMP/bitmap.b64"
@@ -42,7 +44,7 @@ for m in $(seq 1 "$MINUTES"); do
     vdictl sr-scan --wait >/dev/null
     r=$(rss); f=$(fds)
     [ -n "$first_rss" ] || { first_rss=$r; first_fds=$f; }
-    depth=$(vdictl vdi-param-list "uuid=$u" | sed -n 's/.*chain-depth: //p' | head -1)
+    depth=$(vdictl vdi-param-list "uuid=$u" | sed -n 's/.*chain-depth: \([0-9]*\).*/\1/p' | head -1)
     echo "minute $m: RSS $r KiB, $f descriptors, chain depth ${depth:-?}"
 done
 wait "$fio0" || { cat "$TMP/fio0.log"; fail "fio 0"; }
