@@ -165,15 +165,9 @@ struct VDINBD: ParsableCommand {
         }
         for s in pool.srs { s.endpoints = server.boundEndpoints }
 
-        let socketPath = controlSocket ?? repo.path + "/control.sock"
-        let control = ControlServer(api: ControlAPI(pool: pool, logger: Logger(label: "vdinbd.control")), path: socketPath,
-                                    logger: logger, allowedUIDs: controlAllowUid.isEmpty ? nil : Set(controlAllowUid))
-        do {
-            control.start(listenFD: try listenUnix(path: socketPath, mode: 0o600))
-        } catch {
-            throw ValidationError("cannot create control socket: \(error)")
-        }
-
+        // Every listener is bound before the control socket appears: a client (or a test)
+        // that waits for the socket finds the whole server up, and the records it reads
+        // already name the HTTP base.
         var httpLine = "off"
         var httpServer: HTTPTransferServer?
         if http != "off" {
@@ -192,6 +186,15 @@ struct VDINBD: ParsableCommand {
                 logger.warning("HTTP stays off: cannot listen on 127.0.0.1:10810 (\(error)); choose another with --http")
                 httpLine = "off (127.0.0.1:10810 is taken; see --http)"
             }
+        }
+
+        let socketPath = controlSocket ?? repo.path + "/control.sock"
+        let control = ControlServer(api: ControlAPI(pool: pool, logger: Logger(label: "vdinbd.control")), path: socketPath,
+                                    logger: logger, allowedUIDs: controlAllowUid.isEmpty ? nil : Set(controlAllowUid))
+        do {
+            control.start(listenFD: try listenUnix(path: socketPath, mode: 0o600))
+        } catch {
+            throw ValidationError("cannot create control socket: \(error)")
         }
 
         let ctl = controlSocket == nil && srPath == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"

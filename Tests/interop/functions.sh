@@ -46,9 +46,22 @@ free_port() { $PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0));
 
 # start_vdinbd [extra args]: sets PORT, HTTP_PORT, SR, SOCK. TLS is off unless the args
 # say otherwise; HTTP listens on a free port of its own (the same again on a restart).
+# A port taken between free_port and the server's bind (by another test's client or
+# server) is retried with another, twice at most.
 start_vdinbd() {
-    PORT=$(free_port)
-    HTTP_PORT=${HTTP_PORT:-$(free_port)}
+    local fresh_http="" attempt
+    [ -n "${HTTP_PORT:-}" ] || fresh_http=1
+    for attempt in 1 2 3; do
+        [ -z "$fresh_http" ] || HTTP_PORT=$(free_port)
+        PORT=$(free_port)
+        while [ "$PORT" = "$HTTP_PORT" ]; do PORT=$(free_port); done
+        start_vdinbd_once "$@" && return 0
+        has "Address already in use" < "$TMP/server.log" || break
+        echo "start_vdinbd: a port was taken before the server bound it; again with others" >&2
+    done
+    cat "$TMP/server.log"; echo "vdinbd did not start" >&2; exit 1
+}
+start_vdinbd_once() {
     SR=$TMP/sr
     SOCK=$SR/control.sock
     local a prev=""
@@ -61,12 +74,13 @@ start_vdinbd() {
     # is another one (the first named).
     "$VDINBD_BIN/vdinbd" --sr "$SR${VDINBD_SR_FORMATS:+,formats=$VDINBD_SR_FORMATS}" --listen "127.0.0.1:$PORT" "${tls[@]}" "${http[@]}" "$@" >"$TMP/server.log" 2>&1 &
     SERVER_PID=$!
+    # The control socket appears once every listener is bound.
     for _ in $(seq 1 100); do
         [ -S "$SOCK" ] && return 0
-        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$TMP/server.log"; echo "vdinbd died" >&2; exit 1; }
+        kill -0 "$SERVER_PID" 2>/dev/null || { wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; return 1; }
         sleep 0.1
     done
-    echo "vdinbd did not start" >&2; cat "$TMP/server.log"; exit 1
+    return 1
 }
 
 vdictl() { "$VDINBD_BIN/vdictl" --socket "$SOCK" "$@"; }
