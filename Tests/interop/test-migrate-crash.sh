@@ -24,7 +24,7 @@ crash_at() {  # STEP: start with the fault, migrate, expect the server to die
 crash_at copy:3
 has "recovery: dropped an interrupted migration of $u" < "$TMP/server.log" || fail "no recovery of the copy"
 [ -f "$SR/$u.vhd" ] && [ ! -e "$SR/$u.qcow2" ] || fail "files after a crash in the copy: $(ls "$SR")"
-ls "$SR" | grep -q migrating && fail "a staging file survived: $(ls "$SR")"
+ls "$SR" | has migrating && fail "a staging file survived: $(ls "$SR")"
 nbdcopy "$(uri "$u")" "$TMP/out.raw"; cmp "$TMP/in.raw" "$TMP/out.raw" || fail "the VDI changed after a crash in the copy"
 crash_at migrate-switch:1
 has "recovery: finished migrating $u to qcow2" < "$TMP/server.log" || fail "no recovery of the switch"

@@ -45,6 +45,6 @@ if vdictl vdi-pool-migrate "uuid=$u" image-format=raw --quiet 2>"$TMP/err"; then
 has "changed block tracking" < "$TMP/err" || fail "refusal: $(cat "$TMP/err")"
 if vdictl vdi-pool-migrate "uuid=$s1" image-format=qcow2 --quiet 2>"$TMP/err"; then fail "a snapshot migrated"; fi
 kill "$SERVER_PID"; wait "$SERVER_PID" || fail "server exit status"
-ls "$SR" | grep -q migrating && fail "a staging file was left: $(ls "$SR")"
+ls "$SR" | has migrating && fail "a staging file was left: $(ls "$SR")"
 for f in "$SR"/*.vhd; do check_image "$f" || fail "check $f"; done
 echo PASS

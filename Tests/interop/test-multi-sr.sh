@@ -103,7 +103,7 @@ PY
 nbdcopy "$(uri "$u")" "$TMP/u.raw"
 kill "$SERVER_PID"; wait "$SERVER_PID" || fail "server exit status"
 for f in "$SR"/*.vhd "$SR2"/*.qcow2; do check_image "$f" || fail "check $f"; done
-ls "$SR2" | grep -q migrating && fail "a staging file was left: $(ls "$SR2")"
+ls "$SR2" | has migrating && fail "a staging file was left: $(ls "$SR2")"
 
 # kill -9 in the switch: before the destination's commit (undone) and after (finished).
 for step in migrate-switch move-committed; do
@@ -121,7 +121,7 @@ for step in migrate-switch move-committed; do
     esac
     n=$(ls "$SR" "$SR2" | grep -c "^$u\.\(vhd\|qcow2\|raw\)$")
     [ "$n" = 1 ] || fail "after $step: $n files of the VDI: $(ls "$SR" "$SR2")"
-    ls "$SR" "$SR2" | grep -q "migrating\|copying" && fail "leftovers after $step: $(ls "$SR" "$SR2")"
+    ls "$SR" "$SR2" | has "migrating\|copying" && fail "leftovers after $step: $(ls "$SR" "$SR2")"
     nbdcopy "$(uri "$u")" "$TMP/after.raw"
     cmp "$TMP/u.raw" "$TMP/after.raw" || fail "the VDI's bytes changed over the kill at $step"
     kill "$SERVER_PID"; wait "$SERVER_PID" || fail "server exit status"

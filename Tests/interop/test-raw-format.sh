@@ -96,7 +96,7 @@ cmp "$F" "$TMP/src.raw" || fail "a VHD import into a raw VDI differs"
 [ "$(stat -c %b "$F")" -lt $((20 << 11)) ] || fail "the imported raw file is not sparse ($(stat -c %b "$F") blocks)"
 vdictl vdi-resize "uuid=$V" disk-size=96MiB >/dev/null
 [ "$(stat -c %s "$F")" = $((96 << 20)) ] || fail "resize did not grow the raw file"
-nbdinfo --size "$(uri "$V")" | grep -qx $((96 << 20)) || fail "the export's size after resize"
+nbdinfo --size "$(uri "$V")" | has -x $((96 << 20)) || fail "the export's size after resize"
 # kill -9 keeps what was flushed.
 head -c 1M /dev/urandom > "$TMP/last"
 nbdcopy "$TMP/last" "$(uri "$V")"

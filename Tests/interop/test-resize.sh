@@ -73,7 +73,7 @@ for f in "$SR"/*.vhd; do
     "$VDINBD_BIN/vdictl" vhd-check "$f" >/dev/null || fail "vhd-check $f"
     vhdiinfo "$f" >/dev/null || fail "vhdiinfo $f"
 done
-vhdiinfo "$SR/$u.vhd" | grep -Eq "Media size.*(3 GiB|3221225472)" || { vhdiinfo "$SR/$u.vhd"; fail "vhdiinfo size"; }
+vhdiinfo "$SR/$u.vhd" | has -E "Media size.*(3 GiB|3221225472)" || { vhdiinfo "$SR/$u.vhd"; fail "vhdiinfo size"; }
 
 # Refusals, each naming the XenAPI error, and nothing changes.
 expect_error() {
