@@ -59,9 +59,7 @@ PY
 # A restart: what was flushed is on disk.
 kill "$SERVER_PID"; wait "$SERVER_PID" || fail "server exit status"
 has "writes were acknowledged before their change-log sync" < "$TMP/server.log" || fail "no write took the parked path"
-"$VDINBD_BIN/vdinbd" --sr "$SR" --listen "127.0.0.1:$PORT" --tls off >>"$TMP/server.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 1 100); do [ -S "$SOCK" ] && vdictl vdi-list >/dev/null 2>&1 && break; sleep 0.1; done
+start_vdinbd
 nbdcopy "$(uri "$u")" "$TMP/after.raw"
 cmp "$TMP/model.raw" "$TMP/after.raw" || fail "data differs after a restart"
 s2=$(vdictl vdi-snapshot "uuid=$u")

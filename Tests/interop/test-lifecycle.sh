@@ -27,9 +27,7 @@ wait "$SERVER_PID"; rc=$?; SERVER_PID=""
 [ "$rc" = 0 ] || fail "exit status $rc"
 grep -q "draining connections" "$TMP/server.log" || fail "no drain"
 mv "$TMP/server.log" "$TMP/server1.log"
-"$VDINBD_BIN/vdinbd" --sr "$SR" --listen "127.0.0.1:$PORT" --tls off --idle-timeout 2 --max-connections 3 >"$TMP/server.log" 2>&1 &
-SERVER_PID=$!
-for _ in $(seq 1 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+start_vdinbd --idle-timeout 2 --max-connections 3
 nbdsh -u "$(uri "$u")" -c "
 for i in map(int, open('$TMP/acked').read().split()):
     assert h.pread(1 << 20, i << 20) == bytes([i + 1]) * (1 << 20), i
