@@ -113,13 +113,16 @@ struct VDINBD: ParsableCommand {
         // Before any metric is made: they report to the registry `/metrics` serves.
         MetricsExport.bootstrap()
 
+        // A misspelt format is a mistake in the arguments; a damaged or busy SR is not.
+        let srFormats = try srSpecs.map { spec in
+            do { return try spec.formats.map(SR.parseImageFormats) } catch { throw ValidationError("\(error)") }
+        }
         let pool: Pool
         do {
             let tasks = TaskTable()
             var srs: [SR] = []
-            for spec in srSpecs {
-                let s = try SR(path: spec.path, logger: Logger(label: "vdinbd.sr"),
-                               supportedFormats: try spec.formats.map(SR.parseImageFormats), tasks: tasks)
+            for (spec, formats) in zip(srSpecs, srFormats) {
+                let s = try SR(path: spec.path, logger: Logger(label: "vdinbd.sr"), supportedFormats: formats, tasks: tasks)
                 s.attachLingerSeconds = attachLinger
                 s.maxConnectionsPerExport = maxConnectionsPerExport
                 s.maxConnectionsPerToken = maxConnectionsPerToken
@@ -128,7 +131,7 @@ struct VDINBD: ParsableCommand {
             pool = try Pool(srs)
             try pool.recover()
         } catch {
-            throw ValidationError("\(error)")
+            throw StartupFailure("\(error)")
         }
         let repo = pool.primary
         var config = ServerConfig()
@@ -140,7 +143,7 @@ struct VDINBD: ParsableCommand {
         if tls != .off {
             var host = [CChar](repeating: 0, count: 256)
             gethostname(&host, host.count)
-            let names = tlsHostname.isEmpty ? [String(cString: host), "localhost"].filter { !$0.isEmpty } : tlsHostname
+            let names = tlsHostname.isEmpty ? [String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), "localhost"].filter { !$0.isEmpty } : tlsHostname
             let ips = config.listen.map(\.host).filter { $0 != "0.0.0.0" && $0 != "::" }
             do {
                 if try CertificateFactory.ensure(directory: certs, dnsNames: names, ipAddresses: ips) {
@@ -153,7 +156,7 @@ struct VDINBD: ParsableCommand {
                     s.certificatesDirectory = URL(fileURLWithPath: certs).standardizedFileURL.path
                 }
             } catch {
-                throw ValidationError("TLS: \(error)")
+                throw StartupFailure("TLS: \(error)")
             }
         }
         limitAllocatorRetention()
@@ -161,7 +164,7 @@ struct VDINBD: ParsableCommand {
         do {
             try server.start()
         } catch {
-            throw ValidationError("cannot listen: \(error)")
+            throw StartupFailure("cannot listen: \(error)")
         }
         for s in pool.srs { s.endpoints = server.boundEndpoints }
 
@@ -182,7 +185,7 @@ struct VDINBD: ParsableCommand {
                 for s in pool.srs { s.httpBase = base }
                 httpLine = base + " (export_raw_vdi, import_raw_vdi, metrics)"
             } catch {
-                if http != nil { throw ValidationError("cannot listen for HTTP on \(http!): \(error)") }
+                if http != nil { throw StartupFailure("cannot listen for HTTP on \(http!): \(error)") }
                 logger.warning("HTTP stays off: cannot listen on 127.0.0.1:10810 (\(error)); choose another with --http")
                 httpLine = "off (127.0.0.1:10810 is taken; see --http)"
             }
@@ -194,7 +197,7 @@ struct VDINBD: ParsableCommand {
         do {
             control.start(listenFD: try listenUnix(path: socketPath, mode: 0o600))
         } catch {
-            throw ValidationError("cannot create control socket: \(error)")
+            throw StartupFailure("cannot create control socket: \(error)")
         }
 
         let ctl = controlSocket == nil && srPath == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
@@ -275,6 +278,14 @@ struct VDINBD: ParsableCommand {
     func loadCredentials() throws -> ServerCredentials {
         try ServerCredentials(certsDirectory: certs, priority: tlsPriority, pskFile: tlsPsk, verifyPeer: tlsVerifyPeer)
     }
+}
+
+/// What stops a correctly invoked server from starting (a port taken, a certificate that
+/// does not load, a socket path it cannot bind). ArgumentParser prints it as "Error: …" and
+/// exits 1, without the usage text a `ValidationError` (a mistake in the arguments) gets.
+struct StartupFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
 }
 
 func parseListen(_ s: String) -> (host: String, port: Int)? {
