@@ -55,17 +55,23 @@ func listenTCP(host: String, port: Int) throws -> (fd: Int32, port: Int) {
     return (fd, actual)
 }
 
-/// Binds and listens on a Unix stream socket with the given mode.
-public func listenUnix(path: String, mode: mode_t) throws -> Int32 {
-    unlink(path)
+/// Binds and listens on a Unix stream socket with the given mode, made as `<path>.new` and
+/// renamed to `path` once it listens: whoever sees the path can connect (no ECONNREFUSED
+/// between bind and listen), and a stale socket there is replaced without a moment with no
+/// socket. `beforePublishing` runs just before the rename (the server prints its banner
+/// there, so a script that waits for the socket finds the banner written).
+public func listenUnix(path: String, mode: mode_t, beforePublishing: () -> Void = {}) throws -> Int32 {
+    let staging = path + ".new"
+    unlink(staging)  // a server killed between its bind and its rename
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw SocketError(call: "socket", errno: errno) }
     var addr = sockaddr_un()
     addr.sun_family = sa_family_t(AF_UNIX)
-    let bytes = Array(path.utf8)
+    let bytes = Array(staging.utf8)
     guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
         close(fd)
-        throw SocketError(call: "socket path too long: \(path)", errno: ENAMETOOLONG)
+        let most = MemoryLayout.size(ofValue: addr.sun_path) - 1 - (staging.utf8.count - path.utf8.count)
+        throw SocketError(call: "socket path too long (\(path.utf8.count) bytes, \(most) at most): \(path)", errno: ENAMETOOLONG)
     }
     withUnsafeMutableBytes(of: &addr.sun_path) { raw in
         for (i, b) in bytes.enumerated() { raw[i] = b }
@@ -80,13 +86,19 @@ public func listenUnix(path: String, mode: mode_t) throws -> Int32 {
     guard rc == 0 else {
         let e = errno
         close(fd)
-        throw SocketError(call: "bind \(path)", errno: e)
+        throw SocketError(call: "bind \(staging)", errno: e)
     }
-    chmod(path, mode)
+    chmod(staging, mode)
     guard listen(fd, 64) == 0 else {
         let e = errno
-        close(fd)
+        close(fd); unlink(staging)
         throw SocketError(call: "listen", errno: e)
+    }
+    beforePublishing()
+    guard rename(staging, path) == 0 else {
+        let e = errno
+        close(fd); unlink(staging)
+        throw SocketError(call: "rename \(staging) to \(path)", errno: e)
     }
     setNonBlocking(fd)
     return fd

@@ -194,14 +194,8 @@ struct VDINBD: ParsableCommand {
         let socketPath = controlSocket ?? repo.path + "/control.sock"
         let control = ControlServer(api: ControlAPI(pool: pool, logger: Logger(label: "vdinbd.control")), path: socketPath,
                                     logger: logger, allowedUIDs: controlAllowUid.isEmpty ? nil : Set(controlAllowUid))
-        do {
-            control.start(listenFD: try listenUnix(path: socketPath, mode: 0o600))
-        } catch {
-            throw StartupFailure("cannot create control socket: \(error)")
-        }
-
         let ctl = controlSocket == nil && srPath == "./sr" ? "vdictl" : "vdictl --socket \(socketPath)"
-        print("""
+        let banner = """
             \(pool.srs.map { "vdinbd: serving SR \($0.path) (\($0 === repo ? "default, " : "")uuid \($0.uuid), formats \($0.supportedImageFormats.map(\.name).joined(separator: ", ")))" }.joined(separator: "\n"))
             vdinbd: NBD on \(server.boundEndpoints.map { "\($0.address):\($0.port)" }.joined(separator: ", ")) (TLS \(tls.rawValue))
             vdinbd: control socket \(socketPath)
@@ -210,8 +204,16 @@ struct VDINBD: ParsableCommand {
               uuid=$(swift run \(ctl) vdi-create name-label=disk1 virtual-size=1GiB)
               swift run \(ctl) vdi-get-nbd-info uuid=$uuid
               nbdinfo "<uri printed above>"
-            """)
-        fflush(nil)  // every output stream (glibc's `stdout` is a mutable global)
+            """
+        do {
+            // The banner is written before the socket appears under its name.
+            control.start(listenFD: try listenUnix(path: socketPath, mode: 0o600) {
+                print(banner)
+                fflush(nil)  // every output stream (glibc's `stdout` is a mutable global)
+            })
+        } catch {
+            throw StartupFailure("cannot create control socket: \(error)")
+        }
         // Coalesce and garbage collection in the background (SR other_config:gc=false stops it).
         if let fault = ProcessInfo.processInfo.environment["VDINBD_FAULT_GC_STEP"] {
             // Fault injection for the crash tests: exit at the n-th `label` step of the collector.
