@@ -62,6 +62,14 @@ func listenTCP(host: String, port: Int) throws -> (fd: Int32, port: Int) {
 /// there, so a script that waits for the socket finds the banner written).
 public func listenUnix(path: String, mode: mode_t, beforePublishing: () -> Void = {}) throws -> Int32 {
     let staging = path + ".new"
+    // Only a socket is replaced (a stale one, left by a killed server): never a file
+    // that a mistyped --control-socket names.
+    for p in [path, staging] {
+        var st = stat()
+        if lstat(p, &st) == 0 && st.st_mode & S_IFMT != S_IFSOCK {
+            throw SocketError(call: "\(p) exists and is not a socket; not replacing it", errno: EEXIST)
+        }
+    }
     unlink(staging)  // a server killed between its bind and its rename
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw SocketError(call: "socket", errno: errno) }

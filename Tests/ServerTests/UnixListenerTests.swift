@@ -3,7 +3,8 @@ import Server
 import XCTest
 
 /// `listenUnix`: the control socket appears under its name already listening, after the
-/// server's banner, replacing a stale one without a moment with none.
+/// server's banner, replacing a stale one without a moment with none, and never a file
+/// that is not a socket.
 final class UnixListenerTests: XCTestCase {
     private var dir = ""
 
@@ -47,6 +48,16 @@ final class UnixListenerTests: XCTestCase {
         XCTAssertEqual(stat(path, &st), 0)
         XCTAssertEqual(st.st_mode & 0o777, 0o600)
         XCTAssertEqual(st.st_mode & S_IFMT, S_IFSOCK)
+    }
+
+    func testAFileThatIsNotASocketIsNeverReplaced() throws {
+        let path = dir + "/precious"
+        try Data("keep me".utf8).write(to: URL(fileURLWithPath: path))
+        XCTAssertThrowsError(try listenUnix(path: path, mode: 0o600)) { error in
+            XCTAssertTrue("\(error)".contains("exists and is not a socket"), "\(error)")
+        }
+        XCTAssertEqual(try String(contentsOfFile: path, encoding: .utf8), "keep me")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: path + ".new"))
     }
 
     func testAPathTooLongIsRefusedWithItsLimitAndLeavesNothing() {
