@@ -143,7 +143,7 @@ struct VDINBD: ParsableCommand {
         if tls != .off {
             var host = [CChar](repeating: 0, count: 256)
             gethostname(&host, host.count)
-            let names = tlsHostname.isEmpty ? [String(decoding: host.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self), "localhost"].filter { !$0.isEmpty } : tlsHostname
+            let names = tlsHostname.isEmpty ? [host.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }, "localhost"].filter { !$0.isEmpty } : tlsHostname
             let ips = config.listen.map(\.host).filter { $0 != "0.0.0.0" && $0 != "::" }
             do {
                 if try CertificateFactory.ensure(directory: certs, dnsNames: names, ipAddresses: ips) {
