@@ -106,7 +106,7 @@ func waitForTask(_ o: ControlOptions, _ task: String, label: String, show: Bool)
             let info = rec["error_info"]?.arrayValue?.compactMap(\.stringValue) ?? [status]
             _ = try? rpc(o, "Task.destroy", [.string(task)])
             cancelled.lock(); let c = askedToCancel; cancelled.unlock()
-            throw CLIError("error: " + info.joined(separator: ": ") + (c ? " (cancelled)" : ""))
+            throw CLIError(info.joined(separator: ": ") + (c ? " (cancelled)" : ""))
         }
     }
 }

@@ -20,7 +20,7 @@ struct VDIExport: ParsableCommand {
         let kv = try keyValues(args, allowed: ["uuid", "filename", "format", "base"])
         let name = try require(kv, "filename")
         let fd: Int32 = name == "-" ? 1 : open(name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw CLIError("error: cannot create \(name): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw CLIError("cannot create \(name): \(String(cString: strerror(errno)))") }
         do {
             try runTransfer(options, "Async.VDI.export", [.string(try require(kv, "uuid")), .string(kv["format"] ?? "raw"),
                                                           .string(kv["base"] ?? "")], fd: fd, label: "export", show: bar.show)
@@ -47,7 +47,7 @@ struct VDIImport: ParsableCommand {
         let kv = try keyValues(args, allowed: ["uuid", "filename", "format"])
         let name = try require(kv, "filename")
         let fd: Int32 = name == "-" ? 0 : open(name, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw CLIError("error: cannot open \(name): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw CLIError("cannot open \(name): \(String(cString: strerror(errno)))") }
         try runTransfer(options, "Async.VDI.import", [.string(try require(kv, "uuid")), .string(kv["format"] ?? "raw")],
                         fd: fd, label: "import", show: bar.show)
     }
@@ -59,7 +59,7 @@ func runTransfer(_ options: ControlOptions, _ method: String, _ params: [JSONVal
     do {
         task = display(try options.client().call(method, params, passing: fd))
     } catch let e as RPCError {
-        throw CLIError("error: " + e.errorDescription.joined(separator: ": "))
+        throw CLIError(e.errorDescription.joined(separator: ": "))
     }
     _ = try waitForTask(options, task, label: label, show: show)
 }

@@ -52,7 +52,7 @@ func rpc(_ o: ControlOptions, _ method: String, _ params: [JSONValue]) throws ->
     do {
         return try c.call(method, params)
     } catch let e as RPCError {
-        throw CLIError("error: " + e.errorDescription.joined(separator: ": "))
+        throw CLIError(e.errorDescription.joined(separator: ": "))
     }
 }
 
@@ -248,7 +248,7 @@ struct VDIListChangedBlocks: ParsableCommand {
         let b64 = display(try rpc(options, "VDI.list_changed_blocks", [.string(try require(kv, "vdi-from")), .string(to)]))
         guard ranges else { print(b64); return }
         let size = try rpc(options, "VDI.get_record", [.string(to)]).objectValue?["virtual_size"]
-        guard case .number(let n)? = size, let bits = Data(base64Encoded: b64) else { throw CLIError("error: bad reply") }
+        guard case .number(let n)? = size, let bits = Data(base64Encoded: b64) else { throw CLIError("bad reply") }
         for r in ChangedBlocks.ranges(Array(bits), size: UInt64(n)) { print("\(r.offset) \(r.length)") }
     }
 }
@@ -261,7 +261,7 @@ struct VHDCreateCommand: ParsableCommand {
     @Argument(help: "Virtual size: bytes or 64MiB, 2GiB...") var size: String
     func run() throws {
         guard let s = parseSize(size) else { throw ValidationError("\(size) is not a size") }
-        do { try VHDCreate.createDynamic(path: file, size: s) } catch { throw CLIError("error: \(error)") }
+        do { try VHDCreate.createDynamic(path: file, size: s) } catch { throw CLIError("\(error)") }
     }
 }
 
@@ -271,7 +271,7 @@ struct VHDSnapshotCommand: ParsableCommand {
     @Argument var child: String
     @Argument var parent: String
     func run() throws {
-        do { try VHDCreate.createDifferencing(path: child, parentPath: parent) } catch { throw CLIError("error: \(error)") }
+        do { try VHDCreate.createDifferencing(path: child, parentPath: parent) } catch { throw CLIError("\(error)") }
     }
 }
 
@@ -285,7 +285,7 @@ struct VHDInfoCommand: ParsableCommand {
             let f = try VHDFile.open(path: file, writable: false, policy: .tolerate)
             defer { f.close() }
             info = try VHDInfo(file: f)
-        } catch { throw CLIError("error: \(error)") }
+        } catch { throw CLIError("\(error)") }
         if json {
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -336,7 +336,7 @@ struct VHDReadCommand: ParsableCommand {
                 h.write(Data(try c.read(at: off, count: n)))
                 off += UInt64(n)
             }
-        } catch let e as CLIError { throw e } catch { throw CLIError("error: \(error)") }
+        } catch let e as CLIError { throw e } catch { throw CLIError("\(error)") }
     }
 }
 
